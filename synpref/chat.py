@@ -1,0 +1,111 @@
+"""Chat-template tokenization and assistant-only loss masks: the one place messages become tokens."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """Bad input, located: which file, which row, which field."""
+
+    def __init__(self, source: str, row: Any, field: str, problem: str):
+        self.source, self.row, self.field, self.problem = source, row, field, problem
+        super().__init__(f"{source}: row {row}: field {field!r}: {problem}")
+
+
+def check_messages(messages: Any, field: str = "messages", need_assistant: bool = True) -> None:
+    """Raise ValueError(field, problem) unless `messages` is a well-formed conversation."""
+    if messages is None:
+        raise FieldError(field, "missing")
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise FieldError(field, "expected a non-empty list of {role, content} messages")
+    for i, message in enumerate(messages):
+        where = f"{field}[{i}]"
+        if not isinstance(message, dict):
+            raise FieldError(where, f"expected a {{role, content}} object, got {type(message).__name__}")
+        if message.get("role") not in ROLES:
+            raise FieldError(f"{where}.role", f"unknown role {message.get('role')!r}; expected one of {ROLES}")
+        content = message.get("content")
+        if not isinstance(content, str) or not content.strip():
+            raise FieldError(f"{where}.content", "empty content")
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
+        raise FieldError(field, "no assistant turn")
+
+
+class FieldError(ValueError):
+    """A field-level problem; the data layer adds file and row and raises DataError."""
+
+    def __init__(self, field: str, problem: str):
+        self.field, self.problem = field, problem
+        super().__init__(f"{field}: {problem}")
+
+
+def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def assistant_char_spans(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and, per assistant turn, the character span the model must produce.
+
+    A span runs from the end of the generation prompt to the end of that turn, trailing whitespace
+    excluded: the content plus the end-of-turn token (<|im_end|> in ChatML), so the model learns to
+    stop, but not the template's newline after it.
+    """
+    text = render(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(render(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
+        end = len(render(tokenizer, messages[: i + 1]).rstrip())
+        if text[:end] != render(tokenizer, messages[: i + 1])[:end]:
+            raise ValueError("chat template is not prefix-stable; cannot locate assistant turns")
+        spans.append((start, end))
+    return text, spans
+
+
+def encode_conversation(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], max_length: Optional[int] = None
+) -> dict[str, list[int]]:
+    """input_ids and labels (IGNORE_INDEX on every system, user and template token).
+
+    Truncation keeps the first `max_length` tokens (later turns are cut, as TRL does); the caller
+    drops a conversation whose labels are then all IGNORE_INDEX.
+    """
+    text, spans = assistant_char_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = enc["input_ids"]
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for t, (a, b) in enumerate(enc["offset_mapping"]):
+        if b > a and any(s <= a and b <= e for s, e in spans):
+            labels[t] = input_ids[t]
+    if max_length is not None:
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Sequence[dict]) -> list[int]:
+    """Token ids of a prompt conversation followed by the assistant generation prompt."""
+    return tokenizer(render(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+
+
+def encode_prompt_response(
+    tokenizer: PreTrainedTokenizerBase, prompt: Sequence[dict], response: str
+) -> tuple[list[int], list[int]]:
+    """(prompt_ids, response_ids) for one assistant reply to `prompt`, split where the reply starts.
+
+    The response ids are the reply's tokens plus its end-of-turn token, located exactly as SFT labels
+    are, so SFT, DPO, sampling and reward models all see a prompt as the same tokens.
+    """
+    enc = encode_conversation(tokenizer, list(prompt) + [{"role": "assistant", "content": response}])
+    ids, labels = enc["input_ids"], enc["labels"]
+    first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    last = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    return ids[:first], ids[first : last + 1]

@@ -1,0 +1,88 @@
+"""Shared shape of synpref's data modules: a tokenizer, a train/val split, length-grouped loaders."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Optional
+
+import datasets
+import lightning as L
+from torch.utils.data import DataLoader
+
+from synpref.models import load_tokenizer
+
+
+class TokenizedDataModule(L.LightningDataModule):
+    """Subclasses implement `prepare(split) -> datasets.Dataset` (tokenized rows with a `length`)
+    and `collate`; this class owns the tokenizer, the validation split and the loaders."""
+
+    def __init__(
+        self,
+        tokenizer_name_or_path: str,
+        batch_size: int = 8,
+        eval_batch_size: Optional[int] = None,
+        val_fraction: float = 0.0,
+        group_by_length: bool = True,
+        num_workers: int = 0,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+    ):
+        super().__init__()
+        self.tokenizer_name_or_path = tokenizer_name_or_path
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_fraction = val_fraction
+        self.group_by_length = group_by_length
+        self.num_workers = num_workers
+        self.seed = seed
+        self.trust_remote_code = trust_remote_code
+        self._tokenizer = None
+        self.train_set: Optional[datasets.Dataset] = None
+        self.val_set: Optional[datasets.Dataset] = None
+        self.drop_counts: dict[str, int] = {}
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_name_or_path, self.trust_remote_code)
+        return self._tokenizer
+
+    # -- subclass hooks ------------------------------------------------------------------------
+    def prepare(self, split: str) -> Optional[datasets.Dataset]:
+        """Tokenized rows of 'train' or 'val'; None for 'val' when the source has no named split."""
+        raise NotImplementedError
+
+    def collate(self, rows: list[dict]) -> dict:
+        raise NotImplementedError
+
+    # -- Lightning hooks -----------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.train_set is not None:
+            return
+        train = self.prepare("train")
+        val = self.prepare("val")
+        if val is None and self.val_fraction > 0:
+            parts = train.train_test_split(test_size=self.val_fraction, seed=self.seed, shuffle=True)
+            train, val = parts["train"], parts["test"]
+        self.train_set, self.val_set = train, val
+
+    def _loader(self, ds: datasets.Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        from synpref.data.collate import LengthGroupedSampler
+
+        sampler = None
+        if self.group_by_length:
+            sampler = LengthGroupedSampler(ds["length"], batch_size, seed=self.seed, shuffle=shuffle)
+        return DataLoader(
+            ds.with_format(None),
+            batch_size=batch_size,
+            sampler=sampler,
+            shuffle=shuffle and sampler is None,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return [] if self.val_set is None else self._loader(self.val_set, self.eval_batch_size, shuffle=False)

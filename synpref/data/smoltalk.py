@@ -1,0 +1,70 @@
+"""SmolTalk-schema conversations (`messages`) tokenized for assistant-only SFT."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import datasets
+
+from synpref.chat import IGNORE_INDEX, check_messages, encode_conversation
+from synpref.data.base import TokenizedDataModule
+from synpref.data.collate import collate_sft
+from synpref.data.io import Dropped, OnBadRow, is_local, load_rows, map_rows, source_name
+
+
+class SmolTalkDataModule(TokenizedDataModule):
+    """HuggingFaceTB/smoltalk from the hub, or any local jsonl/parquet with a `messages` column.
+
+    Truncation: a conversation longer than `max_length` tokens keeps its first `max_length`
+    tokens (later turns are cut). One whose assistant tokens are all cut is dropped and counted
+    (`drop_counts['truncated']`). Validation: `val_split` (a named split of the same source) or
+    else a held-out `val_fraction` of the training rows.
+    """
+
+    def __init__(
+        self,
+        tokenizer_name_or_path: str,
+        path: str = "HuggingFaceTB/smoltalk",
+        config_name: Optional[str] = "all",
+        split: str = "train",
+        val_split: Optional[str] = None,
+        val_fraction: float = 0.0,
+        max_length: int = 2048,
+        max_rows: Optional[int] = None,
+        on_bad_row: OnBadRow = "error",
+        batch_size: int = 8,
+        eval_batch_size: Optional[int] = None,
+        group_by_length: bool = True,
+        num_workers: int = 0,
+        num_proc: Optional[int] = None,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+    ):
+        super().__init__(tokenizer_name_or_path, batch_size, eval_batch_size, val_fraction,
+                         group_by_length, num_workers, seed, trust_remote_code)
+        self.save_hyperparameters()
+        self.path, self.config_name, self.split, self.val_split = path, config_name, split, val_split
+        self.max_length, self.max_rows, self.on_bad_row, self.num_proc = max_length, max_rows, on_bad_row, num_proc
+
+    def _encode(self, row: dict) -> dict:
+        check_messages(row.get("messages"))
+        enc = encode_conversation(self.tokenizer, row["messages"], self.max_length)
+        if all(label == IGNORE_INDEX for label in enc["labels"]):
+            raise Dropped("truncated")
+        return {**enc, "length": len(enc["input_ids"])}
+
+    def prepare(self, split: str) -> Optional[datasets.Dataset]:
+        name = self.split if split == "train" else self.val_split
+        if name is None:
+            return None
+        # A local source's validation split may be another file: `val_split: path/to/val.jsonl`.
+        path = name if split == "val" and is_local(name) else self.path
+        rows = load_rows(path, name, self.config_name, self.max_rows)
+        ds, counts = map_rows(rows, self._encode, source_name(path, name, self.config_name),
+                              ["input_ids", "labels", "length"], self.on_bad_row, "conversations", self.num_proc)
+        for reason, n in counts.items():
+            self.drop_counts[f"{split}/{reason}"] = n
+        return ds
+
+    def collate(self, rows: list[dict]) -> dict:
+        return collate_sft(rows, self.tokenizer.pad_token_id)

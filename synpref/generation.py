@@ -1,0 +1,58 @@
+"""Batched chat generation with the KV cache: prompts (message lists) in, completions (text) out."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from synpref.chat import encode_prompt
+from synpref.data.collate import pad
+from synpref.models import end_of_turn_ids
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[dict]],
+    num_return_sequences: int = 1,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_k: int = 50,
+    top_p: float = 1.0,
+    do_sample: bool = True,
+    seed: Optional[int] = None,
+) -> tuple[list[list[str]], list[list[int]]]:
+    """`num_return_sequences` completions per prompt, as text and as generated-token counts.
+
+    Prompts are left-padded into one batch and decoded with the KV cache; generation stops at the
+    end of the assistant turn (<|im_end|> or eos). `seed` seeds the sampling RNG for this call, so
+    a batch gives the same completions whatever ran before it.
+    """
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    input_ids = pad(ids, tokenizer.pad_token_id, left=True).to(model.device)
+    attention_mask = pad([[1] * len(s) for s in ids], 0, left=True).to(model.device)
+    if seed is not None:
+        torch.manual_seed(seed)
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else {}
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        num_return_sequences=num_return_sequences,
+        eos_token_id=end_of_turn_ids(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+        **sampling,
+    )
+    new = out[:, input_ids.shape[1]:]
+    stop = torch.tensor(end_of_turn_ids(tokenizer), device=new.device)
+    # Tokens up to (excluding) the first stop token; after it generate() only pads.
+    is_stop = torch.isin(new, stop)
+    lengths = torch.where(is_stop.any(1), is_stop.int().argmax(1), torch.full_like(new[:, 0], new.shape[1]))
+    texts = [tokenizer.decode(row[:n], skip_special_tokens=True).strip() for row, n in zip(new.tolist(), lengths.tolist())]
+    counts = lengths.tolist()
+    k = num_return_sequences
+    return [texts[i * k:(i + 1) * k] for i in range(len(prompts))], [counts[i * k:(i + 1) * k] for i in range(len(prompts))]

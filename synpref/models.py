@@ -1,0 +1,148 @@
+"""Load HF models and tokenizers by hub name or directory, and build the tiny offline model."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+# ChatML, as Qwen2.5 writes it (without the default system prompt, so a conversation's tokens are
+# exactly its messages). Used only where a tokenizer ships no template of its own (base models).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+END_OF_TURN = "<|im_end|>"
+
+
+def resolve_dtype(dtype: Optional[str]) -> Optional[torch.dtype]:
+    """'bfloat16' -> torch.bfloat16; None or 'auto' leaves the choice to transformers."""
+    if dtype in (None, "auto"):
+        return None
+    if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16' or 'auto'")
+    return getattr(torch, dtype)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """A tokenizer ready for chat training: a chat template, a pad token, right padding."""
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tok.chat_template is None:
+        # Base checkpoints (Qwen2.5-0.5B among them) may ship no template; ChatML is what their
+        # instruct siblings use, so the SFT export speaks the same format.
+        tok.chat_template = CHATML_TEMPLATE
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids that end an assistant turn: the eos token and ChatML's <|im_end|> if present."""
+    ids = {tokenizer.eos_token_id}
+    im_end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return sorted(i for i in ids if i is not None)
+
+
+def load_causal_lm(
+    name_or_path: str,
+    dtype: Optional[str] = None,
+    trust_remote_code: bool = False,
+    attn_implementation: Optional[str] = None,
+) -> torch.nn.Module:
+    """Any HF causal LM by hub name or local directory, the one path real and tiny models share."""
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if resolve_dtype(dtype) is not None:
+        kwargs["dtype"] = resolve_dtype(dtype)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+
+
+def _corpus_from_jsonl(paths: Iterable[str | Path]) -> Iterable[str]:
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                for key in ("messages", "chosen", "rejected"):
+                    for message in row.get(key) or []:
+                        yield message["content"]
+                if isinstance(row.get("prompt"), str):
+                    yield row["prompt"]
+
+
+def build_tiny_model(
+    out_dir: str | Path,
+    corpus: Iterable[str | Path],
+    vocab_size: int = 2048,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 192,
+    max_position_embeddings: int = 1024,
+    seed: int = 0,
+) -> Path:
+    """Train a byte-level BPE tokenizer on local jsonl text and save a random Qwen2 model beside it.
+
+    The result is an ordinary HF directory (config.json, model.safetensors, tokenizer.json with a
+    ChatML template) that `load_causal_lm`/`load_tokenizer` open like any hub checkpoint.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    out = Path(out_dir)
+    if (out / "config.json").exists() and (out / "tokenizer.json").exists():
+        log.info("tiny model already at %s", out)
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_corpus_from_jsonl(corpus), trainer=trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        model_max_length=max_position_embeddings,
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = end_of_turn_ids(tok)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    log.info("built tiny Qwen2 model (%d params) at %s", model.num_parameters(), out)
+    return out

@@ -1,0 +1,6 @@
+"""LightningModules: SFT, DPO, sampling, evaluation."""
+
+from synpref.modules.base import CausalLMModule
+from synpref.modules.sft import SFTModule
+
+__all__ = ["CausalLMModule", "SFTModule"]

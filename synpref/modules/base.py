@@ -1,0 +1,135 @@
+"""Base LightningModule for HF causal LMs: loading, optimizer + schedule, throughput, HF export."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Literal, Optional
+
+import lightning as L
+import torch
+
+from synpref.chat import IGNORE_INDEX
+from synpref.models import end_of_turn_ids, load_causal_lm, load_tokenizer
+
+
+def loss_token_logits(model: torch.nn.Module, input_ids, attention_mask, labels):
+    """Logits only at positions whose next token carries a label: (n, vocab), targets (n,), rows (n,).
+
+    The LM head is the largest matmul of a small model (Qwen2.5-0.5B: 136M of 494M parameters)
+    and its (batch, length, vocab) output the largest activation; prompt and padding positions
+    never reach the loss, so they never reach the head.
+    """
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    if getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logit_scale", None):
+        # Models that post-process logits (Gemma 2, Cohere) go through their own forward.
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][keep]
+    else:
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[keep]
+    return logits.float(), targets[keep], rows
+
+
+class CausalLMModule(L.LightningModule):
+    """Owns `self.model` (policy) and `self.tokenizer`; subclasses write `training_step`/`validation_step`.
+
+    Optimizer: AdamW, no weight decay on biases and norms. Schedule: linear warmup (`warmup_steps`,
+    else `warmup_ratio` of all optimizer steps) then cosine, linear or constant decay, stepped per
+    optimizer step.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        lr: float = 2e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        scheduler: Literal["cosine", "linear", "constant"] = "cosine",
+        warmup_ratio: float = 0.1,
+        warmup_steps: Optional[int] = None,
+        min_lr_ratio: float = 0.0,
+        dtype: Optional[str] = None,
+        attn_implementation: Optional[str] = None,
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+    ):
+        super().__init__()
+        # Collects the arguments of every __init__ in the chain: the subclass's are logged too.
+        self.save_hyperparameters()
+        self.model_name_or_path = model_name_or_path
+        self.model: Optional[torch.nn.Module] = None
+        self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
+        self._step_started = 0.0
+        self._step_tokens = 0
+
+    # -- models --------------------------------------------------------------------------------
+    def load_model(self, name_or_path: str) -> torch.nn.Module:
+        hp = self.hparams
+        return load_causal_lm(name_or_path, hp.dtype, hp.trust_remote_code, hp.attn_implementation)
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = self.load_model(self.model_name_or_path)
+        self.model.train()  # from_pretrained returns eval mode; Lightning toggles from here
+        if self.hparams.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+            self.model.config.use_cache = False
+
+    # -- optimisation --------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = hp.warmup_steps if hp.warmup_steps is not None else math.ceil(hp.warmup_ratio * total)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            if hp.scheduler == "constant":
+                return 1.0
+            decayed = 0.5 * (1 + math.cos(math.pi * progress)) if hp.scheduler == "cosine" else 1 - progress
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * decayed
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- throughput ----------------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self._step_started = time.perf_counter()
+        self._step_tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        elapsed = time.perf_counter() - self._step_started
+        if elapsed > 0 and self._step_tokens:
+            tokens = self._step_tokens * self.trainer.world_size
+            self.log("train/tokens_per_sec", tokens / elapsed, on_step=True, on_epoch=False)
+        self.log("train/learning_rate", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+    def on_fit_start(self) -> None:
+        counts = getattr(self.trainer.datamodule, "drop_counts", None)
+        if counts and self.logger is not None:
+            # Every dropped row is counted somewhere a user looks: the run's metrics.
+            self.logger.log_metrics({f"data/dropped/{k.replace(':', '_')}": float(v) for k, v in counts.items()})
+
+    # -- export --------------------------------------------------------------------------------
+    def export(self, dirpath: str | Path) -> Path:
+        """save_pretrained the policy and tokenizer: an HF directory that DPO, sampling and any HF tool load."""
+        out = Path(dirpath)
+        out.mkdir(parents=True, exist_ok=True)
+        # Generation must stop at the end of an assistant turn (<|im_end|>), not only at eos.
+        self.model.generation_config.eos_token_id = end_of_turn_ids(self.tokenizer)
+        self.model.generation_config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+        return out

@@ -1,0 +1,52 @@
+"""Shared fixtures: the tiny offline model (built once per session) and the shared sample data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = (ROOT / ".." / "shared" / "data" / "ultrafeedback_sample").resolve()
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    assert SAMPLE.is_dir(), f"shared sample data not found at {SAMPLE}"
+    return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, sample_dir) -> str:
+    """The tiny Qwen2 model + BPE tokenizer as an HF directory, built by the library's own builder."""
+    from synpref.models import build_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny") / "base"
+    return str(build_tiny_model(out, [sample_dir / "sft_messages.jsonl"]))
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch, tiny_model) -> Path:
+    """cwd = a fresh folder laid out like the repo root (configs/, ../shared, artifacts/tiny/base),
+    with its own MLflow store, so configs/tiny/*.yaml run unmodified."""
+    work = tmp_path / "repo"
+    work.mkdir()
+    (work / "configs").symlink_to(ROOT / "configs")
+    (tmp_path / "shared").symlink_to(SAMPLE.parents[1])
+    (work / "artifacts" / "tiny").mkdir(parents=True)
+    (work / "artifacts" / "tiny" / "base").symlink_to(tiny_model)
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+    return work
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
