@@ -118,6 +118,3 @@ def _load_extra_commands() -> None:
             if e.name != module:
                 raise
 
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,5 @@
+"""`python -m synpref` = the `synpref` command."""
+
+from synpref.cli import main
+
+main()
