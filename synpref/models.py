@@ -90,7 +90,7 @@ def build_tiny_model(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     intermediate_size: int = 192,
-    max_position_embeddings: int = 1024,
+    max_position_embeddings: int = 2048,
     seed: int = 0,
 ) -> Path:
     """Train a byte-level BPE tokenizer on local jsonl text and save a random Qwen2 model beside it.
