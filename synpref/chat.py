@@ -15,7 +15,12 @@ class DataError(ValueError):
 
     def __init__(self, source: str, row: Any, field: str, problem: str):
         self.source, self.row, self.field, self.problem = source, row, field, problem
-        super().__init__(f"{source}: row {row}: field {field!r}: {problem}")
+        where = f"{source}: " if row is None else f"{source}: row {row}: "
+        super().__init__(f"{where}field {field!r}: {problem}")
+
+    def __reduce__(self):
+        # Rebuilt from its parts when it crosses processes (datasets' map with num_proc > 1).
+        return type(self), (self.source, self.row, self.field, self.problem)
 
 
 def check_messages(messages: Any, field: str = "messages", need_assistant: bool = True) -> None:
@@ -43,6 +48,9 @@ class FieldError(ValueError):
     def __init__(self, field: str, problem: str):
         self.field, self.problem = field, problem
         super().__init__(f"{field}: {problem}")
+
+    def __reduce__(self):
+        return type(self), (self.field, self.problem)
 
 
 def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:

@@ -70,8 +70,16 @@ class TokenizedDataModule(L.LightningDataModule):
         from synpref.data.collate import LengthGroupedSampler
 
         sampler = None
+        world = self.trainer.world_size if self.trainer is not None else 1
         if self.group_by_length:
-            sampler = LengthGroupedSampler(ds["length"], batch_size, seed=self.seed, shuffle=shuffle)
+            # Groups sized in global batches, so one device and N devices see the same global batches.
+            sampler = LengthGroupedSampler(ds["length"], batch_size * world, seed=self.seed, shuffle=shuffle)
+            if world > 1:
+                # Shard the grouped order here (rank r takes every world-th index): Lightning's own
+                # wrapper would reshuffle it, mixing lengths and changing which rows share a step.
+                from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+                sampler = DistributedSamplerWrapper(sampler, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)
         return DataLoader(
             ds.with_format(None),
             batch_size=batch_size,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable, Literal, Optional
@@ -30,19 +32,40 @@ def load_rows(
     if is_local(path):
         p = Path(path).expanduser()
         if not p.exists():
-            raise FileNotFoundError(f"data path {path!r} does not exist (resolved: {p.resolve()})")
+            raise DataError(path, None, "path", f"data path does not exist (resolved: {p.resolve()})")
         files = sorted(f for f in p.rglob("*") if f.suffix in LOCAL_SUFFIXES) if p.is_dir() else [p]
         if not files:
-            raise FileNotFoundError(f"no .jsonl/.json/.parquet files under {path!r}")
+            raise DataError(path, None, "path", "no .jsonl/.json/.parquet files here")
         builders = {LOCAL_SUFFIXES[f.suffix] for f in files}
         if len(builders) > 1:
-            raise ValueError(f"{path!r} mixes json and parquet files; point at one kind")
-        ds = datasets.load_dataset(builders.pop(), data_files=[str(f) for f in files], split="train")
+            raise DataError(path, None, "path", "mixes json and parquet files; point at one kind")
+        builder = builders.pop()
+        try:
+            ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+        except Exception as e:  # Arrow's errors name neither the file nor the line
+            if builder == "json":
+                for f in files:
+                    _check_json_lines(f)
+            raise DataError(path, None, "*", f"cannot be read as a table: {e}") from e
     else:
         ds = datasets.load_dataset(path, config_name, split=split)
     if max_rows is not None:
         ds = ds.select(range(min(max_rows, len(ds))))
     return ds
+
+
+def _check_json_lines(path: Path) -> None:
+    """Raise a DataError at the first line of a jsonl file that is not a JSON object."""
+    if path.suffix != ".jsonl":
+        return
+    with open(path, encoding="utf-8") as f:
+        for row, line in enumerate(l for l in f if l.strip()):
+            try:
+                ok = isinstance(json.loads(line), dict)
+            except json.JSONDecodeError as e:
+                raise DataError(str(path), row, "*", f"not valid JSON ({e.msg}, column {e.colno})") from None
+            if not ok:
+                raise DataError(str(path), row, "*", "not a JSON object")
 
 
 def source_name(path: str, split: str, config_name: Optional[str]) -> str:
@@ -61,28 +84,33 @@ def map_rows(
 ) -> tuple[datasets.Dataset, dict[str, int]]:
     """Apply `fn` to each row into an Arrow dataset with `columns` (cached by `datasets`).
 
-    `fn` raises FieldError for bad input: a DataError naming source, row and field, or with
-    on_bad_row='skip' a counted drop. It raises Dropped for a valid row dropped by policy
-    (truncated away, a tie): always counted. Nothing is dropped silently; the counts come back
-    and are logged.
+    `fn` raises FieldError for bad input: a DataError naming source, row (0-based) and field, or
+    with on_bad_row='skip' a drop counted as `bad/<field>` (e.g. `bad/messages.role`), the first
+    few logged in full. It raises Dropped for a valid row dropped by policy (truncated away, a
+    tie): always counted. Nothing is dropped silently; the counts come back and are logged.
     """
     columns = list(columns)
 
     def apply(row: dict, index: int) -> dict:
         try:
-            return {**fn(row), "_drop": ""}
+            return {**fn(row), "_drop": "", "_why": ""}
         except Dropped as d:
-            reason = d.reason
+            reason, why = d.reason, ""
         except FieldError as e:
+            error = DataError(source, index, e.field, e.problem)
             if on_bad_row == "error":
-                raise DataError(source, index, e.field, e.problem) from None
-            reason = f"bad {e.field.split('[')[0]}: {e.problem}"
-        return {**{c: None for c in columns}, "_drop": reason}
+                raise error from None
+            # One count per field, whatever the row: keys stay few and valid MLflow metric names.
+            reason, why = "bad/" + re.sub(r"\[\d+\]", "", e.field), str(error)
+        return {**{c: None for c in columns}, "_drop": reason, "_why": why}
 
     out = ds.map(apply, with_indices=True, remove_columns=ds.column_names, num_proc=num_proc,
                  desc=f"preparing {what}")
     counts = dict(Counter(r for r in out["_drop"] if r))
-    kept = out.filter(lambda r: not r, input_columns="_drop").remove_columns("_drop")
+    examples = [w for w in out["_why"] if w]
+    kept = out.filter(lambda r: not r, input_columns="_drop").remove_columns(["_drop", "_why"])
+    for why in examples[:5]:
+        log.warning("skipped (on_bad_row=skip): %s", why)
     if counts:
         log.warning("%s: kept %d of %d %s; dropped %s", source, len(kept), len(ds), what, counts)
     if len(kept) == 0:

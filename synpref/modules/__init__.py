@@ -2,5 +2,8 @@
 
 from synpref.modules.base import CausalLMModule
 from synpref.modules.sft import SFTModule
+from synpref.modules.dpo import DPOModule
+from synpref.modules.evaluation import WinRateModule
+from synpref.modules.sampling import SamplingModule
 
-__all__ = ["CausalLMModule", "SFTModule"]
+__all__ = ["CausalLMModule", "SFTModule", "DPOModule", "WinRateModule", "SamplingModule"]

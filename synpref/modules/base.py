@@ -30,7 +30,8 @@ def loss_token_logits(model: torch.nn.Module, input_ids, attention_mask, labels)
         hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         logits = model.get_output_embeddings()(hidden[:, :-1][keep])
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[keep]
-    return logits.float(), targets[keep], rows
+    # Upcast half precision for the loss; never round a float64 model down.
+    return (logits if logits.dtype == torch.float64 else logits.float()), targets[keep], rows
 
 
 class CausalLMModule(L.LightningModule):
@@ -65,6 +66,7 @@ class CausalLMModule(L.LightningModule):
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
         self._step_started = 0.0
         self._step_tokens = 0
+        self._step_lr = 0.0
 
     # -- models --------------------------------------------------------------------------------
     def load_model(self, name_or_path: str) -> torch.nn.Module:
@@ -108,13 +110,15 @@ class CausalLMModule(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self._step_started = time.perf_counter()
         self._step_tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+        # The rate this step trains with (the scheduler has moved on by on_train_batch_end).
+        self._step_lr = self.trainer.optimizers[0].param_groups[0]["lr"]
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         elapsed = time.perf_counter() - self._step_started
         if elapsed > 0 and self._step_tokens:
             tokens = self._step_tokens * self.trainer.world_size
             self.log("train/tokens_per_sec", tokens / elapsed, on_step=True, on_epoch=False)
-        self.log("train/learning_rate", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        self.log("train/learning_rate", self._step_lr, on_step=True, on_epoch=False)
 
     def on_fit_start(self) -> None:
         counts = getattr(self.trainer.datamodule, "drop_counts", None)

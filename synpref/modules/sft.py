@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from synpref.modules.base import CausalLMModule, loss_token_logits
@@ -17,7 +18,13 @@ class SFTModule(CausalLMModule):
 
     def training_step(self, batch, batch_idx):
         loss, n = self.sft_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
+        if self.trainer.world_size > 1:
+            # DDP averages gradients over ranks: weight each rank's token mean by its share of the
+            # global tokens, so the step is the global token mean, as on one device.
+            total = self.trainer.strategy.reduce(torch.tensor(float(n), device=loss.device), reduce_op="sum")
+            loss = loss * (n * self.trainer.world_size / total)
+        # sync_dist: the logged value is the mean over ranks (= the global token mean), not rank 0's.
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=n, sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 
 class RewardScorer:
@@ -18,3 +18,22 @@ class RewardScorer:
     def to(self, device) -> "RewardScorer":
         """Move any local model to `device` (the predict loop's); remote scorers ignore it."""
         return self
+
+
+def check_lengths(prompts: Sequence, responses: Sequence) -> None:
+    if len(prompts) != len(responses):
+        raise ValueError(f"score() needs one response per prompt: got {len(prompts)} prompts, {len(responses)} responses")
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Positions grouped into batches of similar length (longest first), so padding stays small."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def prompt_text(prompt: Sequence[dict]) -> str:
+    """A conversation as plain text: a single user turn is its content; longer ones are 'role: content' lines."""
+    if len(prompt) == 1:
+        return prompt[0]["content"]
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)

@@ -1,0 +1,175 @@
+"""SFT throughput and peak memory: synpref (Lightning) against TRL's SFTTrainer, same model, data and steps.
+
+    python benchmarks/sft_throughput.py [--steps 40 --warmup 5 --repeats 2 --batch-size 8 --max-length 512]
+
+Each trainer runs in its own subprocess (so peak memories do not mix), on the tiny offline model,
+the shared SmolTalk-schema sample, fp32, AdamW, one optimizer step per batch, no tracking, no
+checkpoints, no validation. Both count non-padding tokens of each trained batch (attention mask)
+and time optimizer steps after `--warmup` steps: model loading, tokenization and warm-up are out.
+Peak memory: the subprocess's peak RSS (ru_maxrss), and its growth over the post-load baseline.
+Runs alternate (TRL, synpref, TRL, ...) `--repeats` times; each side's best tokens/s and largest
+peak are reported, so a busy machine disturbs both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "ultrafeedback_sample" / "sft_messages.jsonl"
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class Meter:
+    """Tokens per collated batch (in training order) and the time each optimizer step ends."""
+
+    def __init__(self):
+        self.tokens, self.step_ends, self.baseline_mb = [], [], 0.0
+
+    def wrap(self, collate):
+        def counted(rows):
+            batch = collate(rows)
+            self.tokens.append(int(batch["attention_mask"].sum()))
+            return batch
+        return counted
+
+    def step_end(self) -> None:
+        if not self.step_ends:
+            self.baseline_mb = rss_mb()  # after load, first batch and first step
+        self.step_ends.append(time.perf_counter())
+
+    def report(self, name: str, warmup: int) -> dict:
+        n = len(self.step_ends)
+        tokens = sum(self.tokens[warmup:n])
+        seconds = self.step_ends[-1] - self.step_ends[warmup - 1]
+        return {"name": name, "steps": n, "timed_steps": n - warmup, "tokens": tokens, "seconds": seconds,
+                "tokens_per_sec": tokens / seconds, "peak_rss_mb": peak_mb(),
+                "train_growth_mb": peak_mb() - self.baseline_mb}
+
+
+def run_synpref(args) -> dict:
+    import lightning as L
+    import torch
+
+    from synpref.data import SmolTalkDataModule
+    from synpref.modules import SFTModule
+
+    torch.manual_seed(0)
+    meter = Meter()
+    dm = SmolTalkDataModule(args.model, path=str(DATA), max_length=args.max_length, batch_size=args.batch_size)
+    dm.collate = meter.wrap(dm.collate)
+    module = SFTModule(args.model, lr=args.lr, dtype="float32", warmup_ratio=0.1)
+
+    class Timer(L.Callback):
+        def on_train_batch_end(self, *_):
+            meter.step_end()
+
+    trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", devices=1, precision="32-true", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=[Timer()])
+    trainer.fit(module, datamodule=dm)
+    return meter.report("synpref", args.warmup)
+
+
+def run_trl(args) -> dict:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from synpref.models import load_tokenizer
+
+    torch.manual_seed(0)
+    meter = Meter()
+    rows = [json.loads(line) for line in open(DATA, encoding="utf-8")]
+    # Single-turn rows: prompt = the user turn, completion = the reply; completion-only loss.
+    ds = datasets.Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows])
+    config = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+                       learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.1, max_length=args.max_length,
+                       completion_only_loss=True, bf16=False, fp16=False, use_cpu=True, report_to=[],
+                       save_strategy="no", eval_strategy="no", disable_tqdm=True, seed=0,
+                       train_sampling_strategy="group_by_length" if args.trl_group_by_length else "random")
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            meter.step_end()
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=ds, processing_class=load_tokenizer(args.model),
+                         callbacks=[Timer()])
+    trainer.data_collator = meter.wrap(trainer.data_collator)
+    trainer.train()
+    return meter.report("trl", args.warmup)
+
+
+def worker(name: str, args) -> None:
+    result = (run_synpref if name == "synpref" else run_trl)(args)
+    print("WORKER " + json.dumps(result), flush=True)
+
+
+def spawn(name: str, argv: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", name, *argv], capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    lines = [l for l in out.stdout.splitlines() if l.startswith("WORKER ")]
+    if out.returncode or not lines:
+        sys.exit(f"{name} worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][len("WORKER "):])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="HF model dir (default: build the tiny model into a temp dir)")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
+    p.add_argument("--repeats", type=int, default=2, help="alternating runs per trainer")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--trl-group-by-length", action="store_true", help="give TRL length grouping too")
+    p.add_argument("--worker", choices=["synpref", "trl"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args.worker, args)
+
+    if args.model is None:
+        from synpref.models import build_tiny_model
+
+        args.model = str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny", [DATA]))
+    argv = ["--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size",
+            str(args.batch_size), "--max-length", str(args.max_length), "--lr", str(args.lr)]
+    argv += ["--trl-group-by-length"] * args.trl_group_by_length
+    print(f"model={args.model} batch={args.batch_size} max_length={args.max_length} fp32 steps={args.steps} "
+          f"(first {args.warmup} not timed) cpus={os.cpu_count()} trl_group_by_length={args.trl_group_by_length}")
+    runs = {"trl": [], "synpref": []}
+    for _ in range(args.repeats):
+        for name, done in runs.items():
+            r = spawn(name, argv)
+            done.append(r)
+            print(f"{name:8s} tokens/s={r['tokens_per_sec']:7.0f}  non-pad tokens={r['tokens']:7d} in "
+                  f"{r['seconds']:6.2f}s  peak RSS={r['peak_rss_mb']:5.0f} MB  (growth in training "
+                  f"{r['train_growth_mb']:.0f} MB)", flush=True)
+    speed = {k: max(r["tokens_per_sec"] for r in v) for k, v in runs.items()}
+    peak = {k: max(r["peak_rss_mb"] for r in v) for k, v in runs.items()}
+    print(f"best tokens/s: synpref {speed['synpref']:.0f}, TRL {speed['trl']:.0f}; "
+          f"peak RSS: synpref {peak['synpref']:.0f} MB, TRL {peak['trl']:.0f} MB")
+    print(f"RESULT sft speedup={speed['synpref'] / speed['trl']:.2f} memory_ratio={peak['synpref'] / peak['trl']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""`synpref compare`: the paper's Table 1 (win rate vs SFT with CI, average reward) from MLflow runs."""
+
+from __future__ import annotations
+
+import csv as csv_module
+import logging
+from pathlib import Path
+from typing import Optional
+
+from synpref.cli import register, tracking_uri as default_tracking_uri
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["model", "baseline", "reward_model", "win_rate", "win_rate_ci_low", "win_rate_ci_high", "tie_rate",
+           "loss_rate", "sign_test_p", "avg_reward_policy", "avg_reward_baseline", "avg_length_policy",
+           "avg_length_baseline", "length_matched_win_rate", "reward_stderr_policy", "reward_stderr_baseline", "n",
+           "run_id", "run_name"]
+
+
+def eval_runs(experiment: str, tracking_uri: Optional[str] = None, parent_run_id: Optional[str] = None) -> list[dict]:
+    """One row per evaluated policy: the latest run with a `win_rate` for each (policy, baseline,
+    reward model), sorted by policy; only children of `parent_run_id` if given."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri or default_tracking_uri())
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"no MLflow experiment {experiment!r} at {tracking_uri or default_tracking_uri()}")
+    query = "metrics.win_rate >= 0"
+    if parent_run_id:
+        query += f" and tags.mlflow.parentRunId = '{parent_run_id}'"
+    latest: dict[tuple, dict] = {}
+    for run in client.search_runs([exp.experiment_id], query, order_by=["attributes.start_time ASC"], max_results=5000):
+        p, m = run.data.params, run.data.metrics
+        row = {k: m.get(k) for k in COLUMNS if k in m}
+        row.update(model=p.get("policy", run.info.run_name), baseline=p.get("baseline", ""),
+                   reward_model=p.get("reward_model", ""), n=int(m.get("n", p.get("n_prompts", 0))),
+                   run_id=run.info.run_id, run_name=run.info.run_name or "")
+        latest[(row["model"], row["baseline"], row["reward_model"])] = row  # later runs replace earlier ones
+    return sorted(latest.values(), key=lambda r: (r["model"], r["baseline"], r["reward_model"]))
+
+
+def _pct(x: Optional[float]) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x: Optional[float], fmt: str = ".3f") -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Model | win rate vs baseline [95% CI] | tie rate | sign-test p | average rewards | N."""
+    lines = ["| model | win rate vs SFT [95% CI] | tie rate | p (sign test) | avg reward | avg reward SFT "
+             "| length-matched win rate | N |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ci = f"{_pct(r.get('win_rate'))} [{_pct(r.get('win_rate_ci_low'))}, {_pct(r.get('win_rate_ci_high'))}]"
+        lines.append(f"| {r['model']} | {ci} | {_pct(r.get('tie_rate'))} | {_num(r.get('sign_test_p'), '.3g')} "
+                     f"| {_num(r.get('avg_reward_policy'))} | {_num(r.get('avg_reward_baseline'))} "
+                     f"| {_pct(r.get('length_matched_win_rate'))} | {r['n']} |")
+    return "\n".join(lines)
+
+
+@register("compare", "print the win-rate table (the paper's Table 1) of an MLflow experiment's eval runs")
+def compare(experiment: str, tracking_uri: Optional[str] = None, csv: Optional[str] = None,
+            parent_run_id: Optional[str] = None, figures_dir: Optional[str] = None) -> str:
+    """Read the experiment's `synpref predict --config configs/eval.yaml` runs; print and return the
+    table as markdown, and write it as CSV.
+
+    Args:
+        experiment: MLflow experiment name (configs/tiny: synpref-tiny).
+        tracking_uri: MLflow store; default MLFLOW_TRACKING_URI or sqlite:///mlflow.db.
+        csv: CSV output path (all columns, rates as fractions); none written if omitted.
+        parent_run_id: only runs nested under this run (one pipeline run); the table (win_rates.md,
+            and the CSV and figures when written) is also logged to that run.
+        figures_dir: write win_rates.png (Figure 1) and avg_rewards.png (Figure 2) of all rows here.
+    """
+    rows = eval_runs(experiment, tracking_uri, parent_run_id)
+    if not rows:
+        raise ValueError(f"experiment {experiment!r} has no run with a win_rate metric "
+                         f"(run `synpref predict --config configs/eval.yaml` first)")
+    table = markdown_table(rows)
+    if csv:
+        Path(csv).parent.mkdir(parents=True, exist_ok=True)
+        with open(csv, "w", newline="", encoding="utf-8") as f:
+            writer = csv_module.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        log.info("wrote %s", csv)
+    figures = write_figures(rows, Path(figures_dir)) if figures_dir else []
+    if parent_run_id:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri or default_tracking_uri())
+        client.log_text(parent_run_id, table + "\n", "win_rates.md")
+        for path in ([csv] if csv else []) + figures:
+            client.log_artifact(parent_run_id, str(path))
+    print(table)
+    return table
+
+
+def write_figures(rows: list[dict], out: Path) -> list[Path]:
+    """The paper's Figures 1 and 2 over all compared models (baseline: the first row's)."""
+    from synpref.metrics import plot_average_rewards, plot_win_rates
+
+    out.mkdir(parents=True, exist_ok=True)
+    nan = float("nan")
+    series = [(Path(r["model"]).name, {k: nan if r.get(k) is None else r[k] for k in COLUMNS[3:-2]} | {"n": r["n"]})
+              for r in rows]
+    baseline = Path(rows[0]["baseline"]).name or "baseline"
+    plot_win_rates(series, out / "win_rates.png", baseline)
+    plot_average_rewards(series, out / "avg_rewards.png", baseline)
+    return [out / "win_rates.png", out / "avg_rewards.png"]

@@ -1,0 +1,230 @@
+"""Preference pairs (UltraFeedback, openbmb, synpref's synthetic pairs, any TRL file), mixed by weight."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import datasets
+import torch
+
+from synpref.chat import IGNORE_INDEX, FieldError, check_messages, encode_prompt_response
+from synpref.data.base import TokenizedDataModule
+from synpref.data.collate import pad
+from synpref.data.io import Dropped, OnBadRow, load_rows, map_rows, require, source_name
+
+Format = Literal["ultrafeedback_binarized", "openbmb", "synpref", "trl"]
+COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "length"]
+
+
+@dataclass
+class PreferenceSource:
+    """One source of pairs.
+
+    Args:
+        path: hub dataset id or local jsonl/parquet file or folder.
+        split: hub split (`train_prefs` for HuggingFaceH4/ultrafeedback_binarized); ignored for files.
+        format: row layout:
+            `ultrafeedback_binarized`: `chosen`/`rejected` full conversations (the prompt is all but
+            their last message), `score_chosen`/`score_rejected`.
+            `openbmb`: openbmb/UltraFeedback's `instruction` + 4 `completions` with `overall_score`,
+            binarized as HuggingFaceH4 did: chosen = highest `overall_score` (first on ties),
+            rejected = one of the other completions drawn at random (seeded by `seed` and the
+            instruction), or the lowest-scored with `binarize: lowest`.
+            `synpref`: `synpref predict`'s pairs.jsonl: `prompt` messages, one-message `chosen`/
+            `rejected` lists, `score_chosen`/`score_rejected`.
+            `trl`: TRL's preference format: `prompt`/`chosen`/`rejected` as plain strings or
+            conversational lists, or implicit prompt (full conversations sharing all but the last turn).
+        config_name: hub dataset config.
+        weight: share of this source's usable pairs in the mixture: 1.0 = all once, 0.5 = a seeded
+            random half, 2.0 = each twice.
+        max_rows: read only the first rows (before filtering).
+        binarize: openbmb rejected choice: `random` (HuggingFaceH4's rule) or `lowest`.
+    """
+
+    path: str
+    format: Format = "trl"
+    split: str = "train"
+    config_name: Optional[str] = None
+    weight: float = 1.0
+    max_rows: Optional[int] = None
+    binarize: Literal["random", "lowest"] = "random"
+
+
+def _as_messages(value, field: str, role: str) -> list[dict]:
+    """A plain string becomes one `role` message; a list is checked as a conversation."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise FieldError(field, "empty content")
+        return [{"role": role, "content": value}]
+    check_messages(value, field, need_assistant=False)
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _split_pair(prompt, chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], str, str]:
+    """(prompt messages, chosen reply, rejected reply) from full conversations or prompt + replies."""
+    if prompt is None:
+        # Implicit prompt: every turn before the final assistant reply.
+        prompt, c_prompt = chosen[:-1], chosen[:-1]
+        r_prompt = rejected[:-1]
+        if c_prompt != r_prompt:
+            raise FieldError("rejected", "conversation before the last turn differs from chosen's (different prompts)")
+    elif len(chosen) > 1 or len(rejected) > 1:
+        # Full conversations next to an explicit prompt (UltraFeedback repeats the prompt in both).
+        if chosen[:-1] and chosen[:-1] != prompt:
+            raise FieldError("chosen", "conversation before the reply differs from the prompt")
+        if rejected[:-1] and rejected[:-1] != prompt:
+            raise FieldError("rejected", "conversation before the reply differs from the prompt (different prompts)")
+    if not prompt:
+        raise FieldError("prompt", "missing or empty")
+    for field, conv in (("chosen", chosen), ("rejected", rejected)):
+        if conv[-1]["role"] != "assistant":
+            raise FieldError(field, "last message is not an assistant reply")
+    if chosen[-1]["content"] == rejected[-1]["content"]:
+        raise FieldError("rejected", "identical to chosen")
+    return prompt, chosen[-1]["content"], rejected[-1]["content"]
+
+
+def _binarize_openbmb(row: dict, rule: str, seed: int) -> dict:
+    require(row, ["instruction", "completions"])
+    done = [c for c in row["completions"] if isinstance(c, dict) and c.get("response") and c.get("overall_score") is not None]
+    if len(done) < 2:
+        raise FieldError("completions", "fewer than two scored completions")
+    best = max(range(len(done)), key=lambda i: (done[i]["overall_score"], -i))
+    others = [c for i, c in enumerate(done) if i != best]
+    if rule == "lowest":
+        worst = min(others, key=lambda c: c["overall_score"])
+    else:
+        worst = random.Random(f"{seed}:{row['instruction']}").choice(others)
+    return {"prompt": row["instruction"], "chosen": done[best]["response"], "rejected": worst["response"],
+            "score_chosen": done[best]["overall_score"], "score_rejected": worst["overall_score"]}
+
+
+class PreferenceDataModule(TokenizedDataModule):
+    """Tokenized pairs (prompt_ids, chosen_ids, rejected_ids, index) from one or more `sources`.
+
+    Tokens come from `encode_prompt_response`, as for SFT and sampling. `prompt + response` is cut
+    to its first `max_length` tokens (TRL's `keep_start`); a pair left with no chosen or rejected
+    token is dropped and counted (`truncated`). Ties (equal scores) are dropped and counted unless
+    `drop_ties: false`. Bad rows raise a DataError (file, row, field), or with `on_bad_row: skip`
+    are counted. Every kept pair has a stable `index` (its row in the mixture) that keys cached
+    reference log-probs. Validation: `val_sources`, else a `val_fraction` of the training pairs.
+    """
+
+    def __init__(
+        self,
+        tokenizer_name_or_path: str,
+        sources: list[PreferenceSource],
+        val_sources: Optional[list[PreferenceSource]] = None,
+        val_fraction: float = 0.0,
+        max_length: int = 1024,
+        drop_ties: bool = True,
+        on_bad_row: OnBadRow = "error",
+        batch_size: int = 8,
+        eval_batch_size: Optional[int] = None,
+        group_by_length: bool = True,
+        num_workers: int = 0,
+        num_proc: Optional[int] = None,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+    ):
+        super().__init__(tokenizer_name_or_path, batch_size, eval_batch_size, val_fraction,
+                         group_by_length, num_workers, seed, trust_remote_code)
+        if not sources:
+            raise ValueError("PreferenceDataModule needs at least one source")
+        self.sources = [s if isinstance(s, PreferenceSource) else PreferenceSource(**s) for s in sources]
+        self.val_sources = [s if isinstance(s, PreferenceSource) else PreferenceSource(**s) for s in val_sources or []]
+        # Plain dicts in the hyper-parameters: checkpoints then load with torch.load(weights_only=True).
+        sources = [asdict(s) for s in self.sources]
+        val_sources = [asdict(s) for s in self.val_sources]
+        self.save_hyperparameters()
+        self.max_length, self.drop_ties, self.on_bad_row, self.num_proc = max_length, drop_ties, on_bad_row, num_proc
+
+    # -- one row -------------------------------------------------------------------------------
+    def to_pair(self, row: dict, fmt: str, binarize: str = "random") -> tuple[list[dict], str, str, Optional[float], Optional[float]]:
+        """(prompt messages, chosen text, rejected text, score_chosen, score_rejected) of a raw row."""
+        if fmt == "openbmb":
+            row = _binarize_openbmb(row, binarize, self.seed)
+        require(row, ["chosen", "rejected"])
+        prompt = row.get("prompt")
+        if fmt == "ultrafeedback_binarized":
+            prompt = None  # its `prompt` string is the first user turn; the conversations carry it
+        elif prompt is not None:
+            prompt = _as_messages(prompt, "prompt", "user")
+        chosen = _as_messages(row["chosen"], "chosen", "assistant")
+        rejected = _as_messages(row["rejected"], "rejected", "assistant")
+        prompt, c, r = _split_pair(prompt, chosen, rejected)
+        return prompt, c, r, row.get("score_chosen"), row.get("score_rejected")
+
+    def encode(self, row: dict, fmt: str, binarize: str = "random") -> dict:
+        prompt, chosen, rejected, s_c, s_r = self.to_pair(row, fmt, binarize)
+        if self.drop_ties and s_c is not None and s_r is not None and s_c == s_r:
+            raise Dropped("tie")
+        prompt_ids, chosen_ids = encode_prompt_response(self.tokenizer, prompt, chosen)
+        prompt_ids_r, rejected_ids = encode_prompt_response(self.tokenizer, prompt, rejected)
+        if prompt_ids_r != prompt_ids:
+            raise FieldError("rejected", "prompt tokenizes differently from chosen's")
+        room = self.max_length - len(prompt_ids)
+        if room <= 0:
+            raise Dropped("truncated")
+        chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
+        return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids,
+                "length": len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))}
+
+    # -- data sets -----------------------------------------------------------------------------
+    def _load(self, sources: list[PreferenceSource], split: str) -> datasets.Dataset:
+        parts = []
+        for k, src in enumerate(sources):
+            rows = load_rows(src.path, src.split, src.config_name, src.max_rows)
+            name = source_name(src.path, src.split, src.config_name)
+            ds, counts = map_rows(rows, lambda r, s=src: self.encode(r, s.format, s.binarize), name,
+                                  COLUMNS, self.on_bad_row, "preference pairs", self.num_proc)
+            for reason, n in counts.items():
+                key = f"{split}/{reason}" if len(sources) == 1 else f"{split}/source{k}/{reason}"
+                self.drop_counts[key] = self.drop_counts.get(key, 0) + n
+            parts.append(_weighted(ds, src.weight, self.seed + k))
+        return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+    def prepare(self, split: str) -> Optional[datasets.Dataset]:
+        sources = self.sources if split == "train" else self.val_sources
+        if not sources:
+            return None
+        return self._load(sources, split)
+
+    def setup(self, stage: str) -> None:
+        if self.train_set is not None:
+            return
+        super().setup(stage)
+        # Stable ids, assigned once after mixing and splitting: train 0..n-1, val n..n+m-1.
+        n = len(self.train_set)
+        self.train_set = self.train_set.add_column("index", list(range(n)))
+        if self.val_set is not None:
+            self.val_set = self.val_set.add_column("index", list(range(n, n + len(self.val_set))))
+
+    def collate(self, rows: list[dict]) -> dict:
+        """Chosen sequences then rejected ones, right-padded together: one forward for both."""
+        seqs, labels = [], []
+        for key in ("chosen_ids", "rejected_ids"):
+            for r in rows:
+                seqs.append(r["prompt_ids"] + r[key])
+                labels.append([IGNORE_INDEX] * len(r["prompt_ids"]) + r[key])
+        return {
+            "input_ids": pad(seqs, self.tokenizer.pad_token_id),
+            "attention_mask": pad([[1] * len(s) for s in seqs], 0),
+            "labels": pad(labels, IGNORE_INDEX),
+            "index": torch.tensor([r["index"] for r in rows], dtype=torch.long),
+        }
+
+
+def _weighted(ds: datasets.Dataset, weight: float, seed: int) -> datasets.Dataset:
+    """Each row floor(weight) times plus a seeded random share of the remainder."""
+    if weight < 0:
+        raise ValueError(f"source weight must be ≥ 0, got {weight}")
+    whole, frac = int(weight), weight - int(weight)
+    picks = list(range(len(ds))) * whole
+    if frac > 0:
+        picks += sorted(random.Random(seed).sample(range(len(ds)), round(frac * len(ds))))
+    if not picks:
+        raise ValueError(f"source weight {weight} keeps no pair of {len(ds)}")
+    return ds.select(picks)

@@ -1,0 +1,210 @@
+"""DPO (sigmoid, conservative, IPO) against a frozen reference model, live or precomputed and cached."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from synpref.losses import LossType, dpo_loss
+from synpref.modules.base import CausalLMModule, loss_token_logits
+
+log = logging.getLogger(__name__)
+
+
+def sequence_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of log-probs of the labelled (response) tokens per sequence, and their count.
+
+    The LM head runs on response positions only (`loss_token_logits`): prompt and padding
+    positions never reach the vocabulary projection.
+    """
+    logits, targets, rows = loss_token_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    token_logps = -F.cross_entropy(logits, targets, reduction="none")
+    n = batch["input_ids"].shape[0]
+    logps = token_logps.new_zeros(n).index_add(0, rows, token_logps)
+    lengths = token_logps.new_zeros(n).index_add(0, rows, torch.ones_like(token_logps))
+    return logps, lengths
+
+
+def fingerprint(model: torch.nn.Module, datasets_: list, extra: str = "") -> str:
+    """sha256 of the reference weights (names, dtypes, bytes) and of every pair's index and tokens."""
+    h = hashlib.sha256(extra.encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    for ds in datasets_:
+        for rows in ds.select_columns(["index", "prompt_ids", "chosen_ids", "rejected_ids"]).iter(batch_size=1024):
+            for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+                h.update(np.asarray([len(x) for x in rows[key]], dtype=np.int64))
+                h.update(np.concatenate([np.asarray(x, dtype=np.int64) for x in rows[key]]))
+            h.update(np.asarray(rows["index"], dtype=np.int64))
+    return h.hexdigest()[:32]
+
+
+class DPOModule(CausalLMModule):
+    """Direct preference optimisation of the policy (`model_name_or_path`, the SFT export).
+
+    The reference is a frozen copy loaded from `ref_model_name_or_path` (default: the policy's
+    path): eval mode, no gradients, outside the optimizer and outside checkpoints (it is held in a
+    plain list, not registered as a submodule), rebuilt from its path on resume. With
+    `precompute_ref_logps`, the reference log-probs of every train and val pair are computed once
+    before training (sharded over ranks), cached in `ref_cache_dir` under a fingerprint of the
+    reference weights and the tokenized pairs (a later run with the same ones reuses the file),
+    and the reference model is freed.
+
+    Args:
+        model_name_or_path: policy init (HF directory or hub id).
+        ref_model_name_or_path: reference model; None = the policy's initial weights.
+        beta: β, the KL-penalty strength (τ for IPO).
+        loss_type: `sigmoid` (DPO) or `ipo`; see `synpref.losses.dpo_loss`.
+        label_smoothing: ε of conservative DPO (sigmoid only); 0 = plain DPO.
+        precompute_ref_logps: compute the reference log-probs once before training.
+        ref_cache_dir: where precomputed reference log-probs are cached.
+        **kwargs: CausalLMModule's arguments (lr, scheduler, warmup, dtype, ...).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        ref_model_name_or_path: Optional[str] = None,
+        beta: float = 0.1,
+        loss_type: LossType = "sigmoid",
+        label_smoothing: float = 0.0,
+        precompute_ref_logps: bool = False,
+        ref_cache_dir: str = "artifacts/cache/ref_logps",
+        **kwargs,
+    ):
+        super().__init__(model_name_or_path, **kwargs)
+        if loss_type not in ("sigmoid", "ipo"):
+            raise ValueError(f"unknown loss_type {loss_type!r}; expected 'sigmoid' or 'ipo'")
+        if label_smoothing and loss_type != "sigmoid":
+            raise ValueError("label_smoothing applies to the sigmoid loss only")
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
+        self.ref_path = ref_model_name_or_path or model_name_or_path
+        self._ref: list[torch.nn.Module] = []  # a list, not an attribute: kept out of state_dict and .to()
+        self._ref_table: Optional[torch.Tensor] = None  # (pairs, 2) reference log-probs by pair index
+
+    # -- reference -----------------------------------------------------------------------------
+    def reference(self) -> torch.nn.Module:
+        """The frozen reference model, loaded on first use on the policy's device and dtype."""
+        if not self._ref:
+            ref = self.load_model(self.ref_path)
+            ref.eval()
+            ref.requires_grad_(False)
+            dtype = next(self.model.parameters()).dtype if self.model is not None else None
+            self._ref.append(ref.to(device=self.device, dtype=dtype))
+        ref = self._ref[0]
+        if ref.device != self.device:
+            ref.to(self.device)
+        return ref
+
+    def free_reference(self) -> None:
+        self._ref.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def ref_logps(self, batch: dict) -> torch.Tensor:
+        if self._ref_table is not None:
+            table = self._ref_table[batch["index"].cpu()]
+            if torch.isnan(table).any():
+                raise RuntimeError("some pairs have no precomputed reference log-probs (data changed since precompute?)")
+            return torch.cat([table[:, 0], table[:, 1]]).to(self.device)
+        with torch.no_grad():
+            return sequence_logps(self.reference(), batch)[0]
+
+    # -- precomputation ------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.hparams.precompute_ref_logps:
+            self.precompute_reference()
+
+    def on_validation_start(self) -> None:
+        if self.hparams.precompute_ref_logps and self._ref_table is None:
+            self.precompute_reference()
+
+    def precompute_reference(self) -> None:
+        """Fill the (pairs, 2) reference table from the cache file or one pass over train+val."""
+        dm = self.trainer.datamodule
+        sets = [s for s in (dm.train_set, dm.val_set) if s is not None]
+        ref = self.reference()
+        key = fingerprint(ref, sets, extra=str(self.trainer.precision))
+        path = Path(self.hparams.ref_cache_dir) / f"ref_logps-{key}.pt"
+        hit = self.trainer.strategy.broadcast(path.exists())
+        if hit:
+            log.info("reusing cached reference log-probs from %s", path)
+            self._ref_table = torch.load(path)
+        else:
+            self._ref_table = self._compute_table(ref, sets, dm)
+            if self.trainer.is_global_zero:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                torch.save(self._ref_table, tmp)
+                tmp.replace(path)  # atomic: a crashed run never leaves a half-written cache
+                log.info("cached reference log-probs of %d pairs at %s", len(self._ref_table), path)
+            self.trainer.strategy.barrier()
+        self.free_reference()
+
+    @torch.no_grad()
+    def _compute_table(self, ref, sets, dm) -> torch.Tensor:
+        n = sum(len(s) for s in sets)
+        table = torch.zeros(n, 2, device=self.device)
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        size = dm.eval_batch_size
+        for ds in sets:
+            # Longest first, so each batch pads little; batches are split round-robin over ranks.
+            order = np.argsort(-np.asarray(ds["length"]), kind="stable").tolist()
+            for start in range(rank * size, len(order), size * world):
+                batch = dm.collate([ds[i] for i in order[start : start + size]])
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                with self.trainer.precision_plugin.forward_context():
+                    logps = sequence_logps(ref, batch)[0].float()
+                b = batch["index"].numel()
+                table[batch["index"], 0] = logps[:b]
+                table[batch["index"], 1] = logps[b:]
+        # Each pair was filled by exactly one rank; summing the tables gathers them all.
+        table = self.trainer.strategy.reduce(table, reduce_op="sum") if world > 1 else table
+        return table.cpu()
+
+    # -- steps ---------------------------------------------------------------------------------
+    def dpo_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        logps, lengths = sequence_logps(self.model, batch)
+        ref = self.ref_logps(batch).to(logps.dtype)
+        b = batch["index"].numel()
+        hp = self.hparams
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            logps[:b], logps[b:], ref[:b], ref[b:], hp.beta, hp.loss_type, hp.label_smoothing, lengths[:b], lengths[b:]
+        )
+        return {
+            "loss": losses.mean(),
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": logps[:b].detach().mean(),
+            "logps/rejected": logps[b:].detach().mean(),
+        }
+
+    def training_step(self, batch, batch_idx):
+        metrics = self.dpo_step(batch)
+        b = batch["index"].numel()
+        # sync_dist: the logged step value is the mean over all ranks' pairs, not rank 0's share.
+        for name, value in metrics.items():
+            self.log(f"train/{name}", value, prog_bar=name == "loss", on_step=True, on_epoch=False,
+                     batch_size=b, sync_dist=True)
+        return metrics["loss"]
+
+    def validation_step(self, batch, batch_idx):
+        metrics = self.dpo_step(batch)
+        b = batch["index"].numel()
+        for name, value in metrics.items():
+            self.log(f"val/{name}", value, prog_bar=name == "loss", on_epoch=True, batch_size=b, sync_dist=True)
+        return metrics["loss"]

@@ -1,0 +1,131 @@
+"""Win rate against the SFT model: generate with policy and baseline, score both, one record per prompt."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import lightning as L
+import torch
+
+from synpref.generation import generate
+from synpref.models import load_causal_lm, load_tokenizer
+from synpref.rewards.base import RewardScorer
+
+
+def compare_batch(policy, policy_tokenizer, baseline, baseline_tokenizer, reward: RewardScorer,
+                  prompts: Sequence[Sequence[dict]], decoding: dict, seed: Optional[int]) -> list[dict]:
+    """One response per prompt from each model (same decoding, same seed), both scored by `reward`.
+
+    The one generate-and-score path of predict-time (WinRateModule) and train-time
+    (WinRateCallback(every_n_steps=...)) evaluation. Lengths are generated tokens (each model's
+    own tokenizer), without the end-of-turn token.
+    """
+    prompts = [list(p) for p in prompts]
+    policy_texts, policy_lengths = generate(policy, policy_tokenizer, prompts, seed=seed, **decoding)
+    baseline_texts, baseline_lengths = generate(baseline, baseline_tokenizer, prompts, seed=seed, **decoding)
+    policy_texts, baseline_texts = [t[0] for t in policy_texts], [t[0] for t in baseline_texts]
+    policy_rewards = reward.score(prompts, policy_texts)
+    baseline_rewards = reward.score(prompts, baseline_texts)
+    if len(policy_rewards) != len(prompts) or len(baseline_rewards) != len(prompts):
+        raise ValueError(f"reward {reward.name!r} returned {len(policy_rewards)}/{len(baseline_rewards)} "
+                         f"scores for {len(prompts)} responses")
+    return [
+        {
+            "prompt": prompt,
+            "policy_response": pt,
+            "baseline_response": bt,
+            "policy_reward": float(pr),
+            "baseline_reward": float(br),
+            "policy_length": int(pl[0]),
+            "baseline_length": int(bl[0]),
+        }
+        for prompt, pt, bt, pr, br, pl, bl in zip(prompts, policy_texts, baseline_texts, policy_rewards,
+                                                  baseline_rewards, policy_lengths, baseline_lengths)
+    ]
+
+
+def load_frozen(name_or_path: str, dtype: Optional[str] = None, trust_remote_code: bool = False,
+                attn_implementation: Optional[str] = None) -> torch.nn.Module:
+    """A causal LM in eval mode with no gradients: the baseline, or the policy under evaluation."""
+    model = load_causal_lm(name_or_path, dtype, trust_remote_code, attn_implementation).eval()
+    model.requires_grad_(False)
+    return model
+
+
+class WinRateModule(L.LightningModule):
+    """`synpref predict`: policy vs baseline on held-out prompts, judged by `reward`.
+
+    Decoding is the same for both models and, per batch, so is the seed (`seed` + the batch's
+    first prompt index), so a batch's result does not depend on what ran before it. The default
+    is the paper's sampling (top-k 50, temperature 0.7); `do_sample: false` is greedy.
+    predict_step returns one record per prompt; the WinRateCallback this module attaches writes
+    them to `output_dir/eval.jsonl`, aggregates the WinRate metric and logs to MLflow.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        baseline_name_or_path: str,
+        reward: RewardScorer,
+        output_dir: Optional[str] = None,
+        max_new_tokens: int = 256,
+        do_sample: bool = True,
+        temperature: float = 0.7,
+        top_k: int = 50,
+        top_p: float = 1.0,
+        seed: int = 0,
+        tie_tolerance: float = 0.0,
+        length_match_ratio: float = 0.1,
+        figures: bool = True,
+        dtype: Optional[str] = None,
+        attn_implementation: Optional[str] = None,
+        trust_remote_code: bool = False,
+    ):
+        super().__init__()
+        # The reward object is not a hyperparameter (it may hold a model); its name is logged.
+        self.save_hyperparameters(ignore=["reward"])
+        self.model_name_or_path = model_name_or_path
+        self.baseline_name_or_path = baseline_name_or_path
+        self.reward = reward
+        self.output_dir = output_dir
+        self.seed = seed
+        self.decoding = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
+                         "top_k": top_k, "top_p": top_p}
+        self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
+        self.baseline_tokenizer = load_tokenizer(baseline_name_or_path, trust_remote_code)
+        self.model: Optional[torch.nn.Module] = None
+        self.baseline: Optional[torch.nn.Module] = None
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        self.model = load_frozen(self.model_name_or_path, hp.dtype, hp.trust_remote_code, hp.attn_implementation)
+        self.baseline = load_frozen(self.baseline_name_or_path, hp.dtype, hp.trust_remote_code, hp.attn_implementation)
+
+    def configure_callbacks(self):
+        from synpref.callbacks.win_rate import WinRateCallback
+
+        hp = self.hparams
+        return [WinRateCallback(output_dir=self.output_dir, tie_tolerance=hp.tie_tolerance,
+                                length_match_ratio=hp.length_match_ratio, figures=hp.figures)]
+
+    def on_predict_start(self) -> None:
+        self.reward = self.reward.to(self.device)
+        counts = getattr(self.trainer.datamodule, "drop_counts", None)
+        if counts and self.logger is not None:
+            # Prompts dropped (too long, duplicates, bad rows) shrink N: the run says by how many.
+            self.logger.log_metrics({f"data/dropped/{k.replace(':', '_')}": float(v) for k, v in counts.items()})
+
+    def eval_params(self) -> dict:
+        """What the MLflow run records about this comparison (no secrets: paths, names, settings)."""
+        return {"policy": self.model_name_or_path, "baseline": self.baseline_name_or_path,
+                "reward_model": self.reward.name, "seed": self.seed,
+                **{f"decoding.{k}": v for k, v in self.decoding.items()}}
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        index = [int(i) for i in batch["index"]]
+        records = compare_batch(self.model, self.tokenizer, self.baseline, self.baseline_tokenizer, self.reward,
+                                batch["prompt"], self.decoding, seed=self.seed + index[0])
+        ids = batch.get("prompt_id") or [None] * len(index)
+        return [{"index": i, "prompt_id": pid, **r} for i, pid, r in zip(index, ids, records)]

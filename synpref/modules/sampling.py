@@ -1,0 +1,115 @@
+"""`synpref predict` for synthetic pairs: sample K completions per prompt and score them with a reward model."""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import lightning as L
+import torch
+
+from synpref.generation import generate
+from synpref.models import load_causal_lm, load_tokenizer
+from synpref.rewards.base import RewardScorer
+
+
+class SamplingModule(L.LightningModule):
+    """K completions per prompt from any HF causal LM, each scored by `reward`.
+
+    `predict_step` returns one record per prompt (`index`, `prompt_id`, `prompt`, `samples` with
+    `text`, `score`, `num_tokens`); the SampleWriter callback streams them to disk and builds the
+    pairs (best vs worst, kept when the gap ≥ `threshold`). Each batch is seeded with
+    `seed + its first prompt index`, so a batch's samples do not depend on what ran before it
+    (resume, DDP).
+
+    Args:
+        model_name_or_path: the policy to sample from (base model as in the paper, or an SFT export).
+        reward: a RewardScorer by class_path (synpref.rewards.*).
+        num_samples: completions per prompt (K; the paper uses 2).
+        temperature: sampling temperature (paper: 0.7).
+        top_k: top-k sampling (paper: 50).
+        top_p: nucleus sampling (1.0 = off).
+        max_new_tokens: longest completion in tokens.
+        seed: base seed of the per-batch sampling RNG.
+        threshold: keep a pair only if score_chosen − score_rejected ≥ threshold (ties always dropped).
+        output_dir: where the SampleWriter puts samples.jsonl, pairs.jsonl, run.json and parts/.
+        overwrite: start afresh instead of resuming what an earlier run left in output_dir.
+        dtype: model dtype ('bfloat16' on GPU; None keeps the checkpoint's).
+        attn_implementation: e.g. 'sdpa'; None = transformers' default.
+        trust_remote_code: allow custom model code from the hub.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        reward: RewardScorer,
+        num_samples: int = 2,
+        temperature: float = 0.7,
+        top_k: int = 50,
+        top_p: float = 1.0,
+        max_new_tokens: int = 512,
+        seed: int = 0,
+        threshold: float = 0.0,
+        output_dir: str = "artifacts/samples",
+        overwrite: bool = False,
+        dtype: Optional[str] = None,
+        attn_implementation: Optional[str] = None,
+        trust_remote_code: bool = False,
+    ):
+        super().__init__()
+        if num_samples < 2:
+            raise ValueError(f"num_samples={num_samples}: a pair needs at least 2 samples per prompt")
+        self.save_hyperparameters(ignore=["reward"])
+        self.model_name_or_path, self.reward, self.threshold = model_name_or_path, reward, threshold
+        self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
+        self.model: Optional[torch.nn.Module] = None
+        # Prompt indices already on disk (filled by the SampleWriter on resume): their batches are skipped.
+        self.completed: set[int] = set()
+        self.generated_tokens, self.generate_seconds, self.score_seconds = 0, 0.0, 0.0
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            hp = self.hparams
+            self.model = load_causal_lm(self.model_name_or_path, hp.dtype, hp.trust_remote_code, hp.attn_implementation)
+        self.model.eval()
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        # The writer and the statistics belong to this module's output; a config's
+        # trainer.callbacks of the same types are replaced by these.
+        from synpref.callbacks import SampleWriter, SamplingStatsCallback
+
+        return [SampleWriter(self.hparams.output_dir, self.hparams.overwrite), SamplingStatsCallback()]
+
+    def on_predict_start(self) -> None:
+        self.reward.to(self.device)
+
+    def fingerprint(self) -> dict:
+        """What fixes the samples: a resumed run must match it."""
+        keys = ("model_name_or_path", "num_samples", "temperature", "top_k", "top_p", "max_new_tokens", "seed")
+        return {**{k: self.hparams[k] for k in keys}, "reward": self.reward.name}
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> Optional[list[dict]]:
+        if all(i in self.completed for i in batch["index"]):
+            return None
+        hp = self.hparams
+        start = time.perf_counter()
+        texts, counts = generate(
+            self.model, self.tokenizer, batch["prompt"], num_return_sequences=hp.num_samples,
+            max_new_tokens=hp.max_new_tokens, temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p,
+            do_sample=True, seed=hp.seed + int(batch["index"][0]),
+        )
+        self.generate_seconds += time.perf_counter() - start
+        self.generated_tokens += sum(map(sum, counts))
+        start = time.perf_counter()
+        flat_prompts = [p for p in batch["prompt"] for _ in range(hp.num_samples)]
+        scores = self.reward.score(flat_prompts, [t for row in texts for t in row])
+        self.score_seconds += time.perf_counter() - start
+        if len(scores) != len(flat_prompts):
+            raise ValueError(f"{self.reward.name} returned {len(scores)} scores for {len(flat_prompts)} samples")
+        k = hp.num_samples
+        return [
+            {"index": int(index), "prompt_id": pid, "prompt": prompt,
+             "samples": [{"text": t, "score": float(s), "num_tokens": int(n)}
+                         for t, s, n in zip(texts[j], scores[j * k:(j + 1) * k], counts[j])]}
+            for j, (index, pid, prompt) in enumerate(zip(batch["index"], batch["prompt_id"], batch["prompt"]))
+        ]

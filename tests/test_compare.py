@@ -1,0 +1,68 @@
+"""`synpref compare`: Table 1 from MLflow runs, as markdown and CSV."""
+
+import csv
+import struct
+
+import pytest
+from mlflow import MlflowClient
+
+from synpref.compare import compare
+
+
+def log_eval_run(client, exp_id, policy, metrics, parent=None, name="eval"):
+    tags = {"mlflow.parentRunId": parent} if parent else {}
+    run = client.create_run(exp_id, run_name=name, tags=tags)
+    for k, v in {"policy": policy, "baseline": "artifacts/sft", "reward_model": "nemotron", "seed": 0}.items():
+        client.log_param(run.info.run_id, k, v)
+    for k, v in metrics.items():
+        client.log_metric(run.info.run_id, k, v)
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def metrics(win, tie, low, high, reward, base, p, n=100):
+    return {"win_rate": win, "tie_rate": tie, "loss_rate": 1 - win - tie, "win_rate_ci_low": low,
+            "win_rate_ci_high": high, "avg_reward_policy": reward, "avg_reward_baseline": base,
+            "sign_test_p": p, "n": n, "length_matched_win_rate": 0.5}
+
+
+def test_table_from_two_runs(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("paper")
+    parent = client.create_run(exp, run_name="pipeline").info.run_id
+    log_eval_run(client, exp, "artifacts/dpo_synthetic", metrics(0.5, 0, 0.4, 0.6, -1.0, -2.0, 1.0), name="old")
+    log_eval_run(client, exp, "artifacts/dpo_ultrafeedback", metrics(0.64, 0.02, 0.542, 0.727, -3.25, -6.5, 0.004), parent)
+    log_eval_run(client, exp, "artifacts/dpo_synthetic", metrics(0.63, 0.0, 0.5322, 0.7182, -4.125, -6.5, 0.012), parent)
+    client.log_metric(client.create_run(exp, run_name="dpo").info.run_id, "train/loss", 0.3)  # not an eval run
+
+    table = compare("paper", tracking_uri=uri, csv=str(tmp_path / "t.csv"))
+    assert capsys.readouterr().out.strip() == table
+    lines = table.splitlines()
+    assert lines[0].startswith("| model | win rate vs SFT [95% CI] | tie rate |")
+    # The rerun of dpo_synthetic replaced its first run; rows sorted by model.
+    assert lines[2:] == [
+        "| artifacts/dpo_synthetic | 63.0% [53.2%, 71.8%] | 0.0% | 0.012 | -4.125 | -6.500 | 50.0% | 100 |",
+        "| artifacts/dpo_ultrafeedback | 64.0% [54.2%, 72.7%] | 2.0% | 0.004 | -3.250 | -6.500 | 50.0% | 100 |",
+    ]
+    rows = list(csv.DictReader(open(tmp_path / "t.csv", newline="")))
+    assert [r["model"] for r in rows] == ["artifacts/dpo_synthetic", "artifacts/dpo_ultrafeedback"]
+    assert float(rows[0]["win_rate"]) == 0.63 and float(rows[0]["win_rate_ci_low"]) == 0.5322
+    assert rows[1]["n"] == "100" and rows[1]["reward_model"] == "nemotron" and rows[1]["baseline"] == "artifacts/sft"
+
+    # One pipeline run's children only.
+    capsys.readouterr()
+    only = compare("paper", tracking_uri=uri, parent_run_id=parent, figures_dir=str(tmp_path / "fig"))
+    assert "| artifacts/dpo_synthetic | 63.0%" in only and "50.0% [40.0%" not in only
+    # ... logged to the parent run with Figures 1 and 2 of both models.
+    logged = {a.path for a in client.list_artifacts(parent)}
+    assert logged == {"win_rates.md", "win_rates.png", "avg_rewards.png"}
+    assert client.download_artifacts(parent, "win_rates.md", str(tmp_path)) and (tmp_path / "win_rates.md").read_text() == only + "\n"
+    for name in ("win_rates.png", "avg_rewards.png"):
+        header = (tmp_path / "fig" / name).read_bytes()[:24]
+        assert header[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", header[16:24]) == (640, 400)
+    with pytest.raises(ValueError, match="no MLflow experiment 'nope'"):
+        compare("nope", tracking_uri=uri)
+    client.create_experiment("empty")
+    with pytest.raises(ValueError, match="no run with a win_rate"):
+        compare("empty", tracking_uri=uri)

@@ -1,0 +1,142 @@
+"""EndpointReward against a real HTTP server on 127.0.0.1: rewards, 429/500 retries, timeouts, malformed replies."""
+
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from synpref.rewards import EndpointError, EndpointReward
+
+KEY = "sk-test-secret-123"
+
+
+class FakeNemotron(BaseHTTPRequestHandler):
+    """Answers like NVIDIA's nemotron-70b-reward; the assistant reply's text picks a behaviour."""
+
+    attempts: Counter = Counter()
+    lock = threading.Lock()
+    in_flight = 0
+    max_in_flight = 0
+    auth: list = []
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def _send(self, status, body, headers=()):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(status)
+        for k, v in headers:
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        cls = type(self)
+        with cls.lock:
+            cls.in_flight += 1
+            cls.max_in_flight = max(cls.max_in_flight, cls.in_flight)
+        try:
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            cls.auth.append(self.headers.get("Authorization"))
+            assert self.path == "/v1/chat/completions" and request["model"] == "nvidia/llama-3.1-nemotron-70b-reward"
+            reply = request["messages"][-1]["content"]
+            kind, _, value = reply.partition(":")
+            with cls.lock:
+                cls.attempts[reply] += 1
+                first = cls.attempts[reply] == 1
+            if kind == "r429" and first:
+                return self._send(429, {"error": "rate limited"}, [("Retry-After", "0")])
+            if kind == "r500" and first:
+                return self._send(500, {"error": "oops"})
+            if kind == "always503":
+                return self._send(503, {"error": "down"})
+            if kind == "bad400":
+                return self._send(400, {"error": "bad request"})
+            if kind == "slow" and first:
+                time.sleep(1.0)
+            if kind == "garbage":
+                return self._send(200, b"<html>not json</html>")
+            if kind == "nocontent":
+                return self._send(200, {"choices": [{"message": {"role": "assistant", "content": "hello"}}]})
+            time.sleep(0.02)  # lets concurrent requests overlap
+            reward = float(value) if value else float(len(request["messages"]))
+            self._send(200, {"choices": [{"message": {"role": "assistant", "content": f"reward:{reward}"},
+                                          "logprobs": {"content": [{"token": "reward", "logprob": reward - 100}]}}]})
+        finally:
+            with cls.lock:
+                cls.in_flight -= 1
+
+
+@pytest.fixture
+def server(monkeypatch):
+    FakeNemotron.attempts = Counter()
+    FakeNemotron.auth = []
+    FakeNemotron.max_in_flight = 0
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeNemotron)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    monkeypatch.setenv("SYNPREF_TEST_KEY", KEY)
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def reward(url, **kw):
+    kw = {"base_url": url, "api_key_env": "SYNPREF_TEST_KEY", "timeout": 0.5, "max_retries": 2, "backoff": 0.01, **kw}
+    return EndpointReward(**kw)
+
+
+PROMPT = [{"role": "user", "content": "Say hi"}]
+
+
+def test_rewards_in_order_bounded_concurrency_and_key_sent(server, caplog):
+    replies = [f"ok:{i / 4}" for i in range(12)]
+    with caplog.at_level(logging.DEBUG):
+        scores = reward(server, max_concurrency=3).score([PROMPT] * 12, replies)
+    assert scores == [i / 4 for i in range(12)]
+    assert 1 < FakeNemotron.max_in_flight <= 3
+    assert set(FakeNemotron.auth) == {f"Bearer {KEY}"}
+    assert KEY not in caplog.text and KEY not in repr(reward(server))
+
+
+def test_logprob_source(server):
+    assert reward(server, source="logprob").score([PROMPT], ["ok:2.5"]) == [2.5 - 100]
+
+
+def test_retries_429_500_and_timeouts(server, caplog):
+    with caplog.at_level(logging.WARNING):
+        scores = reward(server).score([PROMPT] * 3, ["r429:1.5", "r500:-2", "slow:3"])
+    assert scores == [1.5, -2.0, 3.0]
+    assert FakeNemotron.attempts == Counter({"r429:1.5": 2, "r500:-2": 2, "slow:3": 2})
+    assert "HTTP 429" in caplog.text and "HTTP 500" in caplog.text and "timed out" in caplog.text
+    assert KEY not in caplog.text
+
+
+def test_gives_up_after_retries_and_never_retries_400(server):
+    with pytest.raises(EndpointError, match=r"giving up after 3 attempts; last error HTTP 503"):
+        reward(server).score([PROMPT], ["always503"])
+    assert FakeNemotron.attempts["always503"] == 3
+    with pytest.raises(EndpointError, match="HTTP 400"):
+        reward(server).score([PROMPT], ["bad400"])
+    assert FakeNemotron.attempts["bad400"] == 1
+
+
+@pytest.mark.parametrize("reply, expected", [("garbage", "not json"), ("nocontent", "hello")])
+def test_malformed_reply_is_a_clear_error(server, reply, expected):
+    with pytest.raises(EndpointError, match=rf"malformed reply \(expected choices\[0\]\.message\.content.*{expected}"):
+        reward(server).score([PROMPT], [reply])
+    assert FakeNemotron.attempts[reply] == 1
+
+
+def test_missing_key_names_the_variable(server, monkeypatch):
+    monkeypatch.delenv("SYNPREF_TEST_KEY")
+    with pytest.raises(EndpointError, match="SYNPREF_TEST_KEY"):
+        reward(server).score([PROMPT], ["ok:1"])
+    assert not FakeNemotron.attempts

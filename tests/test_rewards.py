@@ -1,0 +1,88 @@
+"""Local rewards against independent references: HF seq-classification and Nemotron-style causal LM
+vs the model cards' own recipe, FunctionReward, and the demo RuleReward computed by hand."""
+
+import math
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForSequenceClassification
+
+from synpref.rewards import FunctionReward, HFRewardModel, NemotronReward, RuleReward
+
+PROMPTS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write a haiku about autumn leaves falling slowly."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a prime number."}],
+]
+RESPONSES = ["Paris.", "Red leaves drift and fall,\nquiet wind carries them home,\nthe branch sleeps alone.", "7"]
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tiny_model, tmp_path_factory):
+    """A Qwen2ForSequenceClassification (1 label) with the tiny tokenizer, built here."""
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    model = Qwen2ForSequenceClassification(config)
+    out = tmp_path_factory.mktemp("rm")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def test_hf_reward_model_matches_model_card_recipe(tiny_classifier):
+    scorer = HFRewardModel(tiny_classifier, batch_size=2)
+    scores = scorer.score(PROMPTS, RESPONSES)
+    # The Skywork model card: apply_chat_template(conv, tokenize=True), one conversation at a time, logits[0][0].
+    tok = AutoTokenizer.from_pretrained(tiny_classifier)
+    model = Qwen2ForSequenceClassification.from_pretrained(tiny_classifier).eval()
+    expected = []
+    for prompt, response in zip(PROMPTS, RESPONSES):
+        ids = tok.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+        with torch.no_grad():
+            expected.append(model(ids).logits[0][0].item())
+    assert scores == pytest.approx(expected, abs=1e-5)
+    assert len(set(round(s, 6) for s in scores)) == 3  # a real per-row score, not one row broadcast
+
+
+def test_nemotron_reward_matches_generate_one_token(tiny_model):
+    scores = NemotronReward(tiny_model, batch_size=3).score(PROMPTS, RESPONSES)
+    # The Nemotron-70B-Reward-HF model card: generate one token, reward = scores[0][0][0].
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    expected = []
+    for prompt, response in zip(PROMPTS, RESPONSES):
+        enc = tok.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=True,
+                                      add_generation_prompt=False, return_tensors="pt", return_dict=True)
+        out = model.generate(**enc, max_new_tokens=1, do_sample=False, return_dict_in_generate=True, output_scores=True)
+        expected.append(out.scores[0][0][0].item())
+    assert scores == pytest.approx(expected, abs=1e-4)
+
+
+def test_function_reward(tmp_path, monkeypatch):
+    (tmp_path / "my_reward_fns.py").write_text("def longer(prompt, response):\n    return len(response) - len(prompt)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("my_reward_fns", None)
+    scorer = FunctionReward(fn="my_reward_fns:longer")
+    # Multi-turn prompts reach the function as 'role: content' lines.
+    assert scorer.score(PROMPTS, RESPONSES) == [6 - 30, len(RESPONSES[1]) - 49, 1 - len("system: Be brief.\nuser: Name a prime number.")]
+    with pytest.raises(ValueError, match="module:function"):
+        FunctionReward(fn="my_reward_fns.longer")
+    with pytest.raises(ValueError, match="no attribute"):
+        FunctionReward(fn="my_reward_fns:shorter")
+
+
+def test_rule_reward_by_hand():
+    prompt = [{"role": "user", "content": "Explain why the sky is blue"}]
+    response = "The sky is blue because air scatters blue light."
+    # content words of the prompt: explain, why→stopword, sky, blue → {explain, sky, blue}; reply has sky, blue.
+    reply_words = 9
+    expected = 2.0 * (2 / 3) + 0.5 * (1 + 1) + 1.0 * (8 / 8) - 0.5 * abs(math.log((reply_words + 1) / 41))
+    assert RuleReward().score([prompt], [response]) == [pytest.approx(expected)]
+    # Repetition, no final punctuation, lower-case start: each costs.
+    worse = "the sky the sky the sky the sky blue"
+    assert RuleReward().score([prompt], [worse])[0] < expected
+    assert RuleReward().score([prompt], [""]) == [pytest.approx(-0.5 * math.log(41))]
