@@ -125,10 +125,10 @@ def reproduce(
         client.log_metric(parent, f"stage_seconds/{stage.name}", seconds)
         log.info("stage %s: done in %.0f s", stage.name, seconds)
     csv = comparison_csv or str(state / "comparison.csv")
-    table = compare(experiment, tracking_uri=uri, csv=csv, parent_run_id=parent)
-    client.log_text(parent, table, "comparison.md")
-    client.log_artifact(parent, csv)
+    # compare() logs the table (win_rates.md), the CSV and the figures to the parent run.
+    table = compare(experiment, tracking_uri=uri, csv=csv, parent_run_id=parent, figures_dir=str(state))
     figures = sorted({str(png) for stage in stages for out in stage.outputs for png in Path(out).parent.glob("*.png")})
+    figures += sorted(str(p) for p in state.glob("*.png"))
     print(table)
     print("figures:\n" + "\n".join(f"  {p}" for p in figures))
     print(f"MLflow: mlflow ui --backend-store-uri {uri}  (experiment {experiment!r}, parent run {parent})")

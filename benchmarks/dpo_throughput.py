@@ -1,0 +1,137 @@
+"""synpref DPO vs TRL DPOTrainer: train tokens/s and peak RSS, live and precomputed reference, one run.
+
+    python benchmarks/dpo_throughput.py [--pairs 256 --batch-size 8 --max-length 512]
+
+Same tiny model, same real pairs (the first usable rows of the shared train_prefs.jsonl, written
+once in TRL's conversational format and read by both), batch size, max length, fp32, one epoch.
+Each of the four runs is its own subprocess (peak RSS = its ru_maxrss) and is timed from building
+the trainer (tokenization, model and reference loading, reference precomputation) to the end of
+training. Tokens = non-padding tokens of the chosen and rejected sequences each framework trains on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT.parent / "shared" / "data" / "ultrafeedback_sample" / "train_prefs.jsonl"
+
+
+def write_pairs(path: Path, n: int, max_length: int, model: str) -> None:
+    """The first n rows with a real preference whose prompt fits in max_length, as TRL conversational rows."""
+    from synpref.chat import encode_prompt
+    from synpref.models import load_tokenizer
+
+    tok = load_tokenizer(model)
+    out = []
+    for line in SAMPLE.read_text().splitlines():
+        r = json.loads(line)
+        c, rj = r["chosen"][-1]["content"], r["rejected"][-1]["content"]
+        if r["score_chosen"] == r["score_rejected"] or c == rj or not c.strip() or not rj.strip():
+            continue
+        if len(encode_prompt(tok, r["chosen"][:-1])) >= max_length - 8:
+            continue
+        out.append({"prompt": r["chosen"][:-1], "chosen": [r["chosen"][-1]], "rejected": [r["rejected"][-1]]})
+    if len(out) < n:
+        raise SystemExit(f"only {len(out)} usable pairs in {SAMPLE}; ask for fewer")
+    path.write_text("".join(json.dumps(r) + "\n" for r in out[:n]))
+
+
+def run_synpref(a) -> dict:
+    import lightning as L
+
+    from synpref.data.preferences import PreferenceDataModule, PreferenceSource
+    from synpref.modules.dpo import DPOModule
+
+    L.seed_everything(0, verbose=False)
+    start = time.perf_counter()
+    dm = PreferenceDataModule(a.model, [PreferenceSource(a.pairs, "trl")], max_length=a.max_length, batch_size=a.batch_size)
+    module = DPOModule(a.model, lr=a.lr, precompute_ref_logps=a.precompute, ref_cache_dir=tempfile.mkdtemp())
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, precision="32-true", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, dm)
+    seconds = time.perf_counter() - start
+    tokens = sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in dm.train_set)
+    return {"tokens": tokens, "seconds": seconds}
+
+
+def run_trl(a) -> dict:
+    from datasets import load_dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from synpref.models import load_causal_lm, load_tokenizer
+
+    ds = load_dataset("json", data_files=a.pairs, split="train")
+    start = time.perf_counter()
+    args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.batch_size, max_length=a.max_length,
+                     num_train_epochs=1, learning_rate=a.lr, precompute_ref_log_probs=a.precompute, report_to="none",
+                     use_cpu=True, bf16=False, fp16=False, save_strategy="no", logging_steps=10**6, seed=0,
+                     disable_tqdm=True, lr_scheduler_type="cosine", warmup_steps=0.1)
+    trainer = DPOTrainer(model=load_causal_lm(a.model), args=args, train_dataset=ds, processing_class=load_tokenizer(a.model))
+    trainer.train()
+    seconds = time.perf_counter() - start
+    data = trainer.train_dataset
+    tokens = sum(min(len(p) + len(c), a.max_length) + min(len(p) + len(r), a.max_length)
+                 for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"]))
+    return {"tokens": tokens, "seconds": seconds}
+
+
+def child(a) -> None:
+    result = (run_trl if a.framework == "trl" else run_synpref)(a)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("BENCH " + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--pairs", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--model", default=str(ROOT / "artifacts" / "tiny" / "sft"))
+    p.add_argument("--framework", choices=["synpref", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--precompute", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--pairs-file", dest="pairs_file", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.framework:
+        a.pairs = a.pairs_file
+        return child(a)
+
+    if not (Path(a.model) / "config.json").exists():
+        from synpref.models import build_tiny_model
+
+        a.model = str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny", [SAMPLE.parent / "sft_messages.jsonl"]))
+    pairs = Path(tempfile.mkdtemp()) / "pairs.jsonl"
+    write_pairs(pairs, a.pairs, a.max_length, a.model)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    results = {}
+    for setting in ("live", "precomputed"):
+        for fw in ("synpref", "trl"):
+            cmd = [sys.executable, __file__, "--framework", fw, "--pairs-file", str(pairs), "--model", a.model,
+                   "--batch-size", str(a.batch_size), "--max-length", str(a.max_length), "--lr", str(a.lr)]
+            cmd += ["--precompute"] if setting == "precomputed" else []
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            line = [x for x in out.stdout.splitlines() if x.startswith("BENCH ")]
+            if out.returncode or not line:
+                raise SystemExit(f"{fw} {setting} failed:\n{out.stderr[-3000:]}")
+            r = json.loads(line[-1][6:])
+            r["tokens_per_s"] = r["tokens"] / r["seconds"]
+            results[(fw, setting)] = r
+            print(f"{setting:12s} {fw:8s} {r['tokens']:8d} tokens {r['seconds']:7.1f} s "
+                  f"{r['tokens_per_s']:9.0f} tokens/s  peak RSS {r['peak_rss_mb']:7.0f} MiB", flush=True)
+    speed = {s: results[("synpref", s)]["tokens_per_s"] / results[("trl", s)]["tokens_per_s"] for s in ("live", "precomputed")}
+    memory = max(results[("synpref", s)]["peak_rss_mb"] / results[("trl", s)]["peak_rss_mb"] for s in ("live", "precomputed"))
+    print(f"pairs={a.pairs} batch_size={a.batch_size} max_length={a.max_length} precision=fp32 model={a.model}")
+    print(f"RESULT dpo speedup_live={speed['live']:.2f} speedup_precomputed={speed['precomputed']:.2f} memory_ratio={memory:.2f}")
+
+
+if __name__ == "__main__":
+    main()
