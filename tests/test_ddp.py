@@ -1,8 +1,8 @@
 """SFT and DPO under Lightning's DDP on 2 CPU processes (gloo) log the losses of one process, same global batch.
 
-Tolerance: 1e-4 relative. The runs use only full global batches (DistributedSampler pads an uneven
-last batch with repeated rows, which one process would not see). With the same global batch the two runs differ only in float summation
-order (gradients all-reduced across ranks vs summed in one batch), ~1e-7 per step.
+Tolerance: 1e-4 relative. With the same global batch the runs differ only in float summation order
+(gradients all-reduced across ranks vs summed in one batch). The runs use full global batches only:
+DistributedSampler pads an uneven last batch with repeated rows, which one process would not see.
 """
 
 from __future__ import annotations
