@@ -129,7 +129,6 @@ def reproduce(
     table = compare(experiment, tracking_uri=uri, csv=csv, parent_run_id=parent, figures_dir=str(state))
     figures = sorted({str(png) for stage in stages for out in stage.outputs for png in Path(out).parent.glob("*.png")})
     figures += sorted(str(p) for p in state.glob("*.png"))
-    print(table)
     print("figures:\n" + "\n".join(f"  {p}" for p in figures))
     print(f"MLflow: mlflow ui --backend-store-uri {uri}  (experiment {experiment!r}, parent run {parent})")
     return table

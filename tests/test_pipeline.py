@@ -15,10 +15,10 @@ from synpref.pipeline import Stage, is_done
 # Fewer steps and prompts than the quick start so the suite stays short; the stages, configs and
 # the command are the real ones.
 REDUCED = {
-    "sft": ["--trainer.max_steps=4", "--trainer.limit_val_batches=1"],
+    "sft": ["--trainer.max_steps=4", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1"],
     "sample": ["--data.init_args.max_prompts=12", "--model.init_args.max_new_tokens=12"],
-    "dpo_ultrafeedback": ["--trainer.max_steps=3", "--trainer.limit_val_batches=1", "--data.init_args.max_rows=48"],
-    "dpo_synthetic": ["--trainer.max_steps=3", "--trainer.limit_val_batches=1"],
+    "dpo_ultrafeedback": ["--trainer.max_steps=3", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1"],
+    "dpo_synthetic": ["--trainer.max_steps=3", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1"],
     "eval_dpo_ultrafeedback": ["--data.init_args.max_prompts=6", "--model.init_args.max_new_tokens=12"],
     "eval_dpo_synthetic": ["--data.init_args.max_prompts=6", "--model.init_args.max_new_tokens=12"],
 }
