@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import copy
 import json
 import logging
@@ -231,7 +232,7 @@ def test_tiny_synthetic_config_runs_and_exports(in_tmp, tiny_model, sample_dir):
           "--trainer.log_every_n_steps=1"])
     export = in_tmp / "artifacts" / "tiny" / "dpo_synthetic"
     assert (export / "config.json").exists() and load_tokenizer(str(export)) is not None
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     run = client.search_runs([client.get_experiment_by_name("synpref-tiny").experiment_id])[0]
     assert run.info.run_name == "dpo_synthetic"
     metrics = run.data.metrics

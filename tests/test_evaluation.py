@@ -149,7 +149,7 @@ def test_predict_logs_to_a_real_mlflow_server(mlflow_server, tiny_model, baselin
 def eval_run(experiment: str, run_name=None):
     from mlflow import MlflowClient
 
-    client = MlflowClient()
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
     return client, [r for r in runs if run_name is None or r.info.run_name == run_name]

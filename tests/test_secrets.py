@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -57,7 +58,7 @@ def test_endpoint_key_stays_out_of_mlflow_and_logs(in_tmp, server, capfd, caplog
     output = capfd.readouterr()
     assert (in_tmp / "artifacts/tiny/samples/samples.jsonl").exists()
 
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("synpref-tiny")
     (run,) = client.search_runs([exp.experiment_id])
     # The run did record which variable holds the key, so the check below can fail for real.
