@@ -199,9 +199,9 @@ class WinRateCallback(L.Callback):
         if self._baseline is not None:
             return
         from synpref.models import load_tokenizer
-        from synpref.modules.evaluation import load_frozen
+        from synpref.models import load_frozen_causal_lm
 
-        self._baseline = load_frozen(self.baseline_path).to(pl_module.device)
+        self._baseline = load_frozen_causal_lm(self.baseline_path).to(pl_module.device)
         self._baseline_tokenizer = load_tokenizer(self.baseline_path)
         self.reward = self.reward.to(pl_module.device)
         self._batches = load_prompt_batches(self.baseline_path, **self.prompts)

@@ -69,6 +69,18 @@ def load_causal_lm(
     return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
 
 
+def load_frozen_causal_lm(
+    name_or_path: str,
+    dtype: Optional[str] = None,
+    trust_remote_code: bool = False,
+    attn_implementation: Optional[str] = None,
+) -> torch.nn.Module:
+    """A causal LM for inference only (eval mode, no gradients): a reference, baseline or sampler."""
+    model = load_causal_lm(name_or_path, dtype, trust_remote_code, attn_implementation).eval()
+    model.requires_grad_(False)
+    return model
+
+
 def _corpus_from_jsonl(paths: Iterable[str | Path]) -> Iterable[str]:
     for path in paths:
         with open(path, encoding="utf-8") as f:

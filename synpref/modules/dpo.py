@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from synpref.losses import LossType, dpo_loss
+from synpref.models import load_frozen_causal_lm
 from synpref.modules.base import CausalLMModule, loss_token_logits
 
 log = logging.getLogger(__name__)
@@ -96,9 +97,8 @@ class DPOModule(CausalLMModule):
     def reference(self) -> torch.nn.Module:
         """The frozen reference model, loaded on first use on the policy's device and dtype."""
         if not self._ref:
-            ref = self.load_model(self.ref_path)
-            ref.eval()
-            ref.requires_grad_(False)
+            hp = self.hparams
+            ref = load_frozen_causal_lm(self.ref_path, hp.dtype, hp.trust_remote_code, hp.attn_implementation)
             dtype = next(self.model.parameters()).dtype if self.model is not None else None
             self._ref.append(ref.to(device=self.device, dtype=dtype))
         ref = self._ref[0]

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 
 from synpref.generation import generate
-from synpref.models import load_causal_lm, load_tokenizer
+from synpref.models import load_frozen_causal_lm, load_tokenizer
 from synpref.rewards.base import RewardScorer
 
 
@@ -42,14 +42,6 @@ def compare_batch(policy, policy_tokenizer, baseline, baseline_tokenizer, reward
         for prompt, pt, bt, pr, br, pl, bl in zip(prompts, policy_texts, baseline_texts, policy_rewards,
                                                   baseline_rewards, policy_lengths, baseline_lengths)
     ]
-
-
-def load_frozen(name_or_path: str, dtype: Optional[str] = None, trust_remote_code: bool = False,
-                attn_implementation: Optional[str] = None) -> torch.nn.Module:
-    """A causal LM in eval mode with no gradients: the baseline, or the policy under evaluation."""
-    model = load_causal_lm(name_or_path, dtype, trust_remote_code, attn_implementation).eval()
-    model.requires_grad_(False)
-    return model
 
 
 class WinRateModule(L.LightningModule):
@@ -100,8 +92,8 @@ class WinRateModule(L.LightningModule):
         if self.model is not None:
             return
         hp = self.hparams
-        self.model = load_frozen(self.model_name_or_path, hp.dtype, hp.trust_remote_code, hp.attn_implementation)
-        self.baseline = load_frozen(self.baseline_name_or_path, hp.dtype, hp.trust_remote_code, hp.attn_implementation)
+        self.model = load_frozen_causal_lm(self.model_name_or_path, hp.dtype, hp.trust_remote_code, hp.attn_implementation)
+        self.baseline = load_frozen_causal_lm(self.baseline_name_or_path, hp.dtype, hp.trust_remote_code, hp.attn_implementation)
 
     def configure_callbacks(self):
         from synpref.callbacks.win_rate import WinRateCallback

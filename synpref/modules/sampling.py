@@ -9,7 +9,7 @@ import lightning as L
 import torch
 
 from synpref.generation import generate
-from synpref.models import load_causal_lm, load_tokenizer
+from synpref.models import load_frozen_causal_lm, load_tokenizer
 from synpref.rewards.base import RewardScorer
 
 
@@ -70,8 +70,8 @@ class SamplingModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             hp = self.hparams
-            self.model = load_causal_lm(self.model_name_or_path, hp.dtype, hp.trust_remote_code, hp.attn_implementation)
-        self.model.eval()
+            self.model = load_frozen_causal_lm(self.model_name_or_path, hp.dtype, hp.trust_remote_code,
+                                               hp.attn_implementation)
 
     def configure_callbacks(self) -> list[L.Callback]:
         # The writer and the statistics belong to this module's output; a config's
