@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from contextlib import contextmanager
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -40,6 +43,22 @@ def in_tmp(tmp_path, monkeypatch, tiny_model) -> Path:
     monkeypatch.chdir(work)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
     return work
+
+
+@contextmanager
+def http_server(handler, monkeypatch, key_env: str, key: str):
+    """A real HTTP server on 127.0.0.1 (a free port) running `handler`; yields its /v1 base URL.
+    The API key goes into `key_env`, and proxies are cleared so requests stay on loopback."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    monkeypatch.setenv(key_env, key)
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def read_jsonl(path) -> list[dict]:

@@ -5,11 +5,12 @@ import logging
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from synpref.rewards import EndpointError, EndpointReward
+from tests.conftest import http_server
 
 KEY = "sk-test-secret-123"
 
@@ -77,15 +78,8 @@ def server(monkeypatch):
     FakeNemotron.attempts = Counter()
     FakeNemotron.auth = []
     FakeNemotron.max_in_flight = 0
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeNemotron)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    monkeypatch.setenv("SYNPREF_TEST_KEY", KEY)
-    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    httpd.shutdown()
-    httpd.server_close()
+    with http_server(FakeNemotron, monkeypatch, "SYNPREF_TEST_KEY", KEY) as url:
+        yield url
 
 
 def reward(url, **kw):

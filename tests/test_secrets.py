@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import os
+from http.server import BaseHTTPRequestHandler
 
 import mlflow
 import pytest
 
 from synpref.cli import main
+from tests.conftest import http_server
 
 KEY = "sk-never-log-me-42"
 
@@ -34,14 +34,8 @@ class LengthReward(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server(monkeypatch):
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), LengthReward)
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    monkeypatch.setenv("SYNPREF_TEST_KEY", KEY)
-    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    httpd.shutdown()
-    httpd.server_close()
+    with http_server(LengthReward, monkeypatch, "SYNPREF_TEST_KEY", KEY) as url:
+        yield url
 
 
 def test_endpoint_key_stays_out_of_mlflow_and_logs(in_tmp, server, capfd, caplog):
