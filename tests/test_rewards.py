@@ -86,3 +86,15 @@ def test_rule_reward_by_hand():
     worse = "the sky the sky the sky the sky blue"
     assert RuleReward().score([prompt], [worse])[0] < expected
     assert RuleReward().score([prompt], [""]) == [pytest.approx(-0.5 * math.log(41))]
+
+
+def test_padding_mask_dropped_only_for_causal_models(tiny_classifier):
+    """Right-padded batches skip the padding mask only where attention is causal (see HFRewardModel)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from synpref.rewards.hf import is_causal
+
+    assert is_causal(Qwen2ForSequenceClassification.from_pretrained(tiny_classifier))
+    encoder = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                                       num_hidden_layers=1, num_attention_heads=2, num_labels=1))
+    assert not is_causal(encoder)

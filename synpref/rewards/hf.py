@@ -100,7 +100,18 @@ class HFRewardModel(_LocalReward):
         return model
 
     def _scores(self, model, input_ids, attention_mask):
+        if is_causal(model):
+            # Rows are right-padded: under causal attention no real token attends to a pad, and the
+            # head reads each row's last non-pad token, so the padding mask would change nothing but
+            # the attention kernel (without it: the fused causal kernel, ~1.7x faster on CPU here).
+            return model(input_ids=input_ids).logits[:, 0]
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+
+
+def is_causal(model: torch.nn.Module) -> bool:
+    """Decoder-only: every attention module says it is causal (Qwen, Llama); encoders (BERT) do not."""
+    flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    return bool(flags) and all(flags)
 
 
 class NemotronReward(_LocalReward):
