@@ -23,6 +23,11 @@ def loss_token_logits(model: torch.nn.Module, input_ids, attention_mask, labels)
     """
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
+    if attention_mask is not None and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+        # Right padding only: under causal attention no real token attends to a pad, and pads never
+        # reach the loss, so the mask changes nothing but the kernel. Without it SDPA takes its fused
+        # causal path, which never materialises the (batch, heads, length, length) weights.
+        attention_mask = None
     if getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logit_scale", None):
         # Models that post-process logits (Gemma 2, Cohere) go through their own forward.
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][keep]

@@ -176,8 +176,11 @@ class DPOModule(CausalLMModule):
 
     # -- steps ---------------------------------------------------------------------------------
     def dpo_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        # Reference first: its no-grad temporaries are freed before the policy's activations exist,
+        # so the two never add up in the peak.
+        ref = self.ref_logps(batch)
         logps, lengths = sequence_logps(self.model, batch)
-        ref = self.ref_logps(batch).to(logps.dtype)
+        ref = ref.to(logps.dtype)
         b = batch["index"].numel()
         hp = self.hparams
         losses, chosen_rewards, rejected_rewards = dpo_loss(
