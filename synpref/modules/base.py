@@ -39,6 +39,14 @@ def loss_token_logits(model: torch.nn.Module, input_ids, attention_mask, labels)
     return (logits if logits.dtype == torch.float64 else logits.float()), targets[keep], rows
 
 
+def log_data_drops(module: L.LightningModule) -> None:
+    """Log the data module's counted drops as `data/dropped/<reason>` metrics of the run: every dropped
+    row is counted somewhere a user looks."""
+    counts = getattr(module.trainer.datamodule, "drop_counts", None)
+    if counts and module.logger is not None:
+        module.logger.log_metrics({f"data/dropped/{k.replace(':', '_')}": float(v) for k, v in counts.items()})
+
+
 class CausalLMModule(L.LightningModule):
     """Owns `self.model` (policy) and `self.tokenizer`; subclasses write `training_step`/`validation_step`.
 
@@ -126,10 +134,7 @@ class CausalLMModule(L.LightningModule):
         self.log("train/learning_rate", self._step_lr, on_step=True, on_epoch=False)
 
     def on_fit_start(self) -> None:
-        counts = getattr(self.trainer.datamodule, "drop_counts", None)
-        if counts and self.logger is not None:
-            # Every dropped row is counted somewhere a user looks: the run's metrics.
-            self.logger.log_metrics({f"data/dropped/{k.replace(':', '_')}": float(v) for k, v in counts.items()})
+        log_data_drops(self)
 
     # -- export --------------------------------------------------------------------------------
     def export(self, dirpath: str | Path) -> Path:

@@ -9,7 +9,8 @@ import torch
 
 from synpref.generation import generate
 from synpref.models import load_frozen_causal_lm, load_tokenizer
-from synpref.rewards.base import RewardScorer
+from synpref.modules.base import log_data_drops
+from synpref.rewards.base import RewardScorer, score_checked
 
 
 def compare_batch(policy, policy_tokenizer, baseline, baseline_tokenizer, reward: RewardScorer,
@@ -24,11 +25,8 @@ def compare_batch(policy, policy_tokenizer, baseline, baseline_tokenizer, reward
     policy_texts, policy_lengths = generate(policy, policy_tokenizer, prompts, seed=seed, **decoding)
     baseline_texts, baseline_lengths = generate(baseline, baseline_tokenizer, prompts, seed=seed, **decoding)
     policy_texts, baseline_texts = [t[0] for t in policy_texts], [t[0] for t in baseline_texts]
-    policy_rewards = reward.score(prompts, policy_texts)
-    baseline_rewards = reward.score(prompts, baseline_texts)
-    if len(policy_rewards) != len(prompts) or len(baseline_rewards) != len(prompts):
-        raise ValueError(f"reward {reward.name!r} returned {len(policy_rewards)}/{len(baseline_rewards)} "
-                         f"scores for {len(prompts)} responses")
+    policy_rewards = score_checked(reward, prompts, policy_texts)
+    baseline_rewards = score_checked(reward, prompts, baseline_texts)
     return [
         {
             "prompt": prompt,
@@ -104,10 +102,8 @@ class WinRateModule(L.LightningModule):
 
     def on_predict_start(self) -> None:
         self.reward = self.reward.to(self.device)
-        counts = getattr(self.trainer.datamodule, "drop_counts", None)
-        if counts and self.logger is not None:
-            # Prompts dropped (too long, duplicates, bad rows) shrink N: the run says by how many.
-            self.logger.log_metrics({f"data/dropped/{k.replace(':', '_')}": float(v) for k, v in counts.items()})
+        # Prompts dropped (too long, duplicates, bad rows) shrink N: the run says by how many.
+        log_data_drops(self)
 
     def eval_params(self) -> dict:
         """What the MLflow run records about this comparison (no secrets: paths, names, settings)."""

@@ -10,7 +10,7 @@ import torch
 
 from synpref.generation import generate
 from synpref.models import load_frozen_causal_lm, load_tokenizer
-from synpref.rewards.base import RewardScorer
+from synpref.rewards.base import RewardScorer, score_checked
 
 
 class SamplingModule(L.LightningModule):
@@ -102,10 +102,8 @@ class SamplingModule(L.LightningModule):
         self.generated_tokens += sum(map(sum, counts))
         start = time.perf_counter()
         flat_prompts = [p for p in batch["prompt"] for _ in range(hp.num_samples)]
-        scores = self.reward.score(flat_prompts, [t for row in texts for t in row])
+        scores = score_checked(self.reward, flat_prompts, [t for row in texts for t in row])
         self.score_seconds += time.perf_counter() - start
-        if len(scores) != len(flat_prompts):
-            raise ValueError(f"{self.reward.name} returned {len(scores)} scores for {len(flat_prompts)} samples")
         k = hp.num_samples
         return [
             {"index": int(index), "prompt_id": pid, "prompt": prompt,

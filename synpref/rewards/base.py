@@ -20,6 +20,14 @@ class RewardScorer:
         return self
 
 
+def score_checked(reward: RewardScorer, prompts: Sequence[Sequence[dict]], responses: Sequence[str]) -> list[float]:
+    """`reward.score` with its contract enforced: one float per response (user scorers included)."""
+    scores = reward.score(prompts, responses)
+    if len(scores) != len(responses):
+        raise ValueError(f"reward {reward.name!r} returned {len(scores)} scores for {len(responses)} responses")
+    return [float(s) for s in scores]
+
+
 def check_lengths(prompts: Sequence, responses: Sequence) -> None:
     if len(prompts) != len(responses):
         raise ValueError(f"score() needs one response per prompt: got {len(prompts)} prompts, {len(responses)} responses")
