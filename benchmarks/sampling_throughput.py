@@ -1,6 +1,6 @@
 """Sampling and scoring throughput of `synpref predict` vs one-prompt-at-a-time generate and a batch-1 pipeline.
 
-    python benchmarks/sampling_throughput.py [--model artifacts/tiny/sft] [--prompts 48]
+    python benchmarks/sampling_throughput.py [--model artifacts/tiny/sft] [--prompts 64] [--dtype float32]
 
 Same model, prompts, decoding (K=2, top-k 50, T=0.7) and reward model on both sides, one run.
 Last line: `RESULT sampling speedup_generate=<x> speedup_score=<y>`.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -48,6 +49,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32, help="prompts per synpref generate() call")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--num-samples", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5, help="timed scoring runs per side (median counts)")
+    ap.add_argument("--dtype", default="float32", help="reward model dtype on both sides (public recipes: bfloat16)")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="synpref-bench-"))
     model_dir = a.model if Path(a.model, "config.json").exists() else str(build_tiny_model(tmp / "tiny", [DATA / "sft_messages.jsonl"]))
@@ -82,24 +85,41 @@ def main() -> None:
                 tokens += next((i for i, t in enumerate(row) if t in stops), len(row))
     loop = tokens / (time.perf_counter() - start)
 
-    # Scoring: synpref's length-grouped batches vs transformers' text-classification pipeline, batch 1.
+    # Scoring: synpref's length-grouped batches (with and without prefix sharing) vs transformers'
+    # text-classification pipeline at batch size 1. Each side runs `--repeats` times, interleaved so
+    # that drift in machine speed hits all sides alike; the median time counts.
     rm_dir = tiny_classifier(model_dir, tmp / "rm")
-    scorer = HFRewardModel(rm_dir, batch_size=32)
-    scorer.score(prompts[:4], responses[:4])  # load weights outside the timing
-    start = time.perf_counter()
-    scorer.score(prompts, responses)
-    ours_score = len(responses) / (time.perf_counter() - start)
-    rm_tok = scorer.tokenizer
-    pipe = pipeline("text-classification", model=rm_dir, tokenizer=rm_dir, device=-1)
-    pipe(["warm up"] * 4, batch_size=1, function_to_apply="none")
-    start = time.perf_counter()
-    # The pipeline reads text: rendering the chat template is part of its work, as it is of ours.
-    texts = [render(rm_tok, list(p) + [{"role": "assistant", "content": r}]) for p, r in zip(prompts, responses)]
-    pipe(texts, batch_size=1, function_to_apply="none")
-    pipe_score = len(texts) / (time.perf_counter() - start)
+    dtype = getattr(torch, a.dtype)
+    shared, plain = (HFRewardModel(rm_dir, batch_size=32, dtype=a.dtype, share_prefix=s) for s in (True, False))
+    pipe = pipeline("text-classification", model=rm_dir, tokenizer=rm_dir, device=-1, dtype=dtype)
+    rm_tok = shared.tokenizer
+
+    def run_pipeline() -> list[float]:
+        # The pipeline reads text: rendering the chat template is part of its work, as it is of ours.
+        texts = [render(rm_tok, list(p) + [{"role": "assistant", "content": r}]) for p, r in zip(prompts, responses)]
+        return [o["score"] for o in pipe(texts, batch_size=1, function_to_apply="none")]
+
+    sides = {"synpref": lambda: shared.score(prompts, responses), "plain": lambda: plain.score(prompts, responses),
+             "pipeline": run_pipeline}
+    for fn in (lambda: shared.score(prompts[:4], responses[:4]), lambda: plain.score(prompts[:4], responses[:4]),
+               lambda: pipe(["warm up"] * 4, batch_size=1, function_to_apply="none")):
+        fn()  # load weights and warm up outside the timing
+    seconds, scores = {k: [] for k in sides}, {}
+    for _ in range(a.repeats):
+        for name, fn in sides.items():
+            start = time.perf_counter()
+            scores[name] = fn()
+            seconds[name].append(time.perf_counter() - start)
+    print("scoring seconds per run:", {k: [round(x, 3) for x in v] for k, v in seconds.items()})
+    rate = {k: len(responses) / statistics.median(v) for k, v in seconds.items()}
+    ours_score, plain_score, pipe_score = rate["synpref"], rate["plain"], rate["pipeline"]
+    gap = max(abs(x - y) for x, y in zip(scores["synpref"], scores["pipeline"]))
+    print(f"{len(responses)} conversations scored, {a.dtype}, median of {a.repeats}; "
+          f"largest |synpref - pipeline| score difference {gap:.1e}")
 
     print(f"{'':28s}{'synpref':>12s}{'baseline':>12s}{'speedup':>10s}")
     print(f"{'generate (tokens/s)':28s}{ours:12.1f}{loop:12.1f}{ours / loop:10.2f}")
+    print(f"{'score, no prefix sharing':28s}{plain_score:12.1f}{pipe_score:12.1f}{plain_score / pipe_score:10.2f}")
     print(f"{'score (samples/s)':28s}{ours_score:12.1f}{pipe_score:12.1f}{ours_score / pipe_score:10.2f}")
     print(f"RESULT sampling speedup_generate={ours / loop:.2f} speedup_score={ours_score / pipe_score:.2f}")
 

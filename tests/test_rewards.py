@@ -32,18 +32,31 @@ def tiny_classifier(tiny_model, tmp_path_factory):
     return str(out)
 
 
+# K samples per prompt, as sampling produces them: a shared prompt, replies of different lengths, a
+# repeated reply (its whole conversation is the common prefix), a multi-turn prompt and a lone prompt.
+SHARED_PROMPTS = [PROMPTS[0]] * 4 + [PROMPTS[2]] * 2 + [PROMPTS[1]] + [PROMPTS[0]]
+SHARED_RESPONSES = ["Paris.", "Paris is the capital of France, on the Seine.", "Paris.", "Lyon? No: Paris.",
+                    "7", "Two, the only even prime.", RESPONSES[1], "It is Paris, of course."]
+
+
+def _card_scores(model_dir, model_cls, read, prompts=PROMPTS, responses=RESPONSES):
+    """One conversation at a time through the model's own forward (no cache, no batching)."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = model_cls.from_pretrained(model_dir).eval()
+    out = []
+    for prompt, response in zip(prompts, responses):
+        ids = tok.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+        with torch.no_grad():
+            out.append(read(model(ids).logits))
+    return out
+
+
 def test_hf_reward_model_matches_model_card_recipe(tiny_classifier):
     scorer = HFRewardModel(tiny_classifier, batch_size=2)
     scores = scorer.score(PROMPTS, RESPONSES)
     # The Skywork model card: apply_chat_template(conv, tokenize=True), one conversation at a time, logits[0][0].
-    tok = AutoTokenizer.from_pretrained(tiny_classifier)
-    model = Qwen2ForSequenceClassification.from_pretrained(tiny_classifier).eval()
-    expected = []
-    for prompt, response in zip(PROMPTS, RESPONSES):
-        ids = tok.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=True,
-                                      return_tensors="pt", return_dict=True)["input_ids"]
-        with torch.no_grad():
-            expected.append(model(ids).logits[0][0].item())
+    expected = _card_scores(tiny_classifier, Qwen2ForSequenceClassification, lambda logits: logits[0][0].item())
     assert scores == pytest.approx(expected, abs=1e-5)
     assert len(set(round(s, 6) for s in scores)) == 3  # a real per-row score, not one row broadcast
 
@@ -98,3 +111,39 @@ def test_padding_mask_dropped_only_for_causal_models(tiny_classifier):
     encoder = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                                                        num_hidden_layers=1, num_attention_heads=2, num_labels=1))
     assert not is_causal(encoder)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_prefix_shared_scores_equal_unshared(tiny_classifier, batch_size):
+    """Scoring K replies against one cached prompt prefix gives each conversation's own score, for
+    batches that hold several groups, exactly one, or a group larger than the batch."""
+    expected = _card_scores(tiny_classifier, Qwen2ForSequenceClassification, lambda logits: logits[0][0].item(),
+                            SHARED_PROMPTS, SHARED_RESPONSES)
+    shared = HFRewardModel(tiny_classifier, batch_size=batch_size).score(SHARED_PROMPTS, SHARED_RESPONSES)
+    plain = HFRewardModel(tiny_classifier, batch_size=batch_size, share_prefix=False).score(SHARED_PROMPTS, SHARED_RESPONSES)
+    assert shared == pytest.approx(expected, abs=1e-5)
+    assert plain == pytest.approx(expected, abs=1e-5)
+    assert shared[0] == pytest.approx(shared[2], abs=1e-6)  # the repeated reply
+    assert len({round(s, 5) for s in shared}) == 7
+
+
+def test_prefix_shared_nemotron_equal_unshared(tiny_model):
+    expected = _card_scores(tiny_model, AutoModelForCausalLM, lambda logits: logits[0, -1, 0].item(),
+                            SHARED_PROMPTS, SHARED_RESPONSES)
+    for share in (True, False):
+        scores = NemotronReward(tiny_model, batch_size=3, share_prefix=share).score(SHARED_PROMPTS, SHARED_RESPONSES)
+        assert scores == pytest.approx(expected, abs=1e-4)
+
+
+def test_prefix_groups_by_hand():
+    from synpref.rewards.hf import prefix_groups
+
+    a, b, c = [{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}], [{"role": "user", "content": "c"}]
+    ids = [[1, 2, 3, 4], [9], [1, 2, 3], [1, 2, 5, 6, 7], [1, 2, 3, 4], [8, 8], [7, 7, 7]]
+    groups, alone = prefix_groups([a, b, a, a, c, c, c], ids)
+    # a: common prefix [1, 2], capped at one short of the shortest member (3 tokens) -> 2.
+    # c: [1,2,3,4], [8,8], [7,7,7] share nothing; b is alone.
+    assert groups == [(2, [0, 2, 3])]
+    assert alone == [1, 4, 5, 6]
+    groups, alone = prefix_groups([a, a], [[1, 2, 3], [1, 2, 3]])
+    assert groups == [(2, [0, 1])] and alone == []

@@ -25,8 +25,9 @@ def compare_batch(policy, policy_tokenizer, baseline, baseline_tokenizer, reward
     policy_texts, policy_lengths = generate(policy, policy_tokenizer, prompts, seed=seed, **decoding)
     baseline_texts, baseline_lengths = generate(baseline, baseline_tokenizer, prompts, seed=seed, **decoding)
     policy_texts, baseline_texts = [t[0] for t in policy_texts], [t[0] for t in baseline_texts]
-    policy_rewards = score_checked(reward, prompts, policy_texts)
-    baseline_rewards = score_checked(reward, prompts, baseline_texts)
+    # One call for both models' replies: a local reward model then encodes each prompt once.
+    rewards = score_checked(reward, prompts + prompts, policy_texts + baseline_texts)
+    policy_rewards, baseline_rewards = rewards[: len(prompts)], rewards[len(prompts):]
     return [
         {
             "prompt": prompt,

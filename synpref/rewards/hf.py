@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import inspect
+import json
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -15,12 +17,18 @@ from synpref.rewards.base import RewardScorer, check_lengths, length_batches
 class _LocalReward(RewardScorer):
     """Tokenizes (prompt + assistant reply) with the reward model's own chat template, the same
     path SFT and DPO use (synpref.chat), and scores length-grouped batches; the model loads lazily
-    so building a config does not load weights."""
+    so building a config does not load weights.
+
+    With `share_prefix` (decoder-only models), the K samples of one prompt are scored against a
+    single forward pass of their common token prefix (the prompt): its key/value cache is reused by
+    every sample, so the prompt is encoded once instead of K times. The prefix is found on the token
+    ids themselves (longest common prefix), so any chat template and truncation is handled exactly.
+    """
 
     def __init__(self, model_name_or_path: str, batch_size: int = 8, max_length: Optional[int] = None,
-                 dtype: Optional[str] = None, trust_remote_code: bool = False):
+                 dtype: Optional[str] = None, trust_remote_code: bool = False, share_prefix: bool = True):
         self.model_name_or_path, self.batch_size, self.max_length = model_name_or_path, batch_size, max_length
-        self.dtype, self.trust_remote_code = dtype, trust_remote_code
+        self.dtype, self.trust_remote_code, self.share_prefix = dtype, trust_remote_code, share_prefix
         self.name = model_name_or_path
         self.device = torch.device("cpu")
         self._model = None
@@ -31,6 +39,10 @@ class _LocalReward(RewardScorer):
 
     def _scores(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _head(self, model) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """Last real token's hidden state -> reward, for prefix sharing; None where it does not apply."""
+        return None
 
     @property
     def tokenizer(self):
@@ -66,13 +78,45 @@ class _LocalReward(RewardScorer):
         check_lengths(prompts, responses)
         ids = self.encode(prompts, responses)
         out = [0.0] * len(ids)
-        for batch in length_batches([len(s) for s in ids], self.batch_size):
-            rows = [ids[i] for i in batch]
+        head = self._head(self.model) if self.share_prefix and is_causal(self.model) else None
+        groups, alone = prefix_groups(prompts, ids) if head is not None else ([], range(len(ids)))
+        if groups:
+            self._score_shared(head, ids, groups, out)
+        alone = list(alone)
+        for batch in length_batches([len(ids[i]) for i in alone], self.batch_size):
+            rows = [ids[alone[j]] for j in batch]
             input_ids, mask = self._pad(rows)
             scores = self._scores(self.model, input_ids.to(self.device), mask.to(self.device))
-            for i, s in zip(batch, scores.float().tolist()):
-                out[i] = s
+            for j, s in zip(batch, scores.float().tolist()):
+                out[alone[j]] = s
         return out
+
+    def _score_shared(self, head, ids: list[list[int]], groups: list[tuple[int, list[int]]], out: list[float]) -> None:
+        """Per batch of groups: one causal pass over the right-padded prefixes (no mask needed: pads
+        come after every real token), then one pass over all their suffixes on top of the cache,
+        masked so each suffix sees only its own prefix's real tokens and itself."""
+        base, dev = self.model.base_model, self.device
+        # transformers 5 renamed `past_key_values` to `cache` (argument and output field).
+        cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        groups = sorted(groups, key=lambda g: (-g[0], g[1][0]))
+        for batch in _group_batches(groups, self.batch_size):
+            prefix_lens = [p for p, _ in batch]
+            width = max(prefix_lens)
+            prefixes = pad([ids[members[0]][:p] for p, members in batch], self.tokenizer.pad_token_id)
+            first = base(input_ids=prefixes.to(dev), use_cache=True)
+            cache = first[cache_arg] if cache_arg in first else first.past_key_values
+            rows = [(g, i) for g, (_, members) in enumerate(batch) for i in members]
+            cache.batch_select_indices(torch.tensor([g for g, _ in rows], device=dev))
+            suffixes = [ids[i][prefix_lens[g]:] for g, i in rows]
+            lengths = torch.tensor([len(s) for s in suffixes])
+            starts = torch.tensor([prefix_lens[g] for g, _ in rows])
+            span = torch.arange(int(lengths.max()))
+            mask = torch.cat([torch.arange(width)[None] < starts[:, None], span[None] < lengths[:, None]], 1)
+            hidden = base(input_ids=pad(suffixes, self.tokenizer.pad_token_id).to(dev), attention_mask=mask.long().to(dev),
+                          position_ids=(starts[:, None] + span[None]).to(dev), **{cache_arg: cache}).last_hidden_state
+            scores = head(hidden[torch.arange(len(rows), device=dev), (lengths - 1).to(dev)])
+            for (_, i), s in zip(rows, scores.float().tolist()):
+                out[i] = s
 
     def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         return pad(rows, self.tokenizer.pad_token_id), pad([[1] * len(r) for r in rows], 0)
@@ -107,6 +151,47 @@ class HFRewardModel(_LocalReward):
             return model(input_ids=input_ids).logits[:, 0]
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
 
+    def _head(self, model):
+        # The generic decoder classifier (Qwen, Llama, Mistral, Gemma ...ForSequenceClassification):
+        # a bias-free `score` projection of the last real token; other heads take the plain path.
+        score = getattr(model, "score", None)
+        if not (type(model).__name__.endswith("ForSequenceClassification") and isinstance(score, torch.nn.Linear)):
+            return None
+        return lambda hidden: score(hidden)[:, 0]
+
+
+def prefix_groups(prompts: Sequence[Sequence[dict]], ids: list[list[int]]) -> tuple[list[tuple[int, list[int]]], list[int]]:
+    """Conversations of the same prompt, with the length of their common token prefix (at least one
+    token short of the shortest, so every member keeps a token to read the score from); conversations
+    with nothing to share come back on their own."""
+    by_prompt: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        by_prompt.setdefault(json.dumps(list(prompt), sort_keys=True), []).append(i)
+    groups, alone = [], []
+    for members in by_prompt.values():
+        first = ids[members[0]]
+        common = min(len(ids[i]) for i in members) - 1
+        for i in members[1:]:
+            common = next((k for k in range(common) if ids[i][k] != first[k]), common)
+        if len(members) > 1 and common > 0:
+            groups.append((common, members))
+        else:
+            alone += members
+    return groups, sorted(alone)
+
+
+def _group_batches(groups: list[tuple[int, list[int]]], batch_size: int):
+    """Consecutive groups holding about `batch_size` conversations (a group is never split)."""
+    batch, rows = [], 0
+    for group in groups:
+        if batch and rows + len(group[1]) > batch_size:
+            yield batch
+            batch, rows = [], 0
+        batch.append(group)
+        rows += len(group[1])
+    if batch:
+        yield batch
+
 
 def is_causal(model: torch.nn.Module) -> bool:
     """Decoder-only: every attention module says it is causal (Qwen, Llama); encoders (BERT) do not."""
@@ -140,3 +225,8 @@ class NemotronReward(_LocalReward):
             return model(**kwargs).logits[:, -1, 0]
         hidden = model.base_model(**kwargs).last_hidden_state
         return model.get_output_embeddings()(hidden[:, -1])[:, 0]
+
+    def _head(self, model):
+        if getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logit_scale", None):
+            return None
+        return lambda hidden: model.get_output_embeddings()(hidden)[:, 0]
