@@ -79,10 +79,9 @@ class _LocalReward(RewardScorer):
         ids = self.encode(prompts, responses)
         out = [0.0] * len(ids)
         head = self._head(self.model) if self.share_prefix and is_causal(self.model) else None
-        groups, alone = prefix_groups(prompts, ids) if head is not None else ([], range(len(ids)))
+        groups, alone = prefix_groups(prompts, ids) if head is not None else ([], list(range(len(ids))))
         if groups:
             self._score_shared(head, ids, groups, out)
-        alone = list(alone)
         for batch in length_batches([len(ids[i]) for i in alone], self.batch_size):
             rows = [ids[alone[j]] for j in batch]
             input_ids, mask = self._pad(rows)
@@ -221,12 +220,13 @@ class NemotronReward(_LocalReward):
         # Positions count from each row's first real token, as generate() numbers left-padded rows.
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask,
                   "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0)}
-        if getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logit_scale", None):
+        head = self._head(model)
+        if head is None:
             return model(**kwargs).logits[:, -1, 0]
-        hidden = model.base_model(**kwargs).last_hidden_state
-        return model.get_output_embeddings()(hidden[:, -1])[:, 0]
+        return head(model.base_model(**kwargs).last_hidden_state[:, -1])
 
     def _head(self, model):
+        # Logit softcapping or scaling happens inside the model's own forward: no shortcut then.
         if getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logit_scale", None):
             return None
         return lambda hidden: model.get_output_embeddings()(hidden)[:, 0]
