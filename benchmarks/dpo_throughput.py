@@ -21,8 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from synpref.resources import sample
+
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT.parent / "shared" / "data" / "ultrafeedback_sample" / "train_prefs.jsonl"
+SAMPLE = Path(sample("train_prefs.jsonl"))
 
 
 def write_pairs(path: Path, n: int, max_length: int, model: str) -> None:

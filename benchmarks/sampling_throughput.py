@@ -25,10 +25,11 @@ from synpref.chat import render  # noqa: E402
 from synpref.data import PromptDataModule  # noqa: E402
 from synpref.generation import generate  # noqa: E402
 from synpref.models import build_tiny_model, end_of_turn_ids, load_causal_lm, load_tokenizer  # noqa: E402
+from synpref.resources import sample  # noqa: E402
 from synpref.rewards import HFRewardModel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / ".." / "shared" / "data" / "ultrafeedback_sample"
+DATA = Path(sample("README.md")).parent
 
 
 def tiny_classifier(tokenizer_dir: str, out: Path) -> str:

@@ -23,8 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from synpref.resources import sample
+
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "ultrafeedback_sample" / "sft_messages.jsonl"
+DATA = Path(sample("sft_messages.jsonl"))
 
 
 def rss_mb() -> float:

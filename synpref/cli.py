@@ -51,7 +51,7 @@ class SynprefCLI(LightningCLI):
         parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.tokenizer_name_or_path")
 
 
-def build_tiny(out: str = "artifacts/tiny/base", corpus: Sequence[str] = ("../shared/data/ultrafeedback_sample/sft_messages.jsonl",),
+def build_tiny(out: str = "artifacts/tiny/base", corpus: Sequence[str] = ("synpref://sample/sft_messages.jsonl",),
                vocab_size: int = 2048, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> str:
     """Build the tiny offline Qwen2 model (BPE tokenizer trained on `corpus`, ChatML template) at `out`.
 

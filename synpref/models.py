@@ -10,6 +10,8 @@ from typing import Iterable, Optional
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from synpref.resources import resolve
+
 log = logging.getLogger(__name__)
 
 # ChatML, as Qwen2.5 writes it (without the default system prompt, so a conversation's tokens are
@@ -83,7 +85,7 @@ def load_frozen_causal_lm(
 
 def _corpus_from_jsonl(paths: Iterable[str | Path]) -> Iterable[str]:
     for path in paths:
-        with open(path, encoding="utf-8") as f:
+        with open(resolve(path), encoding="utf-8") as f:
             for line in f:
                 row = json.loads(line)
                 for key in ("messages", "chosen", "rejected"):

@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny offline model (built once per session) and the shared sample data."""
+"""Shared fixtures: the tiny offline model (built once per session) and the packaged sample data."""
 
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from synpref.resources import sample
+
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = (ROOT / ".." / "shared" / "data" / "ultrafeedback_sample").resolve()
+SAMPLE = Path(sample("README.md")).parent
 
 
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
-    assert SAMPLE.is_dir(), f"shared sample data not found at {SAMPLE}"
+    assert SAMPLE.is_dir(), f"packaged sample data not found at {SAMPLE}"
     return SAMPLE
 
 
@@ -32,12 +34,11 @@ def tiny_model(tmp_path_factory, sample_dir) -> str:
 
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch, tiny_model) -> Path:
-    """cwd = a fresh folder laid out like the repo root (configs/, ../shared, artifacts/tiny/base),
+    """cwd = a fresh folder laid out like the repo root (configs/, artifacts/tiny/base),
     with its own MLflow store, so configs/tiny/*.yaml run unmodified."""
     work = tmp_path / "repo"
     work.mkdir()
     (work / "configs").symlink_to(ROOT / "configs")
-    (tmp_path / "shared").symlink_to(SAMPLE.parents[1])
     (work / "artifacts" / "tiny").mkdir(parents=True)
     (work / "artifacts" / "tiny" / "base").symlink_to(tiny_model)
     monkeypatch.chdir(work)

@@ -41,7 +41,7 @@ def test_fit_logs_to_mlflow_and_exports(in_tmp, sample_dir, tiny_model):
     lrs = [m.value for m in client.get_metric_history(run.info.run_id, "train/learning_rate")]
     assert 0 < lrs[0] < max(lrs) == pytest.approx(3.0e-3) and lrs[-1] < max(lrs)
     assert float(run.data.params["lr"]) == 3.0e-3
-    assert run.data.params["path"] == "../shared/data/ultrafeedback_sample/sft_messages.jsonl"
+    assert run.data.params["path"] == "synpref://sample/sft_messages.jsonl"
 
     # The resolved config, command-line overrides included, is an artifact of the run.
     config_path = client.download_artifacts(run.info.run_id, "config.yaml", str(in_tmp))

@@ -53,5 +53,5 @@ def test_dpo_ddp_matches_one_process(in_tmp, monkeypatch, tiny_model):
     (in_tmp / "artifacts" / "tiny" / "sft").symlink_to(tiny_model)
     run_both(in_tmp, monkeypatch, "configs/tiny/dpo_ultrafeedback.yaml",
              ["--data.init_args.max_length=128", "--data.init_args.val_sources=null",
-              "--data.init_args.sources=[{path: ../shared/data/ultrafeedback_sample/train_prefs.jsonl, "
+              "--data.init_args.sources=[{path: synpref://sample/train_prefs.jsonl, "
               "format: ultrafeedback_binarized, max_rows: 100}]"], 8)

@@ -215,10 +215,10 @@ def test_periodic_win_rate_during_dpo(in_tmp, baseline_model):
 
     (in_tmp / "artifacts" / "tiny" / "sft").symlink_to(baseline_model)
     callback = {"class_path": "synpref.callbacks.WinRateCallback", "init_args": {
-        "every_n_steps": 2, "prompts_path": "../shared/data/ultrafeedback_sample/test_prefs.jsonl",
+        "every_n_steps": 2, "prompts_path": "synpref://sample/test_prefs.jsonl",
         "max_prompts": 4, "max_prompt_length": 128, "batch_size": 2, "baseline": "artifacts/tiny/sft", "max_new_tokens": 12,
         "reward": {"class_path": "synpref.rewards.RuleReward"}, "output_dir": "artifacts/tiny/dpo_eval"}}
-    pairs = [{"path": "../shared/data/ultrafeedback_sample/train_prefs.jsonl", "format": "ultrafeedback_binarized",
+    pairs = [{"path": "synpref://sample/train_prefs.jsonl", "format": "ultrafeedback_binarized",
               "max_rows": 24}]
     main(["fit", "--config", "configs/tiny/dpo_ultrafeedback.yaml", "--trainer.max_steps=4",
           f"--data.init_args.sources={json.dumps(pairs)}", "--data.init_args.val_sources=[]",

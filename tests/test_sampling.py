@@ -77,7 +77,7 @@ def args(out, extra=()):
     return ["predict", "--config", "configs/tiny/sample.yaml",
             "--model.init_args.model_name_or_path=artifacts/tiny/base", "--model.init_args.max_new_tokens=8",
             f"--model.init_args.output_dir={out}", "--data.init_args.max_prompts=12", "--data.init_args.batch_size=2",
-            "--data.init_args.max_prompt_length=128", "--data.init_args.exclude=[../shared/data/ultrafeedback_sample/test_prefs.jsonl,held.jsonl]",
+            "--data.init_args.max_prompt_length=128", "--data.init_args.exclude=[synpref://sample/test_prefs.jsonl,held.jsonl]",
             "--trainer.enable_progress_bar=false", *extra]
 
 

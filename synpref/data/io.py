@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Literal, Optional
 import datasets
 
 from synpref.chat import DataError, FieldError
+from synpref.resources import SCHEME, resolve
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +21,10 @@ LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 def is_local(path: str) -> bool:
-    """A path (not a hub name) when it exists or looks like a file or a relative/absolute path."""
+    """A path (not a hub name) when it exists or looks like a file, a relative/absolute path or a
+    packaged `synpref://` file."""
     p = Path(path)
-    return p.exists() or p.suffix in LOCAL_SUFFIXES or path.startswith((".", "/", "~"))
+    return p.exists() or p.suffix in LOCAL_SUFFIXES or path.startswith((".", "/", "~", SCHEME))
 
 
 def load_rows(
@@ -30,7 +32,7 @@ def load_rows(
 ) -> datasets.Dataset:
     """A hub dataset (`path` = repo id, `config_name`, `split`) or a local file/folder of jsonl/parquet."""
     if is_local(path):
-        p = Path(path).expanduser()
+        p = Path(resolve(path)).expanduser()
         if not p.exists():
             raise DataError(path, None, "path", f"data path does not exist (resolved: {p.resolve()})")
         files = sorted(f for f in p.rglob("*") if f.suffix in LOCAL_SUFFIXES) if p.is_dir() else [p]
