@@ -36,6 +36,19 @@ class FakeNemotron(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _drip(self):
+        """Headers at once, then the body one byte a second: every read succeeds, the reply never ends."""
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        try:
+            for _ in range(1000):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                time.sleep(1.0)
+        except OSError:  # the client hung up: what the deadline is for
+            pass
+
     def do_POST(self):
         cls = type(self)
         with cls.lock:
@@ -60,6 +73,8 @@ class FakeNemotron(BaseHTTPRequestHandler):
                 return self._send(400, {"error": "bad request"})
             if kind == "slow" and first:
                 time.sleep(1.0)
+            if kind == "drip" and (first or value == "always"):
+                return self._drip()
             if kind == "garbage":
                 return self._send(200, b"<html>not json</html>")
             if kind == "nocontent":
@@ -134,3 +149,24 @@ def test_missing_key_names_the_variable(server, monkeypatch):
     with pytest.raises(EndpointError, match="SYNPREF_TEST_KEY"):
         reward(server).score([PROMPT], ["ok:1"])
     assert not FakeNemotron.attempts
+
+
+def test_dripping_reply_fails_at_the_timeout_and_is_retried_like_one(server, caplog):
+    """A body dripped at 1 byte/s never trips a per-read socket timeout of 1.5 s; the attempt's
+    wall-clock bound does, and the retry (answered normally) gives the reward."""
+    scorer = reward(server, timeout=1.5)
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        assert scorer.score([PROMPT], ["drip:4.5"]) == [4.5]
+    assert 1.5 <= time.monotonic() - start < 3.5
+    assert FakeNemotron.attempts["drip:4.5"] == 2
+    assert scorer.retries == Counter({"timeout": 1}) and "timed out after 1.5 s" in caplog.text
+
+
+def test_deadline_bounds_the_request_across_retries(server):
+    scorer = reward(server, timeout=1.5, deadline=2.0, max_retries=10)
+    start = time.monotonic()
+    with pytest.raises(EndpointError, match=r"deadline of 2 s passed; last error timed out"):
+        scorer.score([PROMPT], ["drip:always"])
+    assert 2.0 <= time.monotonic() - start < 3.0
+    assert FakeNemotron.attempts["drip:always"] == 2 and scorer.retries["timeout"] == 2
