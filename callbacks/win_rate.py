@@ -183,7 +183,7 @@ class WinRateCallback(L.Callback):
         try:
             for batch in self._batches[trainer.global_rank::trainer.world_size]:
                 records = compare_batch(policy, pl_module.tokenizer, self._baseline, self._baseline_tokenizer,
-                                        self.reward, batch["prompt"], self.decoding, seed=self.seed + batch["index"][0])
+                                        self.reward, batch["prompt"], self.decoding, seed=self.seed, indices=batch["index"])
                 self.add([{"index": i, "prompt_id": pid, "step": step, **r}
                           for i, pid, r in zip(batch["index"], batch["prompt_id"], records)])
         finally:

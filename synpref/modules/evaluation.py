@@ -7,23 +7,28 @@ from typing import Optional, Sequence
 import lightning as L
 import torch
 
-from synpref.generation import generate
+from synpref.generators import Generator, generate_texts
 from synpref.models import load_frozen_causal_lm, load_tokenizer
 from synpref.modules.base import log_data_drops
 from synpref.rewards.base import RewardScorer, score_checked
 
 
 def compare_batch(policy, policy_tokenizer, baseline, baseline_tokenizer, reward: RewardScorer,
-                  prompts: Sequence[Sequence[dict]], decoding: dict, seed: Optional[int]) -> list[dict]:
-    """One response per prompt from each model (same decoding, same seed), both scored by `reward`.
+                  prompts: Sequence[Sequence[dict]], decoding: dict, seed: int, indices: Sequence[int],
+                  generators: Sequence[Optional[Generator]] = (None, None), names: Sequence[str] = ("", "")) -> list[dict]:
+    """One response per prompt from each model (same decoding, same seeds), both scored by `reward`.
+
+    `seed` is the run's seed and `indices` the prompts' indices (see `generate_texts`). A model
+    whose entry in `generators` is set is asked through it under its name in `names` (its path);
+    the others generate in-process.
 
     The one generate-and-score path of predict-time (WinRateModule) and train-time
     (WinRateCallback(every_n_steps=...)) evaluation. Lengths are generated tokens (each model's
     own tokenizer), without the end-of-turn token.
     """
     prompts = [list(p) for p in prompts]
-    policy_texts, policy_lengths = generate(policy, policy_tokenizer, prompts, seed=seed, **decoding)
-    baseline_texts, baseline_lengths = generate(baseline, baseline_tokenizer, prompts, seed=seed, **decoding)
+    policy_texts, policy_lengths = generate_texts(generators[0], policy, policy_tokenizer, names[0], prompts, indices, seed, **decoding)
+    baseline_texts, baseline_lengths = generate_texts(generators[1], baseline, baseline_tokenizer, names[1], prompts, indices, seed, **decoding)
     policy_texts, baseline_texts = [t[0] for t in policy_texts], [t[0] for t in baseline_texts]
     # One call for both models' replies: a local reward model then encodes each prompt once.
     rewards = score_checked(reward, prompts + prompts, policy_texts + baseline_texts)
@@ -51,6 +56,11 @@ class WinRateModule(L.LightningModule):
     is the paper's sampling (top-k 50, temperature 0.7); `do_sample: false` is greedy.
     predict_step returns one record per prompt; the WinRateCallback this module attaches writes
     them to `output_dir/eval.jsonl`, aggregates the WinRate metric and logs to MLflow.
+
+    `generator` (e.g. `synpref.generators.OpenAIGenerator`) serves the policy, and the baseline too
+    unless `baseline_generator` is given (one server answering both model names, as
+    `transformers serve` does; vLLM serves one model per process: give each its own); a served
+    model is not loaded here. None = in-process generation.
     """
 
     def __init__(
@@ -71,10 +81,16 @@ class WinRateModule(L.LightningModule):
         dtype: Optional[str] = None,
         attn_implementation: Optional[str] = None,
         trust_remote_code: bool = False,
+        generator: Optional[Generator] = None,
+        baseline_generator: Optional[Generator] = None,
     ):
         super().__init__()
         # The reward object is not a hyperparameter (it may hold a model); its name is logged.
-        self.save_hyperparameters(ignore=["reward"])
+        self.save_hyperparameters(ignore=["reward", "generator", "baseline_generator"])
+        if baseline_generator is None and getattr(generator, "model", None):
+            raise ValueError(f"generator.model={generator.model!r} names one served model: give the baseline its "
+                             f"own baseline_generator (or leave generator.model unset to ask by each model's path)")
+        self.generators = (generator, baseline_generator or generator)
         self.model_name_or_path = model_name_or_path
         self.baseline_name_or_path = baseline_name_or_path
         self.reward = reward
@@ -88,11 +104,13 @@ class WinRateModule(L.LightningModule):
         self.baseline: Optional[torch.nn.Module] = None
 
     def configure_model(self) -> None:
-        if self.model is not None:
-            return
         hp = self.hparams
-        self.model = load_frozen_causal_lm(self.model_name_or_path, hp.dtype, hp.trust_remote_code, hp.attn_implementation)
-        self.baseline = load_frozen_causal_lm(self.baseline_name_or_path, hp.dtype, hp.trust_remote_code, hp.attn_implementation)
+        load = lambda path: load_frozen_causal_lm(path, hp.dtype, hp.trust_remote_code, hp.attn_implementation)  # noqa: E731
+        # A served model is not loaded here: its server holds it.
+        if self.model is None and self.generators[0] is None:
+            self.model = load(self.model_name_or_path)
+        if self.baseline is None and self.generators[1] is None:
+            self.baseline = load(self.baseline_name_or_path)
 
     def configure_callbacks(self):
         from synpref.callbacks.win_rate import WinRateCallback
@@ -115,6 +133,7 @@ class WinRateModule(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         index = [int(i) for i in batch["index"]]
         records = compare_batch(self.model, self.tokenizer, self.baseline, self.baseline_tokenizer, self.reward,
-                                batch["prompt"], self.decoding, seed=self.seed + index[0])
+                                batch["prompt"], self.decoding, seed=self.seed, indices=index, generators=self.generators,
+                                names=(self.model_name_or_path, self.baseline_name_or_path))
         ids = batch.get("prompt_id") or [None] * len(index)
         return [{"index": i, "prompt_id": pid, **r} for i, pid, r in zip(index, ids, records)]

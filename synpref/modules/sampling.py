@@ -8,7 +8,7 @@ from typing import Optional
 import lightning as L
 import torch
 
-from synpref.generation import generate
+from synpref.generators import Generator, generate_texts
 from synpref.models import load_frozen_causal_lm, load_tokenizer
 from synpref.rewards.base import RewardScorer, score_checked
 
@@ -37,6 +37,9 @@ class SamplingModule(L.LightningModule):
         dtype: model dtype ('bfloat16' on GPU; None keeps the checkpoint's).
         attn_implementation: e.g. 'sdpa'; None = transformers' default.
         trust_remote_code: allow custom model code from the hub.
+        generator: where samples come from: None = in-process (`synpref.generation.generate`, the
+            model loaded here); `synpref.generators.OpenAIGenerator` = a serving engine (vLLM,
+            SGLang, `transformers serve`) over the OpenAI API, no model loaded here.
     """
 
     def __init__(
@@ -55,12 +58,14 @@ class SamplingModule(L.LightningModule):
         dtype: Optional[str] = None,
         attn_implementation: Optional[str] = None,
         trust_remote_code: bool = False,
+        generator: Optional[Generator] = None,
     ):
         super().__init__()
         if num_samples < 2:
             raise ValueError(f"num_samples={num_samples}: a pair needs at least 2 samples per prompt")
-        self.save_hyperparameters(ignore=["reward"])
+        self.save_hyperparameters(ignore=["reward", "generator"])
         self.model_name_or_path, self.reward, self.threshold = model_name_or_path, reward, threshold
+        self.generator = generator
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
         self.model: Optional[torch.nn.Module] = None
         # Prompt indices already on disk (filled by the SampleWriter on resume): their batches are skipped.
@@ -68,7 +73,7 @@ class SamplingModule(L.LightningModule):
         self.generated_tokens, self.generate_seconds, self.score_seconds = 0, 0.0, 0.0
 
     def configure_model(self) -> None:
-        if self.model is None:
+        if self.model is None and self.generator is None:
             hp = self.hparams
             self.model = load_frozen_causal_lm(self.model_name_or_path, hp.dtype, hp.trust_remote_code,
                                                hp.attn_implementation)
@@ -86,17 +91,18 @@ class SamplingModule(L.LightningModule):
     def fingerprint(self) -> dict:
         """What fixes the samples: a resumed run must match it."""
         keys = ("model_name_or_path", "num_samples", "temperature", "top_k", "top_p", "max_new_tokens", "seed")
-        return {**{k: self.hparams[k] for k in keys}, "reward": self.reward.name}
+        served = {"generator": self.generator.name} if self.generator is not None else {}
+        return {**{k: self.hparams[k] for k in keys}, "reward": self.reward.name, **served}
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> Optional[list[dict]]:
         if all(i in self.completed for i in batch["index"]):
             return None
         hp = self.hparams
         start = time.perf_counter()
-        texts, counts = generate(
-            self.model, self.tokenizer, batch["prompt"], num_return_sequences=hp.num_samples,
-            max_new_tokens=hp.max_new_tokens, temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p,
-            do_sample=True, seed=hp.seed + int(batch["index"][0]),
+        texts, counts = generate_texts(
+            self.generator, self.model, self.tokenizer, self.model_name_or_path, batch["prompt"], batch["index"],
+            hp.seed, num_return_sequences=hp.num_samples, max_new_tokens=hp.max_new_tokens,
+            temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p, do_sample=True,
         )
         self.generate_seconds += time.perf_counter() - start
         self.generated_tokens += sum(map(sum, counts))
