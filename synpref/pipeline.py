@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from synpref.cli import register, tracking_uri as default_tracking_uri
+from synpref.services import Service, for_stages
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ def reproduce(
     comparison_csv: Optional[str] = None,
     force: list[str] = [],
     build_tiny_model: Optional[str] = None,
+    services: list[Service] = [],
 ) -> str:
     """Run `stages` in order; each is its own MLflow run, all children of one parent run.
 
@@ -102,6 +104,9 @@ def reproduce(
         force: stage names to run again even if finished.
         build_tiny_model: for the offline tiny configs: build the tiny model at this path first
             (skipped when it exists).
+        services: servers some stages need (e.g. `transformers serve` for served generation):
+            started before the first stage needing one runs, stopped after the last, and on
+            failure, Ctrl-C or SIGTERM (synpref.services).
     """
     import mlflow
 
@@ -116,14 +121,16 @@ def reproduce(
     state.mkdir(parents=True, exist_ok=True)
     client = mlflow.MlflowClient(uri)
     parent = _parent_run(client, experiment, state, run_name)
-    for stage in stages:
-        if is_done(state, stage) and stage.name not in force:
-            log.info("stage %s: already complete, skipped", stage.name)
-            continue
-        seconds = run_stage(stage, experiment, uri, parent)
-        _marker(state, stage).write_text(json.dumps({"stage": stage.name, "seconds": round(seconds, 1)}))
-        client.log_metric(parent, f"stage_seconds/{stage.name}", seconds)
-        log.info("stage %s: done in %.0f s", stage.name, seconds)
+    with for_stages(services, [s.name for s in stages], state) as need:
+        for stage in stages:
+            if is_done(state, stage) and stage.name not in force:
+                log.info("stage %s: already complete, skipped", stage.name)
+                continue
+            need(stage.name)
+            seconds = run_stage(stage, experiment, uri, parent)
+            _marker(state, stage).write_text(json.dumps({"stage": stage.name, "seconds": round(seconds, 1)}))
+            client.log_metric(parent, f"stage_seconds/{stage.name}", seconds)
+            log.info("stage %s: done in %.0f s", stage.name, seconds)
     csv = comparison_csv or str(state / "comparison.csv")
     # compare() logs the table (win_rates.md), the CSV and the figures to the parent run.
     table = compare(experiment, tracking_uri=uri, csv=csv, parent_run_id=parent, figures_dir=str(state))

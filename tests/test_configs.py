@@ -13,7 +13,7 @@ from synpref.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Pipeline configs for `synpref reproduce`, not LightningCLI configs (tested with the pipeline).
-PIPELINE_NAMES = {"paper.yaml"}
+PIPELINE_NAMES = {"paper.yaml", "paper_served.yaml"}
 
 
 def cli_configs() -> list[Path]:
@@ -37,11 +37,20 @@ def test_configs_are_found():
     assert {"configs/sft.yaml", "configs/tiny/sft.yaml"} <= names
 
 
+def base_configs(path: Path) -> list[str]:
+    """An overlay (configs/x_served.yaml) names the config it goes on in its usage comment:
+    `synpref predict --config configs/x.yaml --config configs/x_served.yaml`."""
+    rel = re.escape(path.relative_to(ROOT).as_posix())
+    found = re.search(rf"synpref \w+ ((?:--config \S+ )+)--config {rel}\b", path.read_text(encoding="utf-8"))
+    return found.group(1).replace("--config", "").split() if found else []
+
+
 @pytest.mark.parametrize("path", cli_configs(), ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_config_parses(path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
+    bases = [arg for base in base_configs(path) for arg in ("--config", base)]
     with pytest.raises(SystemExit) as exit_:
-        main([subcommand(path), "--config", str(path.relative_to(ROOT)), "--print_config"])
+        main([subcommand(path), *bases, "--config", str(path.relative_to(ROOT)), "--print_config"])
     assert exit_.value.code in (0, None), capsys.readouterr().err
     resolved = yaml.safe_load(capsys.readouterr().out)
     written = yaml.safe_load(path.read_text(encoding="utf-8"))

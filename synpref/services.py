@@ -1,0 +1,149 @@
+"""Servers a pipeline's stages need (a generation server): started on demand, health-checked, always stopped."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence, Union
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Service:
+    """A process some stages need, e.g. `transformers serve` on 127.0.0.1.
+
+    Args:
+        name: the service's name (its log is `<state_dir>/<name>.log`).
+        command: the command line (a string, split like a shell would, or a list).
+        health_url: polled until it answers 200 (`/health` of vLLM, SGLang, TGI and transformers serve).
+        stages: names of the stages that need it: it is started before the first of them runs and
+            stopped once the last has run, or when the pipeline fails or is interrupted.
+        startup_timeout: seconds to wait for health before giving up.
+    """
+
+    name: str
+    command: Union[str, list[str]]
+    health_url: str
+    stages: list[str] = field(default_factory=list)
+    startup_timeout: float = 300.0
+
+
+def _argv(command: Union[str, Sequence[str]]) -> list[str]:
+    argv = shlex.split(command) if isinstance(command, str) else [str(a) for a in command]
+    # A console script of this environment (transformers, vllm) also when the venv is not activated.
+    if argv and not shutil.which(argv[0]) and (Path(sys.executable).parent / argv[0]).exists():
+        argv[0] = str(Path(sys.executable).parent / argv[0])
+    return argv
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=2) as reply:
+            return reply.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the parent dies, even by kill -9."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+@contextlib.contextmanager
+def running(service: Service, log_path: Union[str, Path]) -> Iterator[subprocess.Popen]:
+    """Start `service`, wait until its health URL answers 200, yield the process; stop it on exit, whatever the exit."""
+    if _healthy(service.health_url):
+        raise RuntimeError(f"service {service.name!r}: {service.health_url} already answers before it was started; "
+                           f"stop whatever listens there or give the service another port")
+    argv = _argv(service.command)
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        log.info("service %s: starting %s (log %s)", service.name, shlex.join(argv), log_path)
+        # Its own session: a Ctrl-C in the terminal reaches us, and we stop it in order.
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, preexec_fn=_die_with_parent if os.name == "posix" else None)
+    try:
+        _wait_healthy(service, proc, log_path)
+        yield proc
+    finally:
+        stop(proc, service.name)
+
+
+def _wait_healthy(service: Service, proc: subprocess.Popen, log_path) -> None:
+    start = time.monotonic()
+    while not _healthy(service.health_url):
+        if proc.poll() is not None:
+            tail = Path(log_path).read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"service {service.name!r} exited with code {proc.returncode} before "
+                               f"{service.health_url} answered; end of {log_path}:\n{tail}")
+        if time.monotonic() - start > service.startup_timeout:
+            raise RuntimeError(f"service {service.name!r}: {service.health_url} did not answer 200 within "
+                               f"{service.startup_timeout:g} s (log: {log_path})")
+        time.sleep(0.5)
+    log.info("service %s: healthy after %.1f s", service.name, time.monotonic() - start)
+
+
+def stop(proc: subprocess.Popen, name: str = "service", grace: float = 15.0) -> None:
+    """SIGTERM to the service's process group, SIGKILL after `grace` seconds; waits for it."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    log.info("service %s: stopped (exit code %s)", name, proc.returncode)
+
+
+@contextlib.contextmanager
+def for_stages(services: Sequence[Service], stage_order: Sequence[str], state_dir: Union[str, Path]) -> Iterator[Callable[[str], None]]:
+    """Yield `need(stage)`: call it before running a stage. It starts the services that stage needs and
+    stops those no stage from here on needs. Every service still running is stopped on exit,
+    including on an exception, Ctrl-C or SIGTERM (turned into SystemExit while this is active)."""
+    unknown = {s for svc in services for s in svc.stages} - set(stage_order)
+    if unknown:
+        raise ValueError(f"services name stages that do not exist: {sorted(unknown)} (stages: {list(stage_order)})")
+    stack = contextlib.ExitStack()
+    live: dict[str, contextlib.ExitStack] = {}
+
+    def need(stage: str) -> None:
+        later = stage_order[stage_order.index(stage):]
+        for svc in services:
+            if svc.name in live and not set(svc.stages) & set(later):
+                live.pop(svc.name).close()
+            elif stage in svc.stages and svc.name not in live:
+                own = contextlib.ExitStack()
+                own.enter_context(running(svc, Path(state_dir) / f"{svc.name}.log"))
+                live[svc.name] = stack.enter_context(own)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    main_thread = services and previous in (signal.SIG_DFL, None)
+    if main_thread:
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        with stack:
+            yield need
+    finally:
+        if main_thread:
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGTERM, previous)
