@@ -1,9 +1,13 @@
 """Sampling and scoring throughput of `synpref predict` vs one-prompt-at-a-time generate and a batch-1 pipeline.
 
     python benchmarks/sampling_throughput.py [--model artifacts/tiny/sft] [--prompts 64] [--dtype float32]
+    python benchmarks/sampling_throughput.py --backend served [--concurrency 32]
 
 Same model, prompts, decoding (K=2, top-k 50, T=0.7) and reward model on both sides, one run.
-Last line: `RESULT sampling speedup_generate=<x> speedup_score=<y>`.
+Last line: `RESULT sampling speedup_generate=<x> speedup_score=<y>`. With `--backend served`:
+generation only, synpref's in-process batched generate() against `transformers serve
+--continuous-batching` (started here on 127.0.0.1) asked through OpenAIGenerator with `--concurrency`
+requests in flight; last line `RESULT sampling_served in_process_tok_s=<x> served_tok_s=<y> served_over_in_process=<y/x>`.
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5, help="timed scoring runs per side (median counts)")
     ap.add_argument("--dtype", default="float32", help="reward model dtype on both sides (public recipes: bfloat16)")
+    ap.add_argument("--backend", choices=["in-process", "served"], default="in-process",
+                    help="served: in-process generate() vs transformers serve with continuous batching")
+    ap.add_argument("--concurrency", type=int, default=32, help="--backend served: requests in flight")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="synpref-bench-"))
     model_dir = a.model if Path(a.model, "config.json").exists() else str(build_tiny_model(tmp / "tiny", [DATA / "sft_messages.jsonl"]))
@@ -72,6 +79,9 @@ def main() -> None:
             prompts += [p] * len(row)
             responses += row
     ours = tokens / (time.perf_counter() - start)
+
+    if a.backend == "served":
+        return served(a, model_dir, tok, dm, decoding, ours, tmp)
 
     # Baseline: a plain loop, one prompt per model.generate call (K samples via num_return_sequences).
     stops = end_of_turn_ids(tok)
@@ -123,6 +133,35 @@ def main() -> None:
     print(f"{'score, no prefix sharing':28s}{plain_score:12.1f}{pipe_score:12.1f}{plain_score / pipe_score:10.2f}")
     print(f"{'score (samples/s)':28s}{ours_score:12.1f}{pipe_score:12.1f}{ours_score / pipe_score:10.2f}")
     print(f"RESULT sampling speedup_generate={ours / loop:.2f} speedup_score={ours_score / pipe_score:.2f}")
+
+
+def served(a, model_dir: str, tok, dm, decoding: dict, in_process: float, tmp: Path) -> None:
+    """The same prompts and decoding through `transformers serve --continuous-batching` on this machine."""
+    import socket
+
+    from synpref.generators import OpenAIGenerator
+    from synpref.services import Service, running
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    svc = Service("bench", f"transformers serve --host 127.0.0.1 --port {port} --device cpu --dtype float32 "
+                           f"--continuous-batching", f"http://127.0.0.1:{port}/health")
+    prompts = list(dm.prompts["prompt"])
+    with running(svc, tmp / "serve.log"):
+        gen = OpenAIGenerator(f"http://127.0.0.1:{port}/v1", server="transformers", max_concurrency=a.concurrency)
+        gen.generate(model_dir, tok, prompts[:2], [0, 1], num_return_sequences=1, seed=0, do_sample=True, **decoding)
+        gen.stats.clear()  # the first request loads the model: not timed
+        start = time.perf_counter()
+        _, counts = gen.generate(model_dir, tok, prompts, list(range(len(prompts))), num_return_sequences=a.num_samples,
+                                 seed=0, do_sample=True, **decoding)
+        rate = sum(map(sum, counts)) / (time.perf_counter() - start)
+    print(f"server requests {gen.stats['requests']}, replies {gen.stats['replies']}, cut at max_tokens {gen.stats['truncated']}, "
+          f"usage completion_tokens {gen.stats['completion_tokens']}")
+    print(f"{'generate (tokens/s)':28s}{'in-process':>12s}{'served':>12s}{'served/in-process':>20s}")
+    print(f"{'':28s}{in_process:12.1f}{rate:12.1f}{rate / in_process:20.2f}")
+    print(f"RESULT sampling_served in_process_tok_s={in_process:.1f} served_tok_s={rate:.1f} "
+          f"served_over_in_process={rate / in_process:.2f}")
 
 
 if __name__ == "__main__":

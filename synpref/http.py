@@ -110,18 +110,18 @@ def _attempt(url: str, body: bytes, headers: dict, timeout: float) -> tuple[int,
         while True:
             left = until - time.monotonic()
             if left <= 0:
-                raise socket.timeout("deadline passed while reading the body")
+                raise TimeoutError("deadline passed while reading the body")
             sock.settimeout(left)
             chunk = reply.read1(65536)
             if not chunk:
                 break
             chunks.append(chunk)
         if time.monotonic() >= until:  # the watchdog ended the body early
-            raise socket.timeout("deadline passed while reading the body")
+            raise TimeoutError("deadline passed while reading the body")
         if reply.length:  # the connection closed before Content-Length bytes came
             raise http.client.IncompleteRead(b"".join(chunks), reply.length)
         return reply.status, reply.headers, b"".join(chunks)
-    except (socket.timeout, TimeoutError):
+    except TimeoutError:  # socket.timeout is TimeoutError since 3.10
         raise _Retryable(f"timed out after {timeout:g} s") from None
     except (OSError, http.client.HTTPException) as e:
         if time.monotonic() >= until:  # the watchdog cut the socket

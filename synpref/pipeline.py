@@ -121,12 +121,12 @@ def reproduce(
     state.mkdir(parents=True, exist_ok=True)
     client = mlflow.MlflowClient(uri)
     parent = _parent_run(client, experiment, state, run_name)
-    with for_stages(services, [s.name for s in stages], state) as need:
+    with for_stages(services, [s.name for s in stages], state) as servers:
         for stage in stages:
             if is_done(state, stage) and stage.name not in force:
                 log.info("stage %s: already complete, skipped", stage.name)
                 continue
-            need(stage.name)
+            servers.need(stage.name)
             seconds = run_stage(stage, experiment, uri, parent)
             _marker(state, stage).write_text(json.dumps({"stage": stage.name, "seconds": round(seconds, 1)}))
             client.log_metric(parent, f"stage_seconds/{stage.name}", seconds)

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, Union
+from typing import Iterator, Sequence, Union
 
 log = logging.getLogger(__name__)
 
@@ -114,36 +114,54 @@ def stop(proc: subprocess.Popen, name: str = "service", grace: float = 15.0) -> 
     log.info("service %s: stopped (exit code %s)", name, proc.returncode)
 
 
+class Services:
+    """The services of a pipeline run: `need(stage)` before each stage that runs."""
+
+    def __init__(self, services: Sequence[Service], stage_order: Sequence[str], state_dir: Union[str, Path]):
+        unknown = {s for svc in services for s in svc.stages} - set(stage_order)
+        if unknown:
+            raise ValueError(f"services name stages that do not exist: {sorted(unknown)} (stages: {list(stage_order)})")
+        self.services, self.stage_order, self.state_dir = list(services), list(stage_order), Path(state_dir)
+        self.processes: dict[str, subprocess.Popen] = {}
+        self._stacks: dict[str, contextlib.ExitStack] = {}
+
+    def need(self, stage: str) -> None:
+        """Start the services `stage` needs; stop those no stage from here on needs."""
+        later = set(self.stage_order[self.stage_order.index(stage):])
+        for svc in self.services:
+            if svc.name in self._stacks and not set(svc.stages) & later:
+                self._stop(svc.name)
+            elif stage in svc.stages and svc.name not in self._stacks:
+                stack = contextlib.ExitStack()
+                self.processes[svc.name] = stack.enter_context(running(svc, self.state_dir / f"{svc.name}.log"))
+                self._stacks[svc.name] = stack
+
+    def _stop(self, name: str) -> None:
+        self.processes.pop(name, None)
+        self._stacks.pop(name).close()
+
+    def close(self) -> None:
+        for name in list(self._stacks):
+            self._stop(name)
+
+
 @contextlib.contextmanager
-def for_stages(services: Sequence[Service], stage_order: Sequence[str], state_dir: Union[str, Path]) -> Iterator[Callable[[str], None]]:
-    """Yield `need(stage)`: call it before running a stage. It starts the services that stage needs and
-    stops those no stage from here on needs. Every service still running is stopped on exit,
-    including on an exception, Ctrl-C or SIGTERM (turned into SystemExit while this is active)."""
-    unknown = {s for svc in services for s in svc.stages} - set(stage_order)
-    if unknown:
-        raise ValueError(f"services name stages that do not exist: {sorted(unknown)} (stages: {list(stage_order)})")
-    stack = contextlib.ExitStack()
-    live: dict[str, contextlib.ExitStack] = {}
-
-    def need(stage: str) -> None:
-        later = stage_order[stage_order.index(stage):]
-        for svc in services:
-            if svc.name in live and not set(svc.stages) & set(later):
-                live.pop(svc.name).close()
-            elif stage in svc.stages and svc.name not in live:
-                own = contextlib.ExitStack()
-                own.enter_context(running(svc, Path(state_dir) / f"{svc.name}.log"))
-                live[svc.name] = stack.enter_context(own)
-
+def for_stages(services: Sequence[Service], stage_order: Sequence[str], state_dir: Union[str, Path]) -> Iterator[Services]:
+    """The pipeline's `Services`; every service still running is stopped on exit, including on an
+    exception, Ctrl-C, or SIGTERM (turned into SystemExit(143) while this is active, unless a
+    handler is already installed)."""
+    pool = Services(services, stage_order, state_dir)
     previous = signal.getsignal(signal.SIGTERM)
-    main_thread = services and previous in (signal.SIG_DFL, None)
-    if main_thread:
+    own_handler = bool(services) and previous in (signal.SIG_DFL, None)
+    if own_handler:
         with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
-        with stack:
-            yield need
+        yield pool
     finally:
-        if main_thread:
-            with contextlib.suppress(ValueError):
-                signal.signal(signal.SIGTERM, previous)
+        try:
+            pool.close()
+        finally:
+            if own_handler:
+                with contextlib.suppress(ValueError):
+                    signal.signal(signal.SIGTERM, previous)

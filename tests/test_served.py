@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,10 @@ from synpref.generation import generate
 from synpref.generators import OpenAIGenerator, request_seed
 from synpref.models import load_frozen_causal_lm, load_tokenizer
 from synpref.services import Service, running
-from tests.conftest import ROOT, read_jsonl
+from tests.conftest import ROOT, free_port, read_jsonl
 from tests.test_evaluation import perturbed_copy
 
 DECODING = {"max_new_tokens": 8, "do_sample": True, "temperature": 0.7, "top_k": 50, "top_p": 1.0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_service(port: int) -> Service:

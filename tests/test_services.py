@@ -1,0 +1,78 @@
+"""synpref.services with a real (cheap) server process: started for its stages, stopped after them, on errors, Ctrl-C and SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import pytest
+
+from synpref.services import Service, for_stages, running
+from tests.conftest import free_port
+
+STAGES = ["sft", "sample", "dpo", "eval"]
+
+
+def http_service(stages=("sample", "eval"), command=None) -> Service:
+    port = free_port()
+    return Service(name="web", command=command or [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                   health_url=f"http://127.0.0.1:{port}/", stages=list(stages), startup_timeout=60)
+
+
+def alive(proc) -> bool:
+    return proc.poll() is None
+
+
+def test_started_for_its_stages_only_and_stopped_after_the_last(tmp_path):
+    with for_stages([http_service()], STAGES, tmp_path) as servers:
+        servers.need("sft")
+        assert not servers.processes and not (tmp_path / "web.log").exists()  # not needed yet
+        servers.need("sample")
+        proc = servers.processes["web"]
+        servers.need("dpo")  # eval still needs it: kept, not restarted
+        servers.need("eval")
+        assert alive(proc) and servers.processes == {"web": proc}
+    assert not alive(proc)
+
+    # A service whose last stage has run is stopped when the next stage starts.
+    with for_stages([http_service(stages=["sample"])], STAGES, tmp_path) as servers:
+        servers.need("sample")
+        proc = servers.processes["web"]
+        servers.need("dpo")
+        assert not alive(proc) and not servers.processes
+
+
+def test_stopped_when_a_stage_fails_or_on_ctrl_c(tmp_path):
+    for error in (SystemExit("stage 'sample' failed"), KeyboardInterrupt()):
+        with pytest.raises(type(error)):
+            with for_stages([http_service()], STAGES, tmp_path) as servers:
+                servers.need("sample")
+                proc = servers.processes["web"]
+                raise error
+        assert not alive(proc)
+
+
+def test_sigterm_becomes_systemexit_and_stops_the_service(tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        with for_stages([http_service()], STAGES, tmp_path) as servers:
+            servers.need("sample")
+            proc = servers.processes["web"]
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert exit_.value.code == 128 + signal.SIGTERM and not alive(proc)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_a_service_that_dies_or_a_busy_port_is_a_named_error(tmp_path):
+    dead = http_service(command=[sys.executable, "-c", "print('no model here'); raise SystemExit(3)"])
+    with pytest.raises(RuntimeError, match=r"(?s)'web' exited with code 3 before .*no model here"):
+        with running(dead, tmp_path / "dead.log"):
+            pass
+    svc = http_service()
+    with running(svc, tmp_path / "one.log"):
+        with pytest.raises(RuntimeError, match="already answers before it was started"):
+            with running(svc, tmp_path / "two.log"):
+                pass
+    with pytest.raises(ValueError, match=r"stages that do not exist: \['evaluate'\]"):
+        with for_stages([http_service(stages=["evaluate"])], STAGES, tmp_path):
+            pass
