@@ -22,6 +22,7 @@ class StubServer(BaseHTTPRequestHandler):
     """Replies `seed=<seed> choice=<i>`; the requested model name picks a behaviour."""
 
     requests: list = []
+    auth: set = set()
     lock = threading.Lock()
 
     def log_message(self, *args):
@@ -40,6 +41,7 @@ class StubServer(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with self.lock:
             self.requests.append((self.path, body))
+            self.auth.add(self.headers.get("Authorization"))
             tries = sum(1 for _, b in self.requests if b == body)
         kind = body["model"]
         if kind == "r429" and tries == 1:
@@ -69,7 +71,7 @@ class StubServer(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server(monkeypatch):
-    StubServer.requests = []
+    StubServer.requests, StubServer.auth = [], set()
     with http_server(StubServer, monkeypatch, "SYNPREF_GEN_KEY", "sk-gen") as url:
         yield url
 
@@ -125,13 +127,16 @@ def test_truncated_replies_are_counted(server, tokenizer, caplog):
     assert gen.stats["truncated"] == 4 and "4 of 4 replies cut at max_tokens=7" in caplog.text
 
 
-def test_429_retry_after_and_dripping_reply_are_retried(server, tokenizer):
+def test_429_retry_after_and_dripping_reply_are_retried(server, tokenizer, caplog):
     start = time.monotonic()
-    gen, (texts, _) = sample(server, tokenizer, "r429", k=1)
+    with caplog.at_level(logging.DEBUG):
+        gen, (texts, _) = sample(server, tokenizer, "r429", k=1)
     assert time.monotonic() - start >= 1.0  # Retry-After: 1 won over backoff=0.01
     assert gen.stats["retries/HTTP 429"] == 2 and len(texts) == 2
     gen, (texts, _) = sample(server, tokenizer, "drip", k=1, timeout=0.5)
     assert gen.stats["retries/timeout"] == 2 and texts[0] == [f"seed={request_seed(3, 4)} choice=0"]
+    # The key went to the server as a bearer token, and nowhere else.
+    assert StubServer.auth == {"Bearer sk-gen"} and "sk-gen" not in caplog.text + repr(gen)
 
 
 @pytest.mark.parametrize("model, error", [("bad-choices", r"expected choices\[\]\.message\.content.*KeyError"),

@@ -33,11 +33,12 @@ def serve_service(port: int) -> Service:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        os.environ.pop(var, None)
     port = free_port()
-    with running(serve_service(port), tmp_path_factory.mktemp("serve") / "serve.log") as proc:
-        yield f"http://127.0.0.1:{port}/v1", proc
+    with pytest.MonkeyPatch.context() as env:
+        for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):  # requests stay on loopback
+            env.delenv(var, raising=False)
+        with running(serve_service(port), tmp_path_factory.mktemp("serve") / "serve.log") as proc:
+            yield f"http://127.0.0.1:{port}/v1", proc
     assert proc.poll() is not None
 
 
