@@ -28,8 +28,10 @@ class Service:
         name: the service's name (its log is `<state_dir>/<name>.log`).
         command: the command line (a string, split like a shell would, or a list).
         health_url: polled until it answers 200 (`/health` of vLLM, SGLang, TGI and transformers serve).
-        stages: names of the stages that need it: it is started before the first of them runs and
-            stopped once the last has run, or when the pipeline fails or is interrupted.
+        stages: names of the stages that need it: it runs while they run. It is started before
+            one of them runs and stopped before a stage that does not need it (so a GPU server
+            frees its memory for training in between), and when the pipeline ends, fails or is
+            interrupted.
         startup_timeout: seconds to wait for health before giving up.
     """
 
@@ -117,19 +119,18 @@ def stop(proc: subprocess.Popen, name: str = "service", grace: float = 15.0) -> 
 class Services:
     """The services of a pipeline run: `need(stage)` before each stage that runs."""
 
-    def __init__(self, services: Sequence[Service], stage_order: Sequence[str], state_dir: Union[str, Path]):
-        unknown = {s for svc in services for s in svc.stages} - set(stage_order)
+    def __init__(self, services: Sequence[Service], stage_names: Sequence[str], state_dir: Union[str, Path]):
+        unknown = {s for svc in services for s in svc.stages} - set(stage_names)
         if unknown:
-            raise ValueError(f"services name stages that do not exist: {sorted(unknown)} (stages: {list(stage_order)})")
-        self.services, self.stage_order, self.state_dir = list(services), list(stage_order), Path(state_dir)
+            raise ValueError(f"services name stages that do not exist: {sorted(unknown)} (stages: {list(stage_names)})")
+        self.services, self.state_dir = list(services), Path(state_dir)
         self.processes: dict[str, subprocess.Popen] = {}
         self._stacks: dict[str, contextlib.ExitStack] = {}
 
     def need(self, stage: str) -> None:
-        """Start the services `stage` needs; stop those no stage from here on needs."""
-        later = set(self.stage_order[self.stage_order.index(stage):])
+        """Start the services `stage` needs; stop the others."""
         for svc in self.services:
-            if svc.name in self._stacks and not set(svc.stages) & later:
+            if svc.name in self._stacks and stage not in svc.stages:
                 self._stop(svc.name)
             elif stage in svc.stages and svc.name not in self._stacks:
                 stack = contextlib.ExitStack()
@@ -146,11 +147,11 @@ class Services:
 
 
 @contextlib.contextmanager
-def for_stages(services: Sequence[Service], stage_order: Sequence[str], state_dir: Union[str, Path]) -> Iterator[Services]:
+def for_stages(services: Sequence[Service], stage_names: Sequence[str], state_dir: Union[str, Path]) -> Iterator[Services]:
     """The pipeline's `Services`; every service still running is stopped on exit, including on an
     exception, Ctrl-C, or SIGTERM (turned into SystemExit(143) while this is active, unless a
     handler is already installed)."""
-    pool = Services(services, stage_order, state_dir)
+    pool = Services(services, stage_names, state_dir)
     previous = signal.getsignal(signal.SIGTERM)
     own_handler = bool(services) and previous in (signal.SIG_DFL, None)
     if own_handler:

@@ -27,7 +27,17 @@ class FakeNemotron(BaseHTTPRequestHandler):
     def log_message(self, *args):  # keep pytest output clean
         pass
 
+    def _done(self):
+        """Leave the in-flight count BEFORE answering: a client that got its answer may send the next
+        request before this thread would reach a `finally` (seen on a loaded machine)."""
+        cls = type(self)
+        with cls.lock:
+            if getattr(self, "_counted", False):
+                cls.in_flight -= 1
+                self._counted = False
+
     def _send(self, status, body, headers=()):
+        self._done()
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.send_response(status)
         for k, v in headers:
@@ -38,6 +48,7 @@ class FakeNemotron(BaseHTTPRequestHandler):
 
     def _drip(self):
         """Headers at once, then the body one byte a second: every read succeeds, the reply never ends."""
+        self._done()
         self.send_response(200)
         self.send_header("Content-Length", "1000")
         self.end_headers()
@@ -54,6 +65,7 @@ class FakeNemotron(BaseHTTPRequestHandler):
         with cls.lock:
             cls.in_flight += 1
             cls.max_in_flight = max(cls.max_in_flight, cls.in_flight)
+            self._counted = True
         try:
             request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             cls.auth.append(self.headers.get("Authorization"))
@@ -84,8 +96,7 @@ class FakeNemotron(BaseHTTPRequestHandler):
             self._send(200, {"choices": [{"message": {"role": "assistant", "content": f"reward:{reward}"},
                                           "logprobs": {"content": [{"token": "reward", "logprob": reward - 100}]}}]})
         finally:
-            with cls.lock:
-                cls.in_flight -= 1
+            self._done()
 
 
 @pytest.fixture

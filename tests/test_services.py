@@ -24,23 +24,20 @@ def alive(proc) -> bool:
     return proc.poll() is None
 
 
-def test_started_for_its_stages_only_and_stopped_after_the_last(tmp_path):
-    with for_stages([http_service()], STAGES, tmp_path) as servers:
+def test_runs_only_while_its_stages_run(tmp_path):
+    with for_stages([http_service(stages=["sample", "eval", "table"])], [*STAGES, "table"], tmp_path) as servers:
         servers.need("sft")
         assert not servers.processes and not (tmp_path / "web.log").exists()  # not needed yet
         servers.need("sample")
-        proc = servers.processes["web"]
-        servers.need("dpo")  # eval still needs it: kept, not restarted
+        first = servers.processes["web"]
+        servers.need("dpo")  # training in between: stopped (a GPU server would hold the memory)
+        assert not alive(first) and not servers.processes
         servers.need("eval")
-        assert alive(proc) and servers.processes == {"web": proc}
-    assert not alive(proc)
-
-    # A service whose last stage has run is stopped when the next stage starts.
-    with for_stages([http_service(stages=["sample"])], STAGES, tmp_path) as servers:
-        servers.need("sample")
-        proc = servers.processes["web"]
-        servers.need("dpo")
-        assert not alive(proc) and not servers.processes
+        second = servers.processes["web"]
+        servers.need("table")  # consecutive stages share one server
+        assert alive(second) and servers.processes == {"web": second}
+    assert not alive(second)
+    assert (tmp_path / "web.log").read_text().count("Serving HTTP") == 2
 
 
 def test_stopped_when_a_stage_fails_or_on_ctrl_c(tmp_path):
