@@ -13,6 +13,7 @@ from typing import Optional
 import lightning as L
 from lightning.pytorch.loggers import MLFlowLogger
 
+from synpref.judges import judge_metrics, metric_name
 from synpref.metrics import WinRate, length_matched, outcome, plot_average_rewards, plot_win_rates
 from synpref.rewards.base import RewardScorer
 
@@ -74,6 +75,7 @@ class WinRateCallback(L.Callback):
         self._baseline = self._baseline_tokenizer = self._batches = None
         self._last_step = -1
         self._params_logged = False
+        self._self_judged: dict = {}
 
     # -- shared: records in, metrics and artifacts out -------------------------------------------
     def _dir(self) -> Path:
@@ -111,6 +113,11 @@ class WinRateCallback(L.Callback):
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             path = merge_shards(path.parent, trainer.world_size)
+            # Length control, clustering by prompt and further judges need every record: read them back.
+            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            metrics = {**metrics, **judge_metrics(records, **self.metric_args, self_judged=self._self_judged, seed=self.seed)}
+            if params:
+                params["n_prompts"] = int(metrics["n_prompts"])
             log.info("%swin rate %.3f [%.3f, %.3f] over %d prompts (%s)", self.prefix, metrics["win_rate"],
                      metrics["win_rate_ci_low"], metrics["win_rate_ci_high"], int(metrics["n"]), path)
             self._log(trainer, metrics, params, step, path, subdir)
@@ -128,7 +135,7 @@ class WinRateCallback(L.Callback):
         for logger in loggers:
             client, run_id = logger.experiment, logger.run_id
             stamp = int(1000 * time.time())
-            values = [Metric(self.prefix + k, float(v), stamp, step) for k, v in metrics.items() if math.isfinite(v)]
+            values = [Metric(metric_name(self.prefix, k), float(v), stamp, step) for k, v in metrics.items() if math.isfinite(v)]
             client.log_batch(run_id, metrics=values)
             if params:
                 client.log_batch(run_id, params=[Param(self.prefix + k, str(v)) for k, v in params.items()])
@@ -156,6 +163,7 @@ class WinRateCallback(L.Callback):
         self.add(outputs)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._self_judged = getattr(pl_module, "self_judged", {})
         self._finish(trainer, pl_module.eval_params() if hasattr(pl_module, "eval_params") else {}, step=0)
 
     # -- train time: the policy being trained vs the baseline, every N steps ---------------------

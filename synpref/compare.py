@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Optional
 
 from synpref.cli import register, tracking_uri as default_tracking_uri
+from synpref.report import judge_columns, judge_fields, judges_table, model_cell, power_lines, self_judged_warnings
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ["model", "baseline", "reward_model", "win_rate", "win_rate_ci_low", "win_rate_ci_high", "tie_rate",
            "loss_rate", "sign_test_p", "avg_reward_policy", "avg_reward_baseline", "avg_length_policy",
-           "avg_length_baseline", "length_matched_win_rate", "reward_stderr_policy", "reward_stderr_baseline", "n",
+           "avg_length_baseline", "length_matched_win_rate", "length_controlled_win_rate", "self_judged", "reward_stderr_policy", "reward_stderr_baseline", "n",
            "run_id", "run_name"]
 
 
@@ -35,7 +36,7 @@ def eval_runs(experiment: str, tracking_uri: Optional[str] = None, parent_run_id
         row = {k: m.get(k) for k in COLUMNS if k in m}
         row.update(model=p.get("policy", run.info.run_name), baseline=p.get("baseline", ""),
                    reward_model=p.get("reward_model", ""), n=int(m.get("n", p.get("n_prompts", 0))),
-                   run_id=run.info.run_id, run_name=run.info.run_name or "")
+                   run_id=run.info.run_id, run_name=run.info.run_name or "", **judge_fields(m))
         latest[(row["model"], row["baseline"], row["reward_model"])] = row  # later runs replace earlier ones
     return sorted(latest.values(), key=lambda r: (r["model"], r["baseline"], r["reward_model"]))
 
@@ -49,15 +50,16 @@ def _num(x: Optional[float], fmt: str = ".3f") -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """Model | win rate vs baseline [95% CI] | tie rate | sign-test p | average rewards | N."""
+    """Model | win rate vs baseline [95% CI] | tie rate | sign-test p | average rewards | length-matched
+    and length-controlled win rates | N; a model judged by the scorer that labelled its pairs is marked."""
     lines = ["| model | win rate vs SFT [95% CI] | tie rate | p (sign test) | avg reward | avg reward SFT "
-             "| length-matched win rate | N |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| length-matched win rate | LC win rate | N |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ci = f"{_pct(r.get('win_rate'))} [{_pct(r.get('win_rate_ci_low'))}, {_pct(r.get('win_rate_ci_high'))}]"
-        lines.append(f"| {r['model']} | {ci} | {_pct(r.get('tie_rate'))} | {_num(r.get('sign_test_p'), '.3g')} "
+        lines.append(f"| {model_cell(r)} | {ci} | {_pct(r.get('tie_rate'))} | {_num(r.get('sign_test_p'), '.3g')} "
                      f"| {_num(r.get('avg_reward_policy'))} | {_num(r.get('avg_reward_baseline'))} "
-                     f"| {_pct(r.get('length_matched_win_rate'))} | {r['n']} |")
+                     f"| {_pct(r.get('length_matched_win_rate'))} | {_pct(r.get('length_controlled_win_rate'))} | {r['n']} |")
     return "\n".join(lines)
 
 
@@ -79,13 +81,15 @@ def compare(experiment: str, tracking_uri: Optional[str] = None, csv: Optional[s
     if not rows:
         raise ValueError(f"experiment {experiment!r} has no run with a win_rate metric "
                          f"(run `synpref predict --config configs/eval.yaml` first)")
-    table = markdown_table(rows)
+    parts = [markdown_table(rows), judges_table(rows), "\n".join(self_judged_warnings(rows)), "\n".join(power_lines(rows))]
+    table = "\n\n".join(p for p in parts if p)
     if csv:
         Path(csv).parent.mkdir(parents=True, exist_ok=True)
         with open(csv, "w", newline="", encoding="utf-8") as f:
-            writer = csv_module.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            extra, flat = judge_columns(rows)
+            writer = csv_module.DictWriter(f, fieldnames=COLUMNS + extra, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(flat)
         log.info("wrote %s", csv)
     figures = write_figures(rows, Path(figures_dir)) if figures_dir else []
     if parent_run_id:

@@ -41,10 +41,12 @@ def test_table_from_two_runs(tmp_path, capsys):
     lines = table.splitlines()
     assert lines[0].startswith("| model | win rate vs SFT [95% CI] | tie rate |")
     # The rerun of dpo_synthetic replaced its first run; rows sorted by model.
-    assert lines[2:] == [
-        "| artifacts/dpo_synthetic | 63.0% [53.2%, 71.8%] | 0.0% | 0.012 | -4.125 | -6.500 | 50.0% | 100 |",
-        "| artifacts/dpo_ultrafeedback | 64.0% [54.2%, 72.7%] | 2.0% | 0.004 | -3.250 | -6.500 | 50.0% | 100 |",
+    assert lines[2:4] == [
+        "| artifacts/dpo_synthetic | 63.0% [53.2%, 71.8%] | 0.0% | 0.012 | -4.125 | -6.500 | 50.0% | – | 100 |",
+        "| artifacts/dpo_ultrafeedback | 64.0% [54.2%, 72.7%] | 2.0% | 0.004 | -3.250 | -6.500 | 50.0% | – | 100 |",
     ]
+    # The power line of each arm (synpref.stats.prompts_for_power; values checked by hand in test_judges.py).
+    assert "- dpo_synthetic (63.0%) from 50%: 114; from dpo_ultrafeedback (64.0%): 36,383 per arm" in lines
     rows = list(csv.DictReader(open(tmp_path / "t.csv", newline="")))
     assert [r["model"] for r in rows] == ["artifacts/dpo_synthetic", "artifacts/dpo_ultrafeedback"]
     assert float(rows[0]["win_rate"]) == 0.63 and float(rows[0]["win_rate_ci_low"]) == 0.5322

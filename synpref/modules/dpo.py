@@ -124,8 +124,27 @@ class DPOModule(CausalLMModule):
     # -- precomputation ------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         super().on_fit_start()
+        self.record_labellers()
         if self.hparams.precompute_ref_logps:
             self.precompute_reference()
+
+    def record_labellers(self) -> None:
+        """Which scorers labelled the training pairs (a sampling run's run.json): an MLflow param
+        `labelled_by` now, synpref_provenance.json in the export later, so that evaluation can mark
+        a judge that is the same scorer as self-judged."""
+        from synpref.judges import labellers
+
+        sources = getattr(getattr(self.trainer, "datamodule", None), "sources", None) or []
+        self.labelled_by = labellers(sources)
+        if self.logger is not None:
+            self.logger.log_hyperparams({"labelled_by": ",".join(self.labelled_by) or "not recorded"})
+
+    def export(self, dirpath):
+        from synpref.judges import write_provenance
+
+        out = super().export(dirpath)
+        write_provenance(out, getattr(self, "labelled_by", []))
+        return out
 
     def on_validation_start(self) -> None:
         if self.hparams.precompute_ref_logps and self._ref_table is None:

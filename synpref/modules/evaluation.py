@@ -8,6 +8,7 @@ import lightning as L
 import torch
 
 from synpref.generators import Generator, generate_texts
+from synpref.judges import Judge, judge_batch, judge_labels, read_provenance, self_judged
 from synpref.models import load_frozen_causal_lm, load_tokenizer
 from synpref.modules.base import log_data_drops
 from synpref.rewards.base import RewardScorer, score_checked
@@ -15,8 +16,11 @@ from synpref.rewards.base import RewardScorer, score_checked
 
 def compare_batch(policy, policy_tokenizer, baseline, baseline_tokenizer, reward: RewardScorer,
                   prompts: Sequence[Sequence[dict]], decoding: dict, seed: int, indices: Sequence[int],
-                  generators: Sequence[Optional[Generator]] = (None, None), names: Sequence[str] = ("", "")) -> list[dict]:
-    """One response per prompt from each model (same decoding, same seeds), both scored by `reward`.
+                  generators: Sequence[Optional[Generator]] = (None, None), names: Sequence[str] = ("", ""),
+                  judges: Sequence[Judge] = (), samples_per_prompt: int = 1, tie_tolerance: float = 0.0) -> list[dict]:
+    """`samples_per_prompt` responses per prompt from each model (same decoding, same seeds: sample
+    k of both models shares its random numbers), all scored by `reward`; one record per response
+    pair, prompt-major (with `sample` = k when there are several).
 
     `seed` is the run's seed and `indices` the prompts' indices (see `generate_texts`). A model
     whose entry in `generators` is set is asked through it under its name in `names` (its path);
@@ -24,32 +28,52 @@ def compare_batch(policy, policy_tokenizer, baseline, baseline_tokenizer, reward
 
     The one generate-and-score path of predict-time (WinRateModule) and train-time
     (WinRateCallback(every_n_steps=...)) evaluation. Lengths are generated tokens (each model's
-    own tokenizer), without the end-of-turn token.
+    own tokenizer), without the end-of-turn token. With `judges` (`reward` first among them), each
+    record also carries `judges`: every judge's verdict by label (synpref.judges).
     """
+    n = samples_per_prompt
     prompts = [list(p) for p in prompts]
-    policy_texts, policy_lengths = generate_texts(generators[0], policy, policy_tokenizer, names[0], prompts, indices, seed, **decoding)
-    baseline_texts, baseline_lengths = generate_texts(generators[1], baseline, baseline_tokenizer, names[1], prompts, indices, seed, **decoding)
-    policy_texts, baseline_texts = [t[0] for t in policy_texts], [t[0] for t in baseline_texts]
-    # One call for both models' replies: a local reward model then encodes each prompt once.
-    rewards = score_checked(reward, prompts + prompts, policy_texts + baseline_texts)
-    policy_rewards, baseline_rewards = rewards[: len(prompts)], rewards[len(prompts):]
-    return [
+    policy_texts, policy_lengths = generate_texts(generators[0], policy, policy_tokenizer, names[0], prompts, indices, seed,
+                                                  num_return_sequences=n, **decoding)
+    baseline_texts, baseline_lengths = generate_texts(generators[1], baseline, baseline_tokenizer, names[1], prompts, indices,
+                                                      seed, num_return_sequences=n, **decoding)
+    flat = [(p, k) for p in prompts for k in range(n)]
+    prompts = [p for p, _ in flat]
+    flat_list = (lambda rows: [x for row in rows for x in row])
+    policy_texts, baseline_texts = flat_list(policy_texts), flat_list(baseline_texts)
+    policy_lengths, baseline_lengths = flat_list(policy_lengths), flat_list(baseline_lengths)
+    if judges:
+        labels = judge_labels(judges)
+        verdicts = judge_batch(judges, labels, prompts, policy_texts, baseline_texts, tie_tolerance)
+        first = [v[labels[0]] for v in verdicts]
+        policy_rewards, baseline_rewards = [v["policy_reward"] for v in first], [v["baseline_reward"] for v in first]
+    else:
+        # One call for both models' replies: a local reward model then encodes each prompt once.
+        rewards = score_checked(reward, prompts + prompts, policy_texts + baseline_texts)
+        policy_rewards, baseline_rewards = rewards[: len(prompts)], rewards[len(prompts):]
+    records = [
         {
             "prompt": prompt,
             "policy_response": pt,
             "baseline_response": bt,
             "policy_reward": float(pr),
             "baseline_reward": float(br),
-            "policy_length": int(pl[0]),
-            "baseline_length": int(bl[0]),
+            "policy_length": int(pl),
+            "baseline_length": int(bl),
         }
         for prompt, pt, bt, pr, br, pl, bl in zip(prompts, policy_texts, baseline_texts, policy_rewards,
                                                   baseline_rewards, policy_lengths, baseline_lengths)
     ]
+    for i, (record, (_, k)) in enumerate(zip(records, flat)):
+        if n > 1:
+            record["sample"] = k
+        if judges:
+            record["judges"] = verdicts[i]
+    return records
 
 
 class WinRateModule(L.LightningModule):
-    """`synpref predict`: policy vs baseline on held-out prompts, judged by `reward`.
+    """`synpref predict`: policy vs baseline on held-out prompts, judged by `reward` (and `judges`).
 
     Decoding is the same for both models and, per batch, so is the seed (`seed` + the batch's
     first prompt index), so a batch's result does not depend on what ran before it. The default
@@ -61,13 +85,21 @@ class WinRateModule(L.LightningModule):
     unless `baseline_generator` is given (one server answering both model names, as
     `transformers serve` does; vLLM serves one model per process: give each its own); a served
     model is not loaded here. None = in-process generation.
+
+    `judges`: more scorers (RewardScorer or PairwiseJudge by class_path); each gets its own win
+    rate, interval and averages (`eval/<label>/...`), and every pair of judges its agreement and
+    Cohen's κ; `reward` (or, without it, the first judge, which must then be a RewardScorer) stays
+    the primary judge of the unprefixed metrics. A judge that is the scorer which labelled the
+    policy's training pairs (the export's synpref_provenance.json) is marked self-judged.
+    `samples_per_prompt`: n answers per model per prompt (sample k of both models shares its
+    random numbers); the interval is then a cluster bootstrap over prompts.
     """
 
     def __init__(
         self,
         model_name_or_path: str,
         baseline_name_or_path: str,
-        reward: RewardScorer,
+        reward: Optional[RewardScorer] = None,
         output_dir: Optional[str] = None,
         max_new_tokens: int = 256,
         do_sample: bool = True,
@@ -83,17 +115,28 @@ class WinRateModule(L.LightningModule):
         trust_remote_code: bool = False,
         generator: Optional[Generator] = None,
         baseline_generator: Optional[Generator] = None,
+        judges: Optional[list[Judge]] = None,
+        samples_per_prompt: int = 1,
     ):
         super().__init__()
         # The reward object is not a hyperparameter (it may hold a model); its name is logged.
-        self.save_hyperparameters(ignore=["reward", "generator", "baseline_generator"])
+        self.save_hyperparameters(ignore=["reward", "generator", "baseline_generator", "judges"])
+        if samples_per_prompt < 1:
+            raise ValueError(f"samples_per_prompt={samples_per_prompt}: at least 1 answer per model per prompt")
+        judges = ([reward] if reward is not None else []) + list(judges or [])
+        if not judges or not isinstance(judges[0], RewardScorer):
+            raise ValueError("WinRateModule needs `reward` (a RewardScorer), or `judges` whose first is a RewardScorer")
         if baseline_generator is None and getattr(generator, "model", None):
             raise ValueError(f"generator.model={generator.model!r} names one served model: give the baseline its "
                              f"own baseline_generator (or leave generator.model unset to ask by each model's path)")
         self.generators = (generator, baseline_generator or generator)
         self.model_name_or_path = model_name_or_path
         self.baseline_name_or_path = baseline_name_or_path
-        self.reward = reward
+        self.reward = judges[0]
+        # One judge keeps the records as they were; several add each judge's verdict by label.
+        self.judges = judges if len(judges) > 1 else []
+        self.judge_labels = judge_labels(judges)
+        self.self_judged = self_judged(judges, self.judge_labels, read_provenance(model_name_or_path))
         self.output_dir = output_dir
         self.seed = seed
         self.decoding = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
@@ -121,6 +164,7 @@ class WinRateModule(L.LightningModule):
 
     def on_predict_start(self) -> None:
         self.reward = self.reward.to(self.device)
+        self.judges = [j.to(self.device) for j in self.judges]
         # Prompts dropped (too long, duplicates, bad rows) shrink N: the run says by how many.
         log_data_drops(self)
 
@@ -128,12 +172,17 @@ class WinRateModule(L.LightningModule):
         """What the MLflow run records about this comparison (no secrets: paths, names, settings)."""
         return {"policy": self.model_name_or_path, "baseline": self.baseline_name_or_path,
                 "reward_model": self.reward.name, "seed": self.seed,
+                "samples_per_prompt": self.hparams.samples_per_prompt,
+                "policy_labelled_by": ",".join(read_provenance(self.model_name_or_path)) or "not recorded",
+                **{f"judge.{label}": getattr(j, "name", label) for j, label in zip(self.judges, self.judge_labels)},
                 **{f"decoding.{k}": v for k, v in self.decoding.items()}}
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         index = [int(i) for i in batch["index"]]
         records = compare_batch(self.model, self.tokenizer, self.baseline, self.baseline_tokenizer, self.reward,
                                 batch["prompt"], self.decoding, seed=self.seed, indices=index, generators=self.generators,
-                                names=(self.model_name_or_path, self.baseline_name_or_path))
+                                names=(self.model_name_or_path, self.baseline_name_or_path), judges=self.judges,
+                                samples_per_prompt=self.hparams.samples_per_prompt, tie_tolerance=self.hparams.tie_tolerance)
         ids = batch.get("prompt_id") or [None] * len(index)
-        return [{"index": i, "prompt_id": pid, **r} for i, pid, r in zip(index, ids, records)]
+        n = self.hparams.samples_per_prompt
+        return [{"index": index[j // n], "prompt_id": ids[j // n], **r} for j, r in enumerate(records)]
