@@ -143,6 +143,14 @@ class HFRewardModel(_LocalReward):
         return model
 
     def _scores(self, model, input_ids, attention_mask):
+        head = self._head(model) if is_causal(model) else None
+        if head is not None:
+            # Each row's last real token is found by the mask, as in the prefix-shared path, never
+            # by the pad id: with pad = eos = the end-of-turn token (Llama-3-style templates), HF's
+            # own head would take the trailing end-of-turn token for padding and read the one before.
+            last = attention_mask.sum(1) - 1
+            hidden = model.base_model(input_ids=input_ids).last_hidden_state
+            return head(hidden[torch.arange(len(last), device=hidden.device), last.to(hidden.device)])
         if is_causal(model):
             # Rows are right-padded: under causal attention no real token attends to a pad, and the
             # head reads each row's last non-pad token, so the padding mask would change nothing but
