@@ -195,8 +195,11 @@ def test_cli_predict_logged_win_rate_matches_the_artifact(in_tmp, tiny_model, ba
     capsys.readouterr()
     main(["compare", "--experiment", "synpref-tiny", "--csv", "table.csv"])
     table = capsys.readouterr().out
-    rows = [line for line in table.splitlines() if line.startswith("| artifacts/")]
+    first, judges = table.split("\n\n")[:2]  # Table 1, then one column group per judge
+    rows = [line for line in first.splitlines() if line.startswith("| artifacts/")]
     assert len(rows) == 2
+    assert judges.startswith("| model | RuleReward win rate [95% CI] | RuleReward LC win rate | clarity win rate [95% CI] ")
+    assert f"| artifacts/tiny/dpo_synthetic | {100 * win:.1f}% [" in judges and "Power (80%" in table
     assert rows[0].startswith(f"| artifacts/tiny/dpo_synthetic | {100 * win:.1f}% [")
     assert rows[1].startswith("| artifacts/tiny/dpo_ultrafeedback | 0.0% [0.0%, ") and "| 100.0% |" in rows[1]
     assert len(read_csv(in_tmp / "table.csv")) == 2
