@@ -65,7 +65,7 @@ def test_reproduce_runs_every_stage_once_and_skips_on_rerun(reduced_pipeline, in
     assert "train/loss" in children["sft"].data.metrics
     assert "train/rewards/accuracies" in children["dpo_synthetic"].data.metrics
     for name in ("eval_dpo_ultrafeedback", "eval_dpo_synthetic"):
-        assert 0.0 <= children[name].data.metrics["win_rate"] <= 1.0
+        assert 0.0 <= children[name].data.metrics["eval/win_rate"] <= 1.0
     artifacts = {a.path for a in client.list_artifacts(parent)}
     assert {"win_rates.md", "comparison.csv"} <= artifacts
     assert "| model" in first.lower() and "figures:" in first

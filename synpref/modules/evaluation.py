@@ -9,7 +9,7 @@ import torch
 
 from synpref.generators import Generator, generate_texts
 from synpref.models import load_frozen_causal_lm, load_tokenizer
-from synpref.modules.base import log_data_drops
+from synpref.modules.base import log_data_drops, log_run_params, model_name
 from synpref.rewards.base import RewardScorer, score_checked
 
 
@@ -86,7 +86,8 @@ class WinRateModule(L.LightningModule):
     ):
         super().__init__()
         # The reward object is not a hyperparameter (it may hold a model); its name is logged.
-        self.save_hyperparameters(ignore=["reward", "generator", "baseline_generator"])
+        # logger=False: MLflow gets run_params() (stable names), not every argument.
+        self.save_hyperparameters(ignore=["reward", "generator", "baseline_generator"], logger=False)
         if baseline_generator is None and getattr(generator, "model", None):
             raise ValueError(f"generator.model={generator.model!r} names one served model: give the baseline its "
                              f"own baseline_generator (or leave generator.model unset to ask by each model's path)")
@@ -123,12 +124,13 @@ class WinRateModule(L.LightningModule):
         self.reward = self.reward.to(self.device)
         # Prompts dropped (too long, duplicates, bad rows) shrink N: the run says by how many.
         log_data_drops(self)
+        log_run_params(self, n_prompts=len(getattr(self.trainer.datamodule, "prompts", None) or []))
 
-    def eval_params(self) -> dict:
-        """What the MLflow run records about this comparison (no secrets: paths, names, settings)."""
-        return {"policy": self.model_name_or_path, "baseline": self.baseline_name_or_path,
-                "reward_model": self.reward.name, "seed": self.seed,
-                **{f"decoding.{k}": v for k, v in self.decoding.items()}}
+    def run_params(self) -> dict:
+        """The settings that define this comparison, as MLflow params (no secrets: names and paths)."""
+        return {"policy_name": model_name(self.model_name_or_path), "policy_path": self.model_name_or_path,
+                "baseline_name": model_name(self.baseline_name_or_path), "baseline_path": self.baseline_name_or_path,
+                "reward": self.reward.name, "seed": self.seed, **self.decoding}
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         index = [int(i) for i in batch["index"]]
