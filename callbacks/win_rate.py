@@ -24,7 +24,7 @@ class WinRateCallback(L.Callback):
     metric, and at the end logs metrics, params, eval.jsonl and two PNGs to the MLflow run.
 
     Metrics are `eval/win_rate`, `eval/win_rate_ci_low`, ... at both times (one chart section in
-    the MLflow UI). Predict time: WinRateModule attaches it and logs the run's params itself.
+    the MLflow UI). Predict time: WinRateModule attaches it and logs the run's params, this adds n_prompts.
     Train time (DPO): set `every_n_steps`, `prompts_path`, `baseline` and `reward`; every N
     optimizer steps and at the end of fit the policy (`pl_module.model`) and the baseline answer
     the prompt set, the metrics are logged at that step, eval.jsonl and figures under artifacts
@@ -107,7 +107,7 @@ class WinRateCallback(L.Callback):
         path = Path(self._file.name)
         self._file.close()
         metrics = self._metric.compute()  # all ranks: torchmetrics all-reduces the sum states
-        if params:
+        if params or not self.every_n_steps:  # predict time: the module logged the other params at its start
             params = {**params, "n_prompts": int(metrics["n"])}
         trainer.strategy.barrier()
         if trainer.is_global_zero:
@@ -133,7 +133,8 @@ class WinRateCallback(L.Callback):
             values = [Metric(self.prefix + k, float(v), stamp, step) for k, v in metrics.items() if math.isfinite(v)]
             client.log_batch(run_id, metrics=values)
             if params:
-                client.log_batch(run_id, params=[Param(self.prefix + k, str(v)) for k, v in params.items()])
+                prefix = self.prefix if self.every_n_steps else ""  # train time: apart from the DPO run's own
+                client.log_batch(run_id, params=[Param(prefix + k, str(v)) for k, v in params.items()])
             for f in files:
                 client.log_artifact(run_id, str(f), artifact_path=subdir or None)
             # The same records as an MLflow table: the artifact viewer shows them in columns.

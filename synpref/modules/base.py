@@ -64,7 +64,9 @@ def log_run_params(module: L.LightningModule, **extra) -> None:
     under stable names. Every argument is in the config.yaml artifact; the modules and data modules
     save their hyperparameters with logger=False so Lightning does not log them all."""
     if module.logger is not None:
-        module.logger.log_hyperparams({**module.run_params(), **extra})
+        # Unknown settings (no data module, no global seed) are left out rather than logged as "None".
+        params = {k: v for k, v in {**module.run_params(), **extra}.items() if v not in (None, "")}
+        module.logger.log_hyperparams(params)
 
 
 def global_seed() -> Optional[int]:

@@ -124,7 +124,7 @@ class WinRateModule(L.LightningModule):
         self.reward = self.reward.to(self.device)
         # Prompts dropped (too long, duplicates, bad rows) shrink N: the run says by how many.
         log_data_drops(self)
-        log_run_params(self, n_prompts=len(getattr(self.trainer.datamodule, "prompts", None) or []))
+        log_run_params(self)  # n_prompts, the number evaluated, comes from the WinRateCallback at the end
 
     def run_params(self) -> dict:
         """The settings that define this comparison, as MLflow params (no secrets: names and paths)."""
