@@ -120,7 +120,9 @@ def capture(url: str, experiment_id: str, parent: str, evals: list[str], out: Op
                 query = f"runs={json.dumps(evals)}&experiments={json.dumps([experiment_id])}&{RUNS_VIEW}"
                 page.goto(f"{url}/#/compare-runs?{query}", timeout=120_000)
                 page.get_by_text("eval/win_rate", exact=False).first.wait_for(timeout=60_000)
+                page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)  # the plot, not its placeholder
                 close_assistant(page)
+                page.wait_for_timeout(1000)
                 texts["compare"] = shoot(page, out, "mlflow_compare.png")
         finally:
             browser.close()
