@@ -24,11 +24,12 @@ class WinRateCallback(L.Callback):
     """Streams per-prompt records to `output_dir/eval.jsonl` batch by batch, aggregates a WinRate
     metric, and at the end logs metrics, params, eval.jsonl and two PNGs to the MLflow run.
 
-    Predict time: WinRateModule attaches it (its records and params); metrics are unprefixed
-    (`win_rate`, ...). Train time (DPO): set `every_n_steps`, `prompts_path`, `baseline` and
-    `reward`; every N optimizer steps and at the end of fit the policy (`pl_module.model`) and the
-    baseline answer the prompt set and the same metrics are logged at that step as `eval/win_rate`,
-    ... with eval.jsonl and figures under artifacts `eval/step_<N>/`.
+    Metrics are `eval/win_rate`, `eval/win_rate_ci_low`, ... at both times (one chart section in
+    the MLflow UI). Predict time: WinRateModule attaches it and logs the run's params, this adds n_prompts.
+    Train time (DPO): set `every_n_steps`, `prompts_path`, `baseline` and `reward`; every N
+    optimizer steps and at the end of fit the policy (`pl_module.model`) and the baseline answer
+    the prompt set, the metrics are logged at that step, eval.jsonl and figures under artifacts
+    `eval/step_<N>/`, and the settings once as `eval/baseline_name`, `eval/reward`, ...
     Each process streams its own shard (`eval.rank<R>.jsonl`); rank 0 merges them into eval.jsonl,
     ordered by prompt index, so one process and DDP give the same file.
     """
@@ -68,7 +69,7 @@ class WinRateCallback(L.Callback):
         self.decoding = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
                          "top_k": top_k, "top_p": top_p}
         self.seed = seed
-        self.prefix = prefix if prefix is not None else ("eval/" if every_n_steps else "")
+        self.prefix = "eval/" if prefix is None else prefix
         self._tmp: Optional[tempfile.TemporaryDirectory] = None
         self._file = None
         self._metric: Optional[WinRate] = None
@@ -98,17 +99,17 @@ class WinRateCallback(L.Callback):
         for r in records:
             r["outcome"] = outcome(r["policy_reward"], r["baseline_reward"], tol)
             r["length_matched"] = length_matched(r["policy_length"], r["baseline_length"], ratio)
-            self._file.write(json.dumps(r, ensure_ascii=False) + "\n")
+            self._file.write(json.dumps(readable_order(r), ensure_ascii=False) + "\n")
         self._file.flush()  # a crash keeps every finished batch on disk
         self._metric.update([r["policy_reward"] for r in records], [r["baseline_reward"] for r in records],
                             [r["policy_length"] for r in records], [r["baseline_length"] for r in records])
 
-    def _finish(self, trainer: L.Trainer, params: dict, step: int, subdir: str = "") -> dict:
+    def _finish(self, trainer: L.Trainer, params: dict, step: int, subdir: str = "", labels: Optional[dict] = None) -> dict:
         """Close the shard, aggregate across processes, merge shards and log (rank 0)."""
         path = Path(self._file.name)
         self._file.close()
         metrics = self._metric.compute()  # all ranks: torchmetrics all-reduces the sum states
-        if params:
+        if params or not self.every_n_steps:  # predict time: the module logged the other params at its start
             params = {**params, "n_prompts": int(metrics["n"])}
         trainer.strategy.barrier()
         if trainer.is_global_zero:
@@ -120,15 +121,16 @@ class WinRateCallback(L.Callback):
                 params["n_prompts"] = int(metrics["n_prompts"])
             log.info("%swin rate %.3f [%.3f, %.3f] over %d prompts (%s)", self.prefix, metrics["win_rate"],
                      metrics["win_rate_ci_low"], metrics["win_rate_ci_high"], int(metrics["n"]), path)
-            self._log(trainer, metrics, params, step, path, subdir)
+            self._log(trainer, metrics, params, step, path, subdir, labels or params)
         return metrics
 
-    def _log(self, trainer: L.Trainer, metrics: dict, params: dict, step: int, jsonl: Path, subdir: str) -> None:
+    def _log(self, trainer: L.Trainer, metrics: dict, params: dict, step: int, jsonl: Path, subdir: str,
+             labels: dict) -> None:
         from mlflow.entities import Metric, Param
 
         files = [jsonl]
         if self.figures and metrics["n"]:
-            files += self._plot(metrics, params, jsonl.parent)
+            files += self._plot(metrics, labels, jsonl.parent)
         loggers = [lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)]
         if not loggers:
             log.warning("no MLFlowLogger on the trainer: win-rate metrics only in the log and %s", jsonl.parent)
@@ -138,9 +140,13 @@ class WinRateCallback(L.Callback):
             values = [Metric(metric_name(self.prefix, k), float(v), stamp, step) for k, v in metrics.items() if math.isfinite(v)]
             client.log_batch(run_id, metrics=values)
             if params:
-                client.log_batch(run_id, params=[Param(self.prefix + k, str(v)) for k, v in params.items()])
+                prefix = self.prefix if self.every_n_steps else ""  # train time: apart from the DPO run's own
+                client.log_batch(run_id, params=[Param(prefix + k, str(v)) for k, v in params.items()])
             for f in files:
                 client.log_artifact(run_id, str(f), artifact_path=subdir or None)
+            # The same records as an MLflow table: the artifact viewer shows them in columns.
+            if metrics["n"]:
+                client.log_table(run_id, eval_table(jsonl), f"{subdir}/eval_table.json" if subdir else "eval_table.json")
 
     def _plot(self, metrics: dict, params: dict, out: Path) -> list[Path]:
         try:
@@ -148,8 +154,8 @@ class WinRateCallback(L.Callback):
         except ImportError:
             log.warning("matplotlib is not installed: win-rate figures skipped (pip install matplotlib)")
             return []
-        policy = Path(str(params.get("policy", f"step {self._last_step}"))).name
-        baseline = Path(str(params.get("baseline", self.baseline_path or "baseline"))).name
+        policy = str(params.get("policy_name", f"step {self._last_step}"))
+        baseline = str(params.get("baseline_name", Path(self.baseline_path or "baseline").name))
         plot_win_rates([(policy, metrics)], out / "win_rate.png", baseline)
         plot_average_rewards([(policy, metrics)], out / "avg_reward.png", baseline)
         return [out / "win_rate.png", out / "avg_reward.png"]
@@ -164,7 +170,9 @@ class WinRateCallback(L.Callback):
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._self_judged = getattr(pl_module, "self_judged", {})
-        self._finish(trainer, pl_module.eval_params() if hasattr(pl_module, "eval_params") else {}, step=0)
+        # WinRateModule logged the run's params at predict start; here they only label the figures.
+        names = pl_module.run_params() if hasattr(pl_module, "run_params") else {}
+        self._finish(trainer, {}, step=0, labels=names)
 
     # -- train time: the policy being trained vs the baseline, every N steps ---------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -196,8 +204,9 @@ class WinRateCallback(L.Callback):
                           for i, pid, r in zip(batch["index"], batch["prompt_id"], records)])
         finally:
             policy.train(was_training)
-        params = {} if self._params_logged else {"baseline": self.baseline_path, "reward_model": self.reward.name,
-                                                 "seed": self.seed, "every_n_steps": self.every_n_steps}
+        params = {} if self._params_logged else {"baseline_name": Path(self.baseline_path).name,
+                                                 "reward": self.reward.name, "seed": self.seed,
+                                                 "every_n_steps": self.every_n_steps}
         self._params_logged = True
         return self._finish(trainer, params, step, subdir)
 
@@ -234,6 +243,31 @@ def load_prompt_batches(tokenizer_name_or_path: str, path: str, split: str, max_
         index = [int(i) for i in batch["index"]]
         batches.append({"prompt": batch["prompt"], "prompt_id": list(batch["prompt_id"]), "index": index})
     return batches
+
+
+# eval.jsonl's field order: the outcome, rewards and lengths first, the long texts last.
+FIRST_FIELDS = ("index", "sample", "outcome", "policy_reward", "baseline_reward", "policy_length", "baseline_length",
+                "length_matched", "step", "prompt_id")
+LAST_FIELDS = ("prompt", "policy_response", "baseline_response")
+
+
+def readable_order(record: dict) -> dict:
+    middle = {k: v for k, v in record.items() if k not in FIRST_FIELDS and k not in LAST_FIELDS}
+    return {**{k: record[k] for k in FIRST_FIELDS if k in record}, **middle,
+            **{k: record[k] for k in LAST_FIELDS if k in record}}
+
+
+def eval_table(jsonl: Path) -> dict:
+    """eval.jsonl as columns for `MlflowClient.log_table`; the prompt is its last user message."""
+    rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
+    columns: dict[str, list] = {k: [] for k in (rows[0] if rows else {})}
+    for r in rows:
+        for k in columns:
+            v = r.get(k)
+            if k == "prompt" and isinstance(v, list):
+                v = next((m["content"] for m in reversed(v) if m.get("role") == "user"), "")
+            columns[k].append(v)
+    return columns
 
 
 def merge_shards(out: Path, world_size: int) -> Path:

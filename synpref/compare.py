@@ -12,33 +12,41 @@ from synpref.report import judge_columns, judge_fields, judges_table, model_cell
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["model", "baseline", "reward_model", "win_rate", "win_rate_ci_low", "win_rate_ci_high", "tie_rate",
+# Row keys; the run's metrics are these under METRIC_PREFIX (`eval/win_rate`, ...).
+COLUMNS = ["model", "path", "baseline", "reward_model", "win_rate", "win_rate_ci_low", "win_rate_ci_high", "tie_rate",
            "loss_rate", "sign_test_p", "avg_reward_policy", "avg_reward_baseline", "avg_length_policy",
            "avg_length_baseline", "length_matched_win_rate", "length_controlled_win_rate", "self_judged", "reward_stderr_policy", "reward_stderr_baseline", "n",
            "run_id", "run_name"]
+METRIC_PREFIX = "eval/"
+RATE_COLUMNS = COLUMNS[4:-2]
 
 
 def eval_runs(experiment: str, tracking_uri: Optional[str] = None, parent_run_id: Optional[str] = None) -> list[dict]:
-    """One row per evaluated policy: the latest run with a `win_rate` for each (policy, baseline,
-    reward model), sorted by policy; only children of `parent_run_id` if given."""
+    """One row per evaluated policy: the latest `synpref predict` eval run (an `eval/win_rate` metric and
+    a `baseline_name` param; DPO runs with in-training evaluation log `eval/baseline_name`) for each
+    (policy path, baseline, reward), sorted by policy name; only children of `parent_run_id` if given.
+    Row keys are COLUMNS: the metric names without the `eval/` prefix, `model` the short name."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri or default_tracking_uri())
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ValueError(f"no MLflow experiment {experiment!r} at {tracking_uri or default_tracking_uri()}")
-    query = "metrics.win_rate >= 0"
+    query = f"metrics.`{METRIC_PREFIX}win_rate` >= 0"
     if parent_run_id:
         query += f" and tags.mlflow.parentRunId = '{parent_run_id}'"
     latest: dict[tuple, dict] = {}
     for run in client.search_runs([exp.experiment_id], query, order_by=["attributes.start_time ASC"], max_results=5000):
         p, m = run.data.params, run.data.metrics
-        row = {k: m.get(k) for k in COLUMNS if k in m}
-        row.update(model=p.get("policy", run.info.run_name), baseline=p.get("baseline", ""),
-                   reward_model=p.get("reward_model", ""), n=int(m.get("n", p.get("n_prompts", 0))),
+        if "baseline_name" not in p:
+            continue
+        row = {k: m[METRIC_PREFIX + k] for k in COLUMNS if METRIC_PREFIX + k in m}
+        row.update(model=p.get("policy_name", run.info.run_name), path=p.get("policy_path", ""),
+                   baseline=p["baseline_name"], reward_model=p.get("reward", ""),
+                   n=int(m.get(METRIC_PREFIX + "n", p.get("n_prompts", 0))),
                    run_id=run.info.run_id, run_name=run.info.run_name or "", **judge_fields(m))
-        latest[(row["model"], row["baseline"], row["reward_model"])] = row  # later runs replace earlier ones
-    return sorted(latest.values(), key=lambda r: (r["model"], r["baseline"], r["reward_model"]))
+        latest[(row["path"] or row["model"], row["baseline"], row["reward_model"])] = row  # later runs replace earlier
+    return sorted(latest.values(), key=lambda r: (r["model"], r["path"], r["baseline"], r["reward_model"]))
 
 
 def _pct(x: Optional[float]) -> str:
@@ -51,15 +59,16 @@ def _num(x: Optional[float], fmt: str = ".3f") -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     """Model | win rate vs baseline [95% CI] | tie rate | sign-test p | average rewards | length-matched
-    and length-controlled win rates | N; a model judged by the scorer that labelled its pairs is marked."""
+    and length-controlled win rates | N | path; a model judged by the scorer that labelled its pairs is marked."""
     lines = ["| model | win rate vs SFT [95% CI] | tie rate | p (sign test) | avg reward | avg reward SFT "
-             "| length-matched win rate | LC win rate | N |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| length-matched win rate | LC win rate | N | path |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ci = f"{_pct(r.get('win_rate'))} [{_pct(r.get('win_rate_ci_low'))}, {_pct(r.get('win_rate_ci_high'))}]"
         lines.append(f"| {model_cell(r)} | {ci} | {_pct(r.get('tie_rate'))} | {_num(r.get('sign_test_p'), '.3g')} "
                      f"| {_num(r.get('avg_reward_policy'))} | {_num(r.get('avg_reward_baseline'))} "
-                     f"| {_pct(r.get('length_matched_win_rate'))} | {_pct(r.get('length_controlled_win_rate'))} | {r['n']} |")
+                     f"| {_pct(r.get('length_matched_win_rate'))} | {_pct(r.get('length_controlled_win_rate'))} | {r['n']} "
+                     f"| {r.get('path', '')} |")
     return "\n".join(lines)
 
 
@@ -79,7 +88,7 @@ def compare(experiment: str, tracking_uri: Optional[str] = None, csv: Optional[s
     """
     rows = eval_runs(experiment, tracking_uri, parent_run_id)
     if not rows:
-        raise ValueError(f"experiment {experiment!r} has no run with a win_rate metric "
+        raise ValueError(f"experiment {experiment!r} has no eval run (an {METRIC_PREFIX}win_rate metric) "
                          f"(run `synpref predict --config configs/eval.yaml` first)")
     parts = [markdown_table(rows), judges_table(rows), "\n".join(self_judged_warnings(rows)), "\n".join(power_lines(rows))]
     table = "\n\n".join(p for p in parts if p)
@@ -109,9 +118,9 @@ def write_figures(rows: list[dict], out: Path) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     nan = float("nan")
-    series = [(Path(r["model"]).name, {k: nan if r.get(k) is None else r[k] for k in COLUMNS[3:-2]} | {"n": r["n"]})
+    series = [(r["model"], {k: nan if r.get(k) is None else r[k] for k in RATE_COLUMNS} | {"n": r["n"]})
               for r in rows]
-    baseline = Path(rows[0]["baseline"]).name or "baseline"
+    baseline = rows[0]["baseline"] or "baseline"
     plot_win_rates(series, out / "win_rates.png", baseline)
     plot_average_rewards(series, out / "avg_rewards.png", baseline)
     return [out / "win_rates.png", out / "avg_rewards.png"]

@@ -161,15 +161,20 @@ def plot_win_rates(rows: Sequence[tuple[str, dict]], path, baseline: str = "SFT"
     for j, (key, colour) in enumerate([("win_rate", "#2a9d8f"), ("tie_rate", "#adb5bd"), ("loss_rate", "#e76f51")]):
         xs = [i + (j - 1) * width for i in range(len(rows))]
         values = [100 * m[key] for _, m in rows]
-        bars = ax.bar(xs, values, width, label=key.split("_")[0], color=colour)
+        ax.bar(xs, values, width, label=key.split("_")[0], color=colour)
+        tops = values
         if key == "win_rate":
             err = [[100 * (m[key] - m["win_rate_ci_low"]) for _, m in rows],
                    [100 * (m["win_rate_ci_high"] - m[key]) for _, m in rows]]
             ax.errorbar(xs, values, yerr=err, fmt="none", ecolor="black", capsize=4)
-        ax.bar_label(bars, fmt="%.0f%%", fontsize=8, padding=2)
+            tops = [v + e for v, e in zip(values, err[1])]
+        # Labels sit above the error bar's cap, not on it.
+        for x, v, top in zip(xs, values, tops):
+            ax.annotate(f"{v:.0f}%", (x, top), xytext=(0, 3), textcoords="offset points", ha="center",
+                        va="bottom", fontsize=8)
     ax.axhline(50, color="black", linestyle=":", linewidth=1)
     ax.set_xticks(range(len(rows)), [f"{label}\n(N={int(m['n'])})" for label, m in rows])
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 112)  # room for a label above a 100 % interval
     ax.set_ylabel(f"% of prompts vs {baseline}")
     ax.set_title(f"Win rate against {baseline} (95% Wilson interval)")
     ax.legend(loc="upper right")
@@ -186,8 +191,13 @@ def plot_average_rewards(rows: Sequence[tuple[str, dict]], path, baseline: str =
     errs = [first["reward_stderr_baseline"]] + [m["reward_stderr_policy"] for _, m in rows]
     errs = [0.0 if math.isnan(e) else e for e in errs]
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
-    bars = ax.bar(range(len(labels)), means, yerr=errs, capsize=4, color=["#adb5bd"] + ["#264653"] * len(rows))
-    ax.bar_label(bars, fmt="%.3g", fontsize=8, padding=2)
+    ax.bar(range(len(labels)), means, yerr=errs, capsize=4, color=["#adb5bd"] + ["#264653"] * len(rows))
+    # Labels beyond the error bar's end (below it for a negative mean), not on it.
+    for x, mean, err in zip(range(len(labels)), means, errs):
+        up = mean >= 0
+        ax.annotate(f"{mean:.3g}", (x, mean + err if up else mean - err), xytext=(0, 3 if up else -3),
+                    textcoords="offset points", ha="center", va="bottom" if up else "top", fontsize=8)
+    ax.margins(y=0.15)  # room for the labels
     ax.axhline(0, color="black", linewidth=0.5)
     ax.set_xticks(range(len(labels)), labels)
     ax.set_ylabel("average reward (± s.e.)")

@@ -79,3 +79,28 @@ def read_jsonl(path) -> list[dict]:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+# The MLflow params of each run type: the settings that define the run, under stable names (every
+# argument is in the run's config.yaml artifact). A param missing here, or one not listed, fails.
+DECODING = {"max_new_tokens", "temperature", "top_k", "top_p"}
+RUN_PARAMS = {
+    "sft": {"policy_name", "lr", "batch_size", "seed"},
+    "dpo": {"policy_name", "lr", "batch_size", "seed", "pairs", "beta", "loss_type", "labelled_by"},
+    "sample": {"policy_name", "reward", "num_samples", "threshold", "seed", "n_prompts"} | DECODING,
+    "eval": {"policy_name", "policy_path", "baseline_name", "baseline_path", "reward", "seed", "n_prompts",
+             "do_sample", "samples_per_prompt", "policy_labelled_by"} | DECODING,
+}
+# DPO with WinRateCallback(every_n_steps=...): its settings, once.
+TRAINING_EVAL_PARAMS = {"eval/baseline_name", "eval/reward", "eval/seed", "eval/every_n_steps", "eval/n_prompts"}
+
+
+def assert_run_params(params: dict, kind: str, extra: set = frozenset()) -> None:
+    """`params` are exactly the run type's (training runs: + max_epochs or max_steps)."""
+    expected = RUN_PARAMS[kind] | set(extra)
+    if kind == "eval":  # one `judge.<label>` per judge of the evaluation
+        expected |= {k for k in params if k.startswith("judge.")}
+    if kind in ("sft", "dpo"):
+        expected |= {"max_steps"} if "max_steps" in params else {"max_epochs"}
+    assert set(params) == expected, f"{kind} run: unknown {set(params) - expected}, missing {expected - set(params)}"
+    assert not any(k.startswith("_") or v in ("", "None") for k, v in params.items()), params

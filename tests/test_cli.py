@@ -11,7 +11,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from synpref.cli import main
-from tests.conftest import read_jsonl
+from tests.conftest import assert_run_params, read_jsonl
 
 FAST = ["--trainer.max_epochs=1", "--data.init_args.max_rows=64", "--trainer.log_every_n_steps=1",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -41,7 +41,8 @@ def test_fit_logs_to_mlflow_and_exports(in_tmp, sample_dir, tiny_model):
     lrs = [m.value for m in client.get_metric_history(run.info.run_id, "train/learning_rate")]
     assert 0 < lrs[0] < max(lrs) == pytest.approx(3.0e-3) and lrs[-1] < max(lrs)
     assert float(run.data.params["lr"]) == 3.0e-3
-    assert run.data.params["path"] == "synpref://sample/sft_messages.jsonl"
+    assert_run_params(run.data.params, "sft")
+    assert run.data.params["policy_name"] == "base" and run.data.params["max_epochs"] == "1"
 
     # The resolved config, command-line overrides included, is an artifact of the run.
     config_path = client.download_artifacts(run.info.run_id, "config.yaml", str(in_tmp))

@@ -12,10 +12,12 @@ from synpref.compare import compare
 def log_eval_run(client, exp_id, policy, metrics, parent=None, name="eval"):
     tags = {"mlflow.parentRunId": parent} if parent else {}
     run = client.create_run(exp_id, run_name=name, tags=tags)
-    for k, v in {"policy": policy, "baseline": "artifacts/sft", "reward_model": "nemotron", "seed": 0}.items():
+    params = {"policy_name": policy.rsplit("/", 1)[-1], "policy_path": policy, "baseline_name": "sft",
+              "reward": "nemotron", "seed": 0}
+    for k, v in params.items():
         client.log_param(run.info.run_id, k, v)
     for k, v in metrics.items():
-        client.log_metric(run.info.run_id, k, v)
+        client.log_metric(run.info.run_id, f"eval/{k}", v)
     client.set_terminated(run.info.run_id)
     return run.info.run_id
 
@@ -34,28 +36,32 @@ def test_table_from_two_runs(tmp_path, capsys):
     log_eval_run(client, exp, "artifacts/dpo_synthetic", metrics(0.5, 0, 0.4, 0.6, -1.0, -2.0, 1.0), name="old")
     log_eval_run(client, exp, "artifacts/dpo_ultrafeedback", metrics(0.64, 0.02, 0.542, 0.727, -3.25, -6.5, 0.004), parent)
     log_eval_run(client, exp, "artifacts/dpo_synthetic", metrics(0.63, 0.0, 0.5322, 0.7182, -4.125, -6.5, 0.012), parent)
-    client.log_metric(client.create_run(exp, run_name="dpo").info.run_id, "train/loss", 0.3)  # not an eval run
+    dpo = client.create_run(exp, run_name="synthetic·dpo").info.run_id  # not an eval run: in-training evaluation
+    client.log_metric(dpo, "eval/win_rate", 0.9)
+    client.log_param(dpo, "eval/baseline_name", "sft")
 
     table = compare("paper", tracking_uri=uri, csv=str(tmp_path / "t.csv"))
     assert capsys.readouterr().out.strip() == table
     lines = table.splitlines()
-    assert lines[0].startswith("| model | win rate vs SFT [95% CI] | tie rate |")
-    # The rerun of dpo_synthetic replaced its first run; rows sorted by model.
+    assert lines[0].startswith("| model | win rate vs SFT [95% CI] | tie rate |") and lines[0].endswith("| path |")
+    # The rerun of dpo_synthetic replaced its first run; rows sorted by model; short names, path last.
     assert lines[2:4] == [
-        "| artifacts/dpo_synthetic | 63.0% [53.2%, 71.8%] | 0.0% | 0.012 | -4.125 | -6.500 | 50.0% | – | 100 |",
-        "| artifacts/dpo_ultrafeedback | 64.0% [54.2%, 72.7%] | 2.0% | 0.004 | -3.250 | -6.500 | 50.0% | – | 100 |",
+        "| dpo_synthetic | 63.0% [53.2%, 71.8%] | 0.0% | 0.012 | -4.125 | -6.500 | 50.0% | – | 100 | artifacts/dpo_synthetic |",
+        "| dpo_ultrafeedback | 64.0% [54.2%, 72.7%] | 2.0% | 0.004 | -3.250 | -6.500 | 50.0% | – | 100 "
+        "| artifacts/dpo_ultrafeedback |",
     ]
     # The power line of each arm (synpref.stats.prompts_for_power; values checked by hand in test_judges.py).
     assert "- dpo_synthetic (63.0%) from 50%: 114; from dpo_ultrafeedback (64.0%): 36,383 per arm" in lines
     rows = list(csv.DictReader(open(tmp_path / "t.csv", newline="")))
-    assert [r["model"] for r in rows] == ["artifacts/dpo_synthetic", "artifacts/dpo_ultrafeedback"]
+    assert [r["model"] for r in rows] == ["dpo_synthetic", "dpo_ultrafeedback"]
+    assert [r["path"] for r in rows] == ["artifacts/dpo_synthetic", "artifacts/dpo_ultrafeedback"]
     assert float(rows[0]["win_rate"]) == 0.63 and float(rows[0]["win_rate_ci_low"]) == 0.5322
-    assert rows[1]["n"] == "100" and rows[1]["reward_model"] == "nemotron" and rows[1]["baseline"] == "artifacts/sft"
+    assert rows[1]["n"] == "100" and rows[1]["reward_model"] == "nemotron" and rows[1]["baseline"] == "sft"
 
     # One pipeline run's children only.
     capsys.readouterr()
     only = compare("paper", tracking_uri=uri, parent_run_id=parent, figures_dir=str(tmp_path / "fig"))
-    assert "| artifacts/dpo_synthetic | 63.0%" in only and "50.0% [40.0%" not in only
+    assert "| dpo_synthetic | 63.0%" in only and "50.0% [40.0%" not in only
     # ... logged to the parent run with Figures 1 and 2 of both models.
     logged = {a.path for a in client.list_artifacts(parent)}
     assert logged == {"win_rates.md", "win_rates.png", "avg_rewards.png"}
@@ -66,5 +72,5 @@ def test_table_from_two_runs(tmp_path, capsys):
     with pytest.raises(ValueError, match="no MLflow experiment 'nope'"):
         compare("nope", tracking_uri=uri)
     client.create_experiment("empty")
-    with pytest.raises(ValueError, match="no run with a win_rate"):
+    with pytest.raises(ValueError, match="no eval run"):
         compare("empty", tracking_uri=uri)

@@ -10,6 +10,7 @@ from mlflow.utils.validation import _validate_metric_name
 
 from synpref.chat import DataError
 from synpref.data import SmolTalkDataModule
+from synpref.modules.base import DROPPED_PREFIX
 from tests.conftest import read_jsonl
 
 
@@ -80,7 +81,7 @@ def test_bad_rows_skipped_are_counted_and_logged(tiny_model, good, tmp_path, cap
 
     # The counts become run metrics (CausalLMModule.on_fit_start): names MLflow accepts.
     for key in dm.drop_counts:
-        _validate_metric_name(f"data/dropped/{key}")
+        _validate_metric_name(DROPPED_PREFIX + key)
 
 
 def test_all_rows_bad_is_an_error_even_when_skipping(tiny_model, good, tmp_path):

@@ -16,7 +16,7 @@ from synpref.data.preferences import PreferenceDataModule, PreferenceSource
 from synpref.losses import dpo_loss
 from synpref.models import load_causal_lm, load_tokenizer
 from synpref.modules.dpo import DPOModule, sequence_logps
-from tests.conftest import ROOT, read_jsonl
+from tests.conftest import ROOT, assert_run_params, read_jsonl
 
 UF = {"format": "ultrafeedback_binarized"}
 
@@ -234,9 +234,10 @@ def test_tiny_synthetic_config_runs_and_exports(in_tmp, tiny_model, sample_dir):
     assert (export / "config.json").exists() and load_tokenizer(str(export)) is not None
     client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     run = client.search_runs([client.get_experiment_by_name("synpref-tiny").experiment_id])[0]
-    assert run.info.run_name == "dpo_synthetic"
+    assert run.info.run_name == "synthetic·dpo" and run.data.params["pairs"] == "synthetic"
+    assert_run_params(run.data.params, "dpo")
     metrics = run.data.metrics
     for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                  "logps/chosen", "logps/rejected"):
         assert f"train/{name}" in metrics and f"val/{name}" in metrics
-    assert metrics["data/dropped/train/tie"] == sum(r["score_chosen"] == r["score_rejected"] for r in rows)
+    assert metrics["zz_data/dropped/train/tie"] == sum(r["score_chosen"] == r["score_rejected"] for r in rows)

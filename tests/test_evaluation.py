@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from synpref.modules import WinRateModule
 from synpref.rewards.base import RewardScorer
 
-from tests.conftest import read_jsonl
+from tests.conftest import TRAINING_EVAL_PARAMS, assert_run_params, read_jsonl
 
 
 class DistinctWords(RewardScorer):
@@ -122,14 +122,16 @@ def test_predict_logs_to_a_real_mlflow_server(mlflow_server, tiny_model, baselin
     run = get_json(mlflow_server, "/api/2.0/mlflow/runs/get", run_id=logger.run_id)["run"]
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
-    assert params["policy"] == tiny_model and params["baseline"] == baseline_model
-    assert params["reward_model"] == "distinct-words" and params["n_prompts"] == "12" and params["seed"] == "3"
+    assert params["policy_path"] == tiny_model and params["baseline_path"] == baseline_model
+    assert params["reward"] == "distinct-words" and params["n_prompts"] == "12" and params["seed"] == "3"
+    assert_run_params(params, "eval")
     for key in ("win_rate", "tie_rate", "loss_rate", "win_rate_ci_low", "win_rate_ci_high", "avg_reward_policy",
                 "avg_reward_baseline", "sign_test_p", "avg_length_policy", "avg_length_baseline", "length_matched_n"):
-        assert key in metrics, key
+        assert f"eval/{key}" in metrics, key
+    metrics = {k.removeprefix("eval/"): v for k, v in metrics.items()}
     # ... and the artifacts, downloaded through the server's artifact proxy.
     listed = get_json(mlflow_server, "/api/2.0/mlflow/artifacts/list", run_id=logger.run_id)
-    assert {f["path"] for f in listed["files"]} >= {"eval.jsonl", "win_rate.png", "avg_reward.png"}
+    assert {f["path"] for f in listed["files"]} >= {"eval.jsonl", "eval_table.json", "win_rate.png", "avg_reward.png"}
     base = f"{mlflow_server}/get-artifact?run_uuid={logger.run_id}&path="
     rows = [json.loads(line) for line in urllib.request.urlopen(base + "eval.jsonl").read().decode().splitlines()]
     assert [r["index"] for r in rows] == list(range(12))
@@ -172,13 +174,22 @@ def test_cli_predict_logged_win_rate_matches_the_artifact(in_tmp, tiny_model, ba
     assert artifact == local and len(artifact) == 10
     assert sorted(r["index"] for r in artifact) == list(range(10))
     win, tie, loss = outcome_fractions(artifact)
-    m, p = run.data.metrics, run.data.params
+    m, p = {k.removeprefix("eval/"): v for k, v in run.data.metrics.items()}, run.data.params
     assert m["win_rate"] == pytest.approx(win) and m["tie_rate"] == pytest.approx(tie)
     assert m["loss_rate"] == pytest.approx(loss) and m["n"] == 10
     assert m["avg_reward_baseline"] == pytest.approx(sum(r["baseline_reward"] for r in artifact) / 10)
     assert m["avg_length_policy"] == pytest.approx(sum(r["policy_length"] for r in artifact) / 10)
-    assert p["policy"] == "artifacts/tiny/dpo_synthetic" and p["baseline"] == "artifacts/tiny/sft"
-    assert p["reward_model"] == "synpref.rewards.RuleReward" and p["n_prompts"] == "10" and p["seed"] == "0"
+    assert p["policy_path"] == "artifacts/tiny/dpo_synthetic" and p["baseline_name"] == "sft"
+    assert p["reward"] == "synpref.rewards.RuleReward" and p["n_prompts"] == "10" and p["seed"] == "0"
+    assert run.info.run_name == "synthetic·eval"
+    assert_run_params(p, "eval")
+    # Outcome, rewards and lengths come before the texts; the same rows are an MLflow table.
+    assert list(artifact[0])[:7] == ["index", "outcome", "policy_reward", "baseline_reward", "policy_length",
+                                     "baseline_length", "length_matched"]
+    assert list(artifact[0])[-3:] == ["prompt", "policy_response", "baseline_response"]
+    table = json.loads(open(client.download_artifacts(run.info.run_id, "eval_table.json", str(in_tmp))).read())
+    assert table["columns"][:2] == ["index", "outcome"]
+    assert [row[1] for row in table["data"]] == [r["outcome"] for r in artifact]
     # The judge's scores in the records are its scores of the recorded texts.
     from synpref.rewards import RuleReward
 
@@ -196,12 +207,12 @@ def test_cli_predict_logged_win_rate_matches_the_artifact(in_tmp, tiny_model, ba
     main(["compare", "--experiment", "synpref-tiny", "--csv", "table.csv"])
     table = capsys.readouterr().out
     first, judges = table.split("\n\n")[:2]  # Table 1, then one column group per judge
-    rows = [line for line in first.splitlines() if line.startswith("| artifacts/")]
+    rows = [line for line in first.splitlines() if line.startswith("| dpo_")]
     assert len(rows) == 2
     assert judges.startswith("| model | RuleReward win rate [95% CI] | RuleReward LC win rate | clarity win rate [95% CI] ")
-    assert f"| artifacts/tiny/dpo_synthetic | {100 * win:.1f}% [" in judges and "Power (80%" in table
-    assert rows[0].startswith(f"| artifacts/tiny/dpo_synthetic | {100 * win:.1f}% [")
-    assert rows[1].startswith("| artifacts/tiny/dpo_ultrafeedback | 0.0% [0.0%, ") and "| 100.0% |" in rows[1]
+    assert f"| dpo_synthetic | {100 * win:.1f}% [" in judges and "Power (80%" in table
+    assert rows[0].startswith(f"| dpo_synthetic | {100 * win:.1f}% [") and rows[0].endswith("| artifacts/tiny/dpo_synthetic |")
+    assert rows[1].startswith("| dpo_ultrafeedback | 0.0% [0.0%, ") and "| 100.0% |" in rows[1]
     assert len(read_csv(in_tmp / "table.csv")) == 2
 
 
@@ -227,7 +238,7 @@ def test_periodic_win_rate_during_dpo(in_tmp, baseline_model):
           f"--data.init_args.sources={json.dumps(pairs)}", "--data.init_args.val_sources=[]",
           "--data.init_args.batch_size=4", "--data.init_args.max_length=128", "--trainer.limit_val_batches=0",
           f"--trainer.callbacks+={json.dumps(callback)}"])
-    client, runs = eval_run("synpref-tiny", "dpo_ultrafeedback")
+    client, runs = eval_run("synpref-tiny", "ultrafeedback·dpo")
     run_id = runs[0].info.run_id
     history = client.get_metric_history(run_id, "eval/win_rate")
     assert sorted(h.step for h in history) == [2, 4]
@@ -236,6 +247,8 @@ def test_periodic_win_rate_during_dpo(in_tmp, baseline_model):
         assert len(rows) == 4 and all(r["step"] == h.step for r in rows)
         assert h.value == pytest.approx(outcome_fractions(rows)[0])
     params = runs[0].data.params
-    assert params["eval/baseline"] == "artifacts/tiny/sft" and params["eval/n_prompts"] == "4"
+    assert params["eval/baseline_name"] == "sft" and params["eval/n_prompts"] == "4"
+    assert_run_params(params, "dpo", TRAINING_EVAL_PARAMS)
+    assert params["pairs"] == "ultrafeedback"
     names = {f.path for f in client.list_artifacts(run_id, "eval/step_000004")}
     assert {"eval/step_000004/eval.jsonl", "eval/step_000004/win_rate.png"} <= names

@@ -65,13 +65,13 @@ def test_reproduce_runs_every_stage_once_and_skips_on_rerun(reduced_pipeline, in
     assert "train/loss" in children["sft"].data.metrics
     assert "train/rewards/accuracies" in children["dpo_synthetic"].data.metrics
     for name in ("eval_dpo_ultrafeedback", "eval_dpo_synthetic"):
-        assert 0.0 <= children[name].data.metrics["win_rate"] <= 1.0
+        assert 0.0 <= children[name].data.metrics["eval/win_rate"] <= 1.0
     # RuleReward labelled the synthetic pairs (sampling's run.json -> DPO param and export -> eval):
     # judging dpo_synthetic with it is self-judged; dpo_ultrafeedback's pairs came from UltraFeedback.
     assert children["dpo_synthetic"].data.params["labelled_by"] == "synpref.rewards.RuleReward"
     synthetic, ultrafeedback = children["eval_dpo_synthetic"].data.metrics, children["eval_dpo_ultrafeedback"].data.metrics
     assert synthetic["eval/RuleReward/self_judged"] == 1.0 and synthetic["eval/clarity/self_judged"] == 0.0
-    assert ultrafeedback["self_judged"] == 0.0 and "eval/agreement/RuleReward/clarity" in ultrafeedback
+    assert ultrafeedback["eval/self_judged"] == 0.0 and "eval/agreement/RuleReward/clarity" in ultrafeedback
     artifacts = {a.path for a in client.list_artifacts(parent)}
     assert {"win_rates.md", "comparison.csv"} <= artifacts
     assert "| model" in first.lower() and "figures:" in first

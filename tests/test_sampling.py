@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import read_jsonl
+from tests.conftest import assert_run_params, read_jsonl
 from synpref.data import PromptDataModule
 from synpref.data.prompts import text_key
 from synpref.modules import SamplingModule
@@ -138,6 +138,8 @@ def test_kill_resume_and_ddp_give_the_uninterrupted_rows(in_tmp, sample_dir):
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     run = client.search_runs([client.get_experiment_by_name("synpref-tiny").experiment_id], order_by=["start_time ASC"])[0]
     m = run.data.metrics
+    assert_run_params(run.data.params, "sample")
+    assert run.data.params["n_prompts"] == "12" and run.data.params["reward"] == "synpref.rewards.RuleReward"
     by_prompt = {}
     for s in samples:
         by_prompt.setdefault(s["index"], []).append((s["score"], s["response"]))

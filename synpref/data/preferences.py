@@ -138,7 +138,7 @@ class PreferenceDataModule(TokenizedDataModule):
         # Plain dicts in the hyper-parameters: checkpoints then load with torch.load(weights_only=True).
         sources = [asdict(s) for s in self.sources]
         val_sources = [asdict(s) for s in self.val_sources]
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # MLflow params: the module's run_params()
         self.max_length, self.drop_ties, self.on_bad_row, self.num_proc = max_length, drop_ties, on_bad_row, num_proc
 
     # -- one row -------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ class PromptDataModule(TokenizedDataModule):
         trust_remote_code: bool = False,
     ):
         super().__init__(tokenizer_name_or_path, batch_size, None, 0.0, group_by_length, num_workers, 0, trust_remote_code)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # MLflow params: the module's run_params()
         self.path, self.split, self.config_name, self.max_prompts = path, split, config_name, max_prompts
         self.exclude, self.exclude_split = list(exclude or []), exclude_split
         self.max_prompt_length, self.on_bad_row, self.num_proc = max_prompt_length, on_bad_row, num_proc

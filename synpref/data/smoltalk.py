@@ -42,7 +42,7 @@ class SmolTalkDataModule(TokenizedDataModule):
     ):
         super().__init__(tokenizer_name_or_path, batch_size, eval_batch_size, val_fraction,
                          group_by_length, num_workers, seed, trust_remote_code)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # MLflow params: the module's run_params()
         self.path, self.config_name, self.split, self.val_split = path, config_name, split, val_split
         self.max_length, self.max_rows, self.on_bad_row, self.num_proc = max_length, max_rows, on_bad_row, num_proc
 

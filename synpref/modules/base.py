@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Literal, Optional
@@ -39,12 +40,39 @@ def loss_token_logits(model: torch.nn.Module, input_ids, attention_mask, labels)
     return (logits if logits.dtype == torch.float64 else logits.float()), targets[keep], rows
 
 
+# Drop counts sort after every other metric section in the MLflow UI (the results come first).
+DROPPED_PREFIX = "zz_data/dropped/"
+
+
 def log_data_drops(module: L.LightningModule) -> None:
-    """Log the data module's counted drops as `data/dropped/<reason>` metrics of the run: every dropped
-    row is counted somewhere a user looks."""
+    """Log the data module's counted drops as `zz_data/dropped/<reason>` metrics of the run: every
+    dropped row is counted somewhere a user looks."""
     counts = getattr(module.trainer.datamodule, "drop_counts", None)
     if counts and module.logger is not None:
-        module.logger.log_metrics({f"data/dropped/{k.replace(':', '_')}": float(v) for k, v in counts.items()})
+        module.logger.log_metrics({DROPPED_PREFIX + k.replace(":", "_"): float(v) for k, v in counts.items()})
+
+
+def model_name(name_or_path: str) -> str:
+    """The short name of a model: its folder (`artifacts/tiny/dpo_synthetic` -> `dpo_synthetic`) or hub id."""
+    path = Path(name_or_path)
+    return path.name if path.exists() or name_or_path.startswith((".", "/")) or name_or_path.count("/") != 1 \
+        else name_or_path
+
+
+def log_run_params(module: L.LightningModule, **extra) -> None:
+    """Log `module.run_params()` (+ extra) as the run's MLflow params: the settings that define the run,
+    under stable names. Every argument is in the config.yaml artifact; the modules and data modules
+    save their hyperparameters with logger=False so Lightning does not log them all."""
+    if module.logger is not None:
+        # Unknown settings (no data module, no global seed) are left out rather than logged as "None".
+        params = {k: v for k, v in {**module.run_params(), **extra}.items() if v not in (None, "")}
+        module.logger.log_hyperparams(params)
+
+
+def global_seed() -> Optional[int]:
+    """The seed of `seed_everything` (the config's top-level seed_everything), if one was set."""
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    return int(seed) if seed is not None else None
 
 
 class CausalLMModule(L.LightningModule):
@@ -72,8 +100,8 @@ class CausalLMModule(L.LightningModule):
         trust_remote_code: bool = False,
     ):
         super().__init__()
-        # Collects the arguments of every __init__ in the chain: the subclass's are logged too.
-        self.save_hyperparameters()
+        # Collects the arguments of every __init__ in the chain; MLflow gets run_params() instead.
+        self.save_hyperparameters(logger=False)
         self.model_name_or_path = model_name_or_path
         self.model: Optional[torch.nn.Module] = None
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
@@ -135,6 +163,14 @@ class CausalLMModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         log_data_drops(self)
+        log_run_params(self)
+
+    def run_params(self) -> dict:
+        """The settings that define a training run (subclasses add theirs)."""
+        trainer, data = self.trainer, self.trainer.datamodule
+        length = {"max_steps": trainer.max_steps} if trainer.max_steps != -1 else {"max_epochs": trainer.max_epochs}
+        return {"policy_name": model_name(self.model_name_or_path), "lr": self.hparams.lr,
+                "batch_size": getattr(data, "batch_size", None), **length, "seed": global_seed()}
 
     # -- export --------------------------------------------------------------------------------
     def export(self, dirpath: str | Path) -> Path:

@@ -93,6 +93,10 @@ class DPOModule(CausalLMModule):
         self._ref: list[torch.nn.Module] = []  # a list, not an attribute: kept out of state_dict and .to()
         self._ref_table: Optional[torch.Tensor] = None  # (pairs, 2) reference log-probs by pair index
 
+    def run_params(self) -> dict:
+        return {**super().run_params(), "pairs": pairs_kind(self.trainer.datamodule), "beta": self.hparams.beta,
+                "loss_type": self.hparams.loss_type}
+
     # -- reference -----------------------------------------------------------------------------
     def reference(self) -> torch.nn.Module:
         """The frozen reference model, loaded on first use on the policy's device and dtype."""
@@ -230,3 +234,13 @@ class DPOModule(CausalLMModule):
         for name, value in metrics.items():
             self.log(f"val/{name}", value, prog_bar=name == "loss", on_epoch=True, batch_size=b, sync_dist=True)
         return metrics["loss"]
+
+
+# Source format -> which pairs they are, for the `pairs` param.
+PAIR_KINDS = {"synpref": "synthetic", "ultrafeedback_binarized": "ultrafeedback"}
+
+
+def pairs_kind(datamodule) -> str:
+    """`synthetic`, `ultrafeedback` or `both` (else the formats joined by `+`) of the training sources."""
+    kinds = sorted({PAIR_KINDS.get(s.format, s.format) for s in getattr(datamodule, "sources", [])})
+    return "both" if kinds == ["synthetic", "ultrafeedback"] else "+".join(kinds)

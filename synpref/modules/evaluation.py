@@ -10,7 +10,7 @@ import torch
 from synpref.generators import Generator, generate_texts
 from synpref.judges import Judge, judge_batch, judge_labels, read_provenance, self_judged
 from synpref.models import load_frozen_causal_lm, load_tokenizer
-from synpref.modules.base import log_data_drops
+from synpref.modules.base import log_data_drops, log_run_params, model_name
 from synpref.rewards.base import RewardScorer, score_checked
 
 
@@ -120,7 +120,8 @@ class WinRateModule(L.LightningModule):
     ):
         super().__init__()
         # The reward object is not a hyperparameter (it may hold a model); its name is logged.
-        self.save_hyperparameters(ignore=["reward", "generator", "baseline_generator", "judges"])
+        # logger=False: MLflow gets run_params() (stable names), not every argument.
+        self.save_hyperparameters(ignore=["reward", "generator", "baseline_generator", "judges"], logger=False)
         if samples_per_prompt < 1:
             raise ValueError(f"samples_per_prompt={samples_per_prompt}: at least 1 answer per model per prompt")
         judges = ([reward] if reward is not None else []) + list(judges or [])
@@ -167,15 +168,16 @@ class WinRateModule(L.LightningModule):
         self.judges = [j.to(self.device) for j in self.judges]
         # Prompts dropped (too long, duplicates, bad rows) shrink N: the run says by how many.
         log_data_drops(self)
+        log_run_params(self)  # n_prompts, the number evaluated, comes from the WinRateCallback at the end
 
-    def eval_params(self) -> dict:
-        """What the MLflow run records about this comparison (no secrets: paths, names, settings)."""
-        return {"policy": self.model_name_or_path, "baseline": self.baseline_name_or_path,
-                "reward_model": self.reward.name, "seed": self.seed,
-                "samples_per_prompt": self.hparams.samples_per_prompt,
+    def run_params(self) -> dict:
+        """The settings that define this comparison, as MLflow params (no secrets: names and paths)."""
+        return {"policy_name": model_name(self.model_name_or_path), "policy_path": self.model_name_or_path,
+                "baseline_name": model_name(self.baseline_name_or_path), "baseline_path": self.baseline_name_or_path,
+                "reward": self.reward.name, "seed": self.seed, "samples_per_prompt": self.hparams.samples_per_prompt,
                 "policy_labelled_by": ",".join(read_provenance(self.model_name_or_path)) or "not recorded",
                 **{f"judge.{label}": getattr(j, "name", label) for j, label in zip(self.judges, self.judge_labels)},
-                **{f"decoding.{k}": v for k, v in self.decoding.items()}}
+                **self.decoding}
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         index = [int(i) for i in batch["index"]]

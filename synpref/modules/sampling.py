@@ -10,6 +10,7 @@ import torch
 
 from synpref.generators import Generator, generate_texts
 from synpref.models import load_frozen_causal_lm, load_tokenizer
+from synpref.modules.base import log_run_params, model_name
 from synpref.rewards.base import RewardScorer, score_checked
 
 
@@ -63,7 +64,7 @@ class SamplingModule(L.LightningModule):
         super().__init__()
         if num_samples < 2:
             raise ValueError(f"num_samples={num_samples}: a pair needs at least 2 samples per prompt")
-        self.save_hyperparameters(ignore=["reward", "generator"])
+        self.save_hyperparameters(ignore=["reward", "generator"], logger=False)  # MLflow params: run_params()
         self.model_name_or_path, self.reward, self.threshold = model_name_or_path, reward, threshold
         self.generator = generator
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
@@ -87,6 +88,13 @@ class SamplingModule(L.LightningModule):
 
     def on_predict_start(self) -> None:
         self.reward.to(self.device)
+        log_run_params(self, n_prompts=len(getattr(self.trainer.datamodule, "prompts", None) or []))
+
+    def run_params(self) -> dict:
+        hp = self.hparams
+        return {"policy_name": model_name(self.model_name_or_path), "reward": self.reward.name,
+                "num_samples": hp.num_samples, "threshold": hp.threshold, "seed": hp.seed,
+                "max_new_tokens": hp.max_new_tokens, "temperature": hp.temperature, "top_k": hp.top_k, "top_p": hp.top_p}
 
     def fingerprint(self) -> dict:
         """What fixes the samples: a resumed run must match it."""

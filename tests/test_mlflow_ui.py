@@ -1,0 +1,121 @@
+"""The MLflow side a user sees: run statuses and tags over the REST client, a store that survives a
+copied project folder, and (marked `ui`) the pages in a real Chromium."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from synpref.callbacks.mlflow_config import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+from tests.conftest import ROOT
+
+
+def load_screenshots():
+    """docs/screenshots.py, the script that takes the docs' screenshots (not a package module)."""
+    spec = importlib.util.spec_from_file_location("screenshots", ROOT / "docs" / "screenshots.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fit_failing_before_training_ends_failed_with_its_config(in_tmp):
+    from synpref.chat import DataError
+    from synpref.cli import main
+
+    # The data module's setup fails: before any step, before Lightning's config-saving hook.
+    with pytest.raises((DataError, SystemExit)):
+        main(["fit", "--config", "configs/tiny/sft.yaml", "--data.init_args.path=missing.jsonl",
+              "--trainer.enable_progress_bar=false"])
+    client = MlflowClient(f"sqlite:///{in_tmp / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("synpref-tiny")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FAILED" and run.info.end_time is not None
+    assert run.data.tags["synpref.command"] == "fit"
+    assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    # The experiment is tagged as model training (the runs table, not the GenAI overview).
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+
+
+def test_copied_project_reads_and_writes_its_own_artifacts(tmp_path):
+    """The documented recipe (docs/evaluation.md): `mlflow ui` started in the project folder with
+    `--artifacts-destination ./mlartifacts` records `mlflow-artifacts:/` locations, resolved by
+    whichever server runs, so a copied folder keeps working after the original is gone."""
+    screenshots = load_screenshots()
+    recipe = ("--artifacts-destination", "./mlartifacts")
+    project = tmp_path / "project"
+    project.mkdir()
+    port = screenshots.free_port()  # the same address after the move (the client caches a run's artifact location)
+    proc, url = screenshots.start_ui("sqlite:///mlflow.db", port, extra_args=recipe, cwd=project)
+    try:
+        client = MlflowClient(url)
+        exp_id = client.create_experiment("portable")
+        run_id = client.create_run(exp_id, run_name="synthetic·eval").info.run_id
+        client.log_text(run_id, "outcome,policy_reward\nwin,1.5\n", "eval/records.csv")
+        client.set_terminated(run_id)
+        assert client.get_experiment(exp_id).artifact_location.startswith("mlflow-artifacts:")
+    finally:
+        screenshots.stop_ui(proc)
+
+    moved = tmp_path / "moved"
+    shutil.copytree(project, moved)
+    shutil.rmtree(project)  # nothing may be read from (or written to) the original folder
+    proc, url = screenshots.start_ui("sqlite:///mlflow.db", port, extra_args=recipe, cwd=moved)
+    try:
+        client = MlflowClient(url)
+        local = client.download_artifacts(run_id, "eval/records.csv", str(tmp_path))
+        assert Path(local).read_text() == "outcome,policy_reward\nwin,1.5\n"
+        client.log_text(run_id, "later", "note.txt")
+        assert not project.exists()
+        assert list(moved.glob(f"mlartifacts/**/{run_id}/artifacts/note.txt"))
+    finally:
+        screenshots.stop_ui(proc)
+
+
+def parent_store(folder: Path) -> tuple[str, str, str, list[str]]:
+    """A store shaped like `synpref reproduce`'s: a parent with per-arm win rates, two eval children."""
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("synpref-tiny")
+    parent = client.create_run(exp_id, run_name="tiny-paper").info.run_id
+    evals = []
+    for arm, win in (("dpo_synthetic", 0.68), ("dpo_ultrafeedback", 0.61)):
+        client.log_metric(parent, f"win_rate/{arm}", win)
+        client.log_metric(parent, f"win_rate_ci_low/{arm}", win - 0.1)
+        child = client.create_run(exp_id, run_name=f"{arm.split('_')[1]}·eval", tags={"mlflow.parentRunId": parent})
+        client.log_metric(child.info.run_id, "eval/win_rate", win)
+        client.log_param(child.info.run_id, "policy_name", arm)
+        client.set_terminated(child.info.run_id)
+        evals.append(child.info.run_id)
+    client.set_tag(parent, "mlflow.note.content", "synthetic 68% vs UltraFeedback 61% vs SFT, N = 100")
+    client.set_terminated(parent)
+    return uri, exp_id, parent, evals
+
+
+@pytest.mark.ui
+def test_the_browser_shows_the_parent_runs_win_rates(tmp_path):
+    screenshots = load_screenshots()
+    if not Path(screenshots.CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {screenshots.CHROMIUM} (apt-get install -y chromium)")
+    pytest.importorskip("playwright", reason="playwright is not installed (pip install playwright)")
+    uri, exp_id, parent, evals = parent_store(tmp_path)
+    found_exp, found_parent, found_evals = screenshots.pipeline_runs(uri, "synpref-tiny")
+    assert (found_exp, found_parent, set(found_evals)) == (exp_id, parent, set(evals))
+    proc, url = screenshots.start_ui(uri)
+    try:
+        pages = screenshots.capture(url, exp_id, parent, evals, tmp_path)
+    finally:
+        screenshots.stop_ui(proc)
+    # The runs table with the parent expanded shows its stage runs by name.
+    assert "tiny-paper" in pages["runs"] and "synthetic·eval" in pages["runs"] and "ultrafeedback·eval" in pages["runs"]
+    # The parent run's page: the verdict and the per-arm win rates with their values.
+    assert "synthetic 68% vs UltraFeedback 61%" in pages["parent"]
+    lines = pages["parent"].splitlines()
+    for name, value in (("win_rate/dpo_synthetic", "0.68"), ("win_rate/dpo_ultrafeedback", "0.61")):
+        assert name in lines and lines[lines.index(name) + 1] == value, (name, lines)
+    assert "eval/win_rate" in pages["compare"] and "synthetic·eval" in pages["compare"]
+    for name in ("mlflow_runs.png", "mlflow_parent_run.png", "mlflow_compare.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
