@@ -89,8 +89,10 @@ class ChunkedTokenLogps(torch.autograd.Function):
             g = g.to(cd)
             if need_h:
                 grad_h[s : s + ctx.chunk] = g @ w
-            if need_w:
-                grad_w.add_(g.t() @ h)
+            if need_w and grad_w.dtype == cd:
+                grad_w.addmm_(g.t(), h)  # in place: no weight-sized temporary per chunk
+            elif need_w:
+                grad_w.add_(g.t() @ h)  # bf16 product, accumulated in fp32
             if need_b:
                 grad_b.add_(g.sum(0))
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
