@@ -73,3 +73,20 @@ def test_every_stage_runs_on_the_real_vocabulary(in_tmp, qwen_small_model, sampl
           "--model.init_args.baseline_name_or_path=artifacts/q/sft", "--model.init_args.output_dir=artifacts/q/eval",
           *decode])
     assert len(read_jsonl(in_tmp / "artifacts/q/eval/eval.jsonl")) == 2
+
+
+
+def test_estimate_adds_the_documented_terms(capsys):
+    from synpref.cli import estimate
+
+    live = estimate(stage="dpo", preset="qwen2.5-0.5b", max_length=1024, batch_size=4, chunk=256)
+    assert "494M parameters" in capsys.readouterr().out
+    # By hand: 20 bytes per parameter (weights, gradients, AdamW, live reference); 8,192 tokens x 24 layers
+    # x (12*896 + 2*128 + 4*4864) values x 4 bytes; 3 x 256 x 151,936 x 4 bytes of logits.
+    assert live["params"] == round(20 * 494_032_768 / 1e9, 3)
+    assert live["activations"] == round(8192 * 24 * (12 * 896 + 2 * 128 + 4 * 4864) * 4 / 1e9, 3)
+    assert live["logits"] == round(3 * 256 * QWEN_VOCAB * 4 / 1e9, 3)
+    precomputed = estimate(stage="dpo", preset="qwen2.5-0.5b", max_length=1024, batch_size=4, precompute_ref_logps=True)
+    assert precomputed["params"] == round(16 * 494_032_768 / 1e9, 3)
+    unchunked = estimate(stage="sft", preset="qwen2.5-0.5b", max_length=1024, batch_size=4, chunk=0)
+    assert unchunked["logits"] == round(3 * 2048 * QWEN_VOCAB * 4 / 1e9, 3)  # half of 4,096 tokens labelled
