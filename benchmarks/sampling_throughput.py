@@ -13,8 +13,10 @@ requests in flight; last line `RESULT sampling_served in_process_tok_s=<x> serve
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +33,9 @@ from synpref.generation import generate  # noqa: E402
 from synpref.models import build_tiny_model, end_of_turn_ids, load_causal_lm, load_tokenizer  # noqa: E402
 from synpref.resources import sample  # noqa: E402
 from synpref.rewards import HFRewardModel  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from realshape import matmul_peak, mfu_line, preset_model, shape  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(sample("README.md")).parent
@@ -59,9 +64,19 @@ def main() -> None:
     ap.add_argument("--backend", choices=["in-process", "served"], default="in-process",
                     help="served: in-process generate() vs transformers serve with continuous batching")
     ap.add_argument("--concurrency", type=int, default=32, help="--backend served: requests in flight")
+    ap.add_argument("--preset", help="a synpref.models preset (qwen2.5-0.5b, qwen-vocab-small, ...) as the policy")
+    ap.add_argument("--policy-dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="generation in fp32, or fp32 weights under bf16 autocast (both sides)")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="synpref-bench-"))
+    if a.preset:
+        a.model = preset_model(a.preset)
     model_dir = a.model if Path(a.model, "config.json").exists() else str(build_tiny_model(tmp / "tiny", [DATA / "sft_messages.jsonl"]))
+    policy_dtype = torch.bfloat16 if a.policy_dtype == "bf16" else torch.float32
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16) if a.policy_dtype == "bf16" else contextlib.nullcontext()
+
     tok, model = load_tokenizer(model_dir), load_causal_lm(model_dir).eval()
     dm = PromptDataModule(model_dir, str(DATA / "train_prefs.jsonl"), max_prompts=a.prompts,
                           batch_size=a.batch_size, max_prompt_length=256)
@@ -70,15 +85,23 @@ def main() -> None:
     print(f"model {model_dir} ({model.num_parameters():,} params), {len(dm.prompts)} prompts, K={a.num_samples}, "
           f"{torch.get_num_threads()} threads")
 
+    # Matmul FLOPs of a forward over each prompt once and each generated token (2·N per token; attention left out).
+    s = shape(model_dir)
+    prompt_tokens = sum(len(tok.apply_chat_template(p, add_generation_prompt=True)) for p in dm.prompts["prompt"])
+    flops = lambda generated: 2 * (s["body"] + s["head"]) * generated + 2 * s["body"] * prompt_tokens
+    peak = matmul_peak(policy_dtype)
+
     # synpref: length-grouped batches of prompts, K samples each, one generate() call per batch.
     start, tokens, prompts, responses = time.perf_counter(), 0, [], []
     for batch in dm.predict_dataloader():
-        texts, counts = generate(model, tok, batch["prompt"], a.num_samples, seed=batch["index"][0], **decoding)
+        with autocast():
+            texts, counts = generate(model, tok, batch["prompt"], a.num_samples, seed=batch["index"][0], **decoding)
         tokens += sum(map(sum, counts))
         for p, row in zip(batch["prompt"], texts):
             prompts += [p] * len(row)
             responses += row
-    ours = tokens / (time.perf_counter() - start)
+    ours_seconds = time.perf_counter() - start
+    ours, ours_flops = tokens / ours_seconds, flops(tokens)
 
     if a.backend == "served":
         return served(a, model_dir, tok, dm, decoding, ours, tmp)
@@ -86,7 +109,7 @@ def main() -> None:
     # Baseline: a plain loop, one prompt per model.generate call (K samples via num_return_sequences).
     stops = end_of_turn_ids(tok)
     start, tokens = time.perf_counter(), 0
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
         for p in dm.prompts["prompt"]:
             ids = tok.apply_chat_template(p, add_generation_prompt=True, return_tensors="pt", return_dict=True)
             out = model.generate(**ids, do_sample=True, num_return_sequences=a.num_samples, eos_token_id=stops,
@@ -94,7 +117,9 @@ def main() -> None:
             new = out[:, ids["input_ids"].shape[1]:]
             for row in new.tolist():
                 tokens += next((i for i, t in enumerate(row) if t in stops), len(row))
-    loop = tokens / (time.perf_counter() - start)
+    loop_seconds = time.perf_counter() - start
+    loop, loop_flops = tokens / loop_seconds, flops(tokens)
+    peak = max(peak, matmul_peak(policy_dtype))
 
     # Scoring: synpref's length-grouped batches (with and without prefix sharing) vs transformers'
     # text-classification pipeline at batch size 1. Each side runs `--repeats` times, interleaved so
@@ -132,7 +157,10 @@ def main() -> None:
     print(f"{'generate (tokens/s)':28s}{ours:12.1f}{loop:12.1f}{ours / loop:10.2f}")
     print(f"{'score, no prefix sharing':28s}{plain_score:12.1f}{pipe_score:12.1f}{plain_score / pipe_score:10.2f}")
     print(f"{'score (samples/s)':28s}{ours_score:12.1f}{pipe_score:12.1f}{ours_score / pipe_score:10.2f}")
-    print(f"RESULT sampling speedup_generate={ours / loop:.2f} speedup_score={ours_score / pipe_score:.2f}")
+    print(mfu_line("generate synpref", ours_flops, ours_seconds, peak))
+    print(mfu_line("generate loop", loop_flops, loop_seconds, peak))
+    print(f"RESULT sampling speedup_generate={ours / loop:.2f} speedup_score={ours_score / pipe_score:.2f} "
+          f"mfu={ours_flops / ours_seconds / peak:.3f}")
 
 
 def served(a, model_dir: str, tok, dm, decoding: dict, in_process: float, tmp: Path) -> None:

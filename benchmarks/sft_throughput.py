@@ -25,6 +25,9 @@ from pathlib import Path
 
 from synpref.resources import sample
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from realshape import StepMeter, matmul_peak, mfu_line, preset_model, shape  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(sample("sft_messages.jsonl"))
 
@@ -38,31 +41,20 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-class Meter:
-    """Tokens per collated batch (in training order) and the time each optimizer step ends."""
+class Meter(StepMeter):
+    """StepMeter, plus RSS after the first step (the baseline that training growth is measured from)."""
 
-    def __init__(self):
-        self.tokens, self.step_ends, self.baseline_mb = [], [], 0.0
-
-    def wrap(self, collate):
-        def counted(rows):
-            batch = collate(rows)
-            self.tokens.append(int(batch["attention_mask"].sum()))
-            return batch
-        return counted
+    baseline_mb = 0.0
 
     def step_end(self) -> None:
         if not self.step_ends:
             self.baseline_mb = rss_mb()  # after load, first batch and first step
-        self.step_ends.append(time.perf_counter())
+        super().step_end()
 
-    def report(self, name: str, warmup: int) -> dict:
-        n = len(self.step_ends)
-        tokens = sum(self.tokens[warmup:n])
-        seconds = self.step_ends[-1] - self.step_ends[warmup - 1]
-        return {"name": name, "steps": n, "timed_steps": n - warmup, "tokens": tokens, "seconds": seconds,
-                "tokens_per_sec": tokens / seconds, "peak_rss_mb": peak_mb(),
-                "train_growth_mb": peak_mb() - self.baseline_mb}
+    def report(self, name: str, args) -> dict:
+        timed = self.timed(args.warmup, shape(args.model))
+        return {"name": name, "steps": len(self.step_ends), **timed, "tokens_per_sec": timed["tokens"] / timed["seconds"],
+                "peak_rss_mb": peak_mb(), "train_growth_mb": peak_mb() - self.baseline_mb}
 
 
 def run_synpref(args) -> dict:
@@ -76,17 +68,18 @@ def run_synpref(args) -> dict:
     meter = Meter()
     dm = SmolTalkDataModule(args.model, path=str(DATA), max_length=args.max_length, batch_size=args.batch_size)
     dm.collate = meter.wrap(dm.collate)
-    module = SFTModule(args.model, lr=args.lr, dtype="float32", warmup_ratio=0.1)
+    module = SFTModule(args.model, lr=args.lr, dtype="float32", warmup_ratio=0.1, logits_chunk_size=args.chunk)
 
     class Timer(L.Callback):
         def on_train_batch_end(self, *_):
             meter.step_end()
 
-    trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", devices=1, precision="32-true", logger=False,
+    precision = "bf16-mixed" if args.dtype == "bf16" else "32-true"
+    trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", devices=1, precision=precision, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, callbacks=[Timer()])
     trainer.fit(module, datamodule=dm)
-    return meter.report("synpref", args.warmup)
+    return meter.report("synpref", args)
 
 
 def run_trl(args) -> dict:
@@ -104,7 +97,7 @@ def run_trl(args) -> dict:
     ds = datasets.Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows])
     config = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.1, max_length=args.max_length,
-                       completion_only_loss=True, bf16=False, fp16=False, use_cpu=True, report_to=[],
+                       completion_only_loss=True, bf16=args.dtype == "bf16", fp16=False, use_cpu=True, report_to=[],
                        save_strategy="no", eval_strategy="no", disable_tqdm=True, seed=0,
                        train_sampling_strategy="group_by_length" if args.trl_group_by_length else "random")
 
@@ -117,7 +110,7 @@ def run_trl(args) -> dict:
                          callbacks=[Timer()])
     trainer.data_collator = meter.wrap(trainer.data_collator)
     trainer.train()
-    return meter.report("trl", args.warmup)
+    return meter.report("trl", args)
 
 
 def worker(name: str, args) -> None:
@@ -137,11 +130,14 @@ def spawn(name: str, argv: list[str]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="HF model dir (default: build the tiny model into a temp dir)")
+    p.add_argument("--preset", help="a synpref.models preset (qwen2.5-0.5b, qwen-vocab-small, ...), built once into artifacts/presets/")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="fp32, or fp32 weights under bf16 autocast")
+    p.add_argument("--chunk", type=int, default=256, help="synpref's logits_chunk_size (0 = all labelled positions at once)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
     p.add_argument("--repeats", type=int, default=2, help="alternating runs per trainer")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--max-length", type=int, help="default 512, with --preset 1024")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--trl-group-by-length", action="store_true", help="give TRL length grouping too")
     p.add_argument("--worker", choices=["synpref", "trl"], help=argparse.SUPPRESS)
@@ -149,15 +145,20 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, args)
 
+    if args.preset:
+        args.model = preset_model(args.preset)
+    args.max_length = args.max_length or (1024 if args.preset else 512)
     if args.model is None:
         from synpref.models import build_tiny_model
 
         args.model = str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny", [DATA]))
     argv = ["--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size",
-            str(args.batch_size), "--max-length", str(args.max_length), "--lr", str(args.lr)]
+            str(args.batch_size), "--max-length", str(args.max_length), "--lr", str(args.lr), "--dtype", args.dtype,
+            "--chunk", str(args.chunk)]
     argv += ["--trl-group-by-length"] * args.trl_group_by_length
     print(f"model={args.model} batch={args.batch_size} max_length={args.max_length} fp32 steps={args.steps} "
           f"(first {args.warmup} not timed) cpus={os.cpu_count()} trl_group_by_length={args.trl_group_by_length}")
+    peak = matmul_peak(torch_dtype(args.dtype))
     runs = {"trl": [], "synpref": []}
     for _ in range(args.repeats):
         for name, done in runs.items():
@@ -167,10 +168,24 @@ def main() -> None:
                   f"{r['seconds']:6.2f}s  peak RSS={r['peak_rss_mb']:5.0f} MB  (growth in training "
                   f"{r['train_growth_mb']:.0f} MB)", flush=True)
     speed = {k: max(r["tokens_per_sec"] for r in v) for k, v in runs.items()}
-    peak = {k: max(r["peak_rss_mb"] for r in v) for k, v in runs.items()}
+    memory = {k: max(r["peak_rss_mb"] for r in v) for k, v in runs.items()}
+    # The peak is measured again after the runs, and the higher of the two counts: same load as the runs.
+    peak = max(peak, matmul_peak(torch_dtype(args.dtype)))
+    mfu = {}
+    for k, v in runs.items():
+        best = max(v, key=lambda r: r["tokens_per_sec"])
+        mfu[k] = best["flops"] / best["seconds"] / peak
+        print(mfu_line(k, best["flops"], best["seconds"], peak))
     print(f"best tokens/s: synpref {speed['synpref']:.0f}, TRL {speed['trl']:.0f}; "
-          f"peak RSS: synpref {peak['synpref']:.0f} MB, TRL {peak['trl']:.0f} MB")
-    print(f"RESULT sft speedup={speed['synpref'] / speed['trl']:.2f} memory_ratio={peak['synpref'] / peak['trl']:.2f}")
+          f"peak RSS: synpref {memory['synpref']:.0f} MB, TRL {memory['trl']:.0f} MB")
+    print(f"RESULT sft speedup={speed['synpref'] / speed['trl']:.2f} memory_ratio={memory['synpref'] / memory['trl']:.2f} "
+          f"mfu={mfu['synpref']:.3f}")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return torch.bfloat16 if name == "bf16" else torch.float32
 
 
 if __name__ == "__main__":

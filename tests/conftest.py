@@ -32,6 +32,15 @@ def tiny_model(tmp_path_factory, sample_dir) -> str:
     return str(build_tiny_model(out, [sample_dir / "sft_messages.jsonl"]))
 
 
+@pytest.fixture(scope="session")
+def qwen_small_model(tmp_path_factory, sample_dir) -> str:
+    """The `qwen-vocab-small` preset: a 43M-parameter random Qwen2 with Qwen2.5's 151,936-token vocabulary."""
+    from synpref.models import build_preset_model
+
+    out = tmp_path_factory.mktemp("qwen-vocab-small") / "base"
+    return str(build_preset_model("qwen-vocab-small", out, [sample_dir / "sft_messages.jsonl"]))
+
+
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch, tiny_model) -> Path:
     """cwd = a fresh folder laid out like the repo root (configs/, artifacts/tiny/base),

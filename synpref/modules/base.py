@@ -11,33 +11,7 @@ from typing import Literal, Optional
 import lightning as L
 import torch
 
-from synpref.chat import IGNORE_INDEX
 from synpref.models import end_of_turn_ids, load_causal_lm, load_tokenizer
-
-
-def loss_token_logits(model: torch.nn.Module, input_ids, attention_mask, labels):
-    """Logits only at positions whose next token carries a label: (n, vocab), targets (n,), rows (n,).
-
-    The LM head is the largest matmul of a small model (Qwen2.5-0.5B: 136M of 494M parameters)
-    and its (batch, length, vocab) output the largest activation; prompt and padding positions
-    never reach the loss, so they never reach the head.
-    """
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    if attention_mask is not None and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
-        # Right padding only: under causal attention no real token attends to a pad, and pads never
-        # reach the loss, so the mask changes nothing but the kernel. Without it SDPA takes its fused
-        # causal path, which never materialises the (batch, heads, length, length) weights.
-        attention_mask = None
-    if getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logit_scale", None):
-        # Models that post-process logits (Gemma 2, Cohere) go through their own forward.
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][keep]
-    else:
-        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        logits = model.get_output_embeddings()(hidden[:, :-1][keep])
-    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[keep]
-    # Upcast half precision for the loss; never round a float64 model down.
-    return (logits if logits.dtype == torch.float64 else logits.float()), targets[keep], rows
 
 
 # Drop counts sort after every other metric section in the MLflow UI (the results come first).
@@ -78,6 +52,9 @@ def global_seed() -> Optional[int]:
 class CausalLMModule(L.LightningModule):
     """Owns `self.model` (policy) and `self.tokenizer`; subclasses write `training_step`/`validation_step`.
 
+    The LM head and log-softmax run over `logits_chunk_size` labelled positions at a time, so a step
+    never holds more than (chunk, vocab) logits (`synpref.logprobs`); None or 0 runs them all at once.
+
     Optimizer: AdamW, no weight decay on biases and norms. Schedule: linear warmup (`warmup_steps`,
     else `warmup_ratio` of all optimizer steps) then cosine, linear or constant decay, stepped per
     optimizer step.
@@ -98,6 +75,7 @@ class CausalLMModule(L.LightningModule):
         attn_implementation: Optional[str] = None,
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
+        logits_chunk_size: Optional[int] = 256,
     ):
         super().__init__()
         # Collects the arguments of every __init__ in the chain; MLflow gets run_params() instead.

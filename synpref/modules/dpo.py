@@ -11,26 +11,25 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from synpref.logprobs import token_logps
 from synpref.losses import LossType, dpo_loss
 from synpref.models import load_frozen_causal_lm
-from synpref.modules.base import CausalLMModule, loss_token_logits
+from synpref.modules.base import CausalLMModule
 
 log = logging.getLogger(__name__)
 
 
-def sequence_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model: torch.nn.Module, batch: dict, chunk_size: Optional[int] = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of log-probs of the labelled (response) tokens per sequence, and their count.
 
-    The LM head runs on response positions only (`loss_token_logits`): prompt and padding
-    positions never reach the vocabulary projection.
+    The LM head runs on response positions only, `chunk_size` at a time (`synpref.logprobs`):
+    prompt and padding positions never reach the vocabulary projection.
     """
-    logits, targets, rows = loss_token_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    token_logps = -F.cross_entropy(logits, targets, reduction="none")
+    per_token, rows = token_logps(model, batch, chunk_size)
     n = batch["input_ids"].shape[0]
-    logps = token_logps.new_zeros(n).index_add(0, rows, token_logps)
-    lengths = token_logps.new_zeros(n).index_add(0, rows, torch.ones_like(token_logps))
+    logps = per_token.new_zeros(n).index_add(0, rows, per_token)
+    lengths = per_token.new_zeros(n).index_add(0, rows, torch.ones_like(per_token))
     return logps, lengths
 
 
@@ -123,7 +122,7 @@ class DPOModule(CausalLMModule):
                 raise RuntimeError("some pairs have no precomputed reference log-probs (data changed since precompute?)")
             return torch.cat([table[:, 0], table[:, 1]]).to(self.device)
         with torch.no_grad():
-            return sequence_logps(self.reference(), batch)[0]
+            return sequence_logps(self.reference(), batch, self.hparams.logits_chunk_size)[0]
 
     # -- precomputation ------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -189,7 +188,7 @@ class DPOModule(CausalLMModule):
                 batch = dm.collate([ds[i] for i in order[start : start + size]])
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 with self.trainer.precision_plugin.forward_context():
-                    logps = sequence_logps(ref, batch)[0].float()
+                    logps = sequence_logps(ref, batch, self.hparams.logits_chunk_size)[0].float()
                 b = batch["index"].numel()
                 table[batch["index"], 0] = logps[:b]
                 table[batch["index"], 1] = logps[b:]
@@ -202,7 +201,7 @@ class DPOModule(CausalLMModule):
         # Reference first: its no-grad temporaries are freed before the policy's activations exist,
         # so the two never add up in the peak.
         ref = self.ref_logps(batch)
-        logps, lengths = sequence_logps(self.model, batch)
+        logps, lengths = sequence_logps(self.model, batch, self.hparams.logits_chunk_size)
         ref = ref.to(logps.dtype)
         b = batch["index"].numel()
         hp = self.hparams

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from synpref.modules.base import CausalLMModule, loss_token_logits
+from synpref.logprobs import token_logps
+from synpref.modules.base import CausalLMModule
 
 
 class SFTModule(CausalLMModule):
@@ -13,8 +13,8 @@ class SFTModule(CausalLMModule):
     `assistant_only_loss`/`completion_only_loss` computes it. All arguments: CausalLMModule."""
 
     def sft_loss(self, batch):
-        logits, targets, _ = loss_token_logits(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        return F.cross_entropy(logits, targets), targets.numel()
+        logps, _ = token_logps(self.model, batch, self.hparams.logits_chunk_size)
+        return -logps.mean(), logps.numel()
 
     def training_step(self, batch, batch_idx):
         loss, n = self.sft_loss(batch)

@@ -1,0 +1,89 @@
+"""Shared by the benchmarks: preset models, the measured matmul peak and model FLOPs (for MFU)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+CACHE = Path(__file__).resolve().parents[1] / "artifacts" / "presets"
+
+
+def preset_model(name: str) -> str:
+    """The preset's random model, built once into artifacts/presets/NAME and reused by later runs."""
+    from synpref.models import build_preset_model
+
+    return str(build_preset_model(name, CACHE / name))
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """This machine's matmul FLOP/s in `dtype` now: the best of `repeats` (n, n) @ (n, n) products."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up (thread pool, kernels)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def shape(model_dir: str) -> dict:
+    """What the FLOP count needs: parameters of the body and of the head, layers, attention width."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_dir)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv = c.num_key_value_heads * head_dim
+    layer = (c.hidden_size * (c.hidden_size + 2 * kv) + c.hidden_size + 2 * kv  # q, k, v (with biases)
+             + c.hidden_size * c.hidden_size + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size)
+    return {"body": c.num_hidden_layers * layer + c.hidden_size, "head": c.vocab_size * c.hidden_size,
+            "layers": c.num_hidden_layers, "attn_width": c.num_attention_heads * head_dim}
+
+
+def step_flops(s: dict, lengths: list[int], labelled: int, passes: int = 3) -> float:
+    """Matmul FLOPs of `passes` passes (3 = forward + backward, 1 = forward) over sequences of `lengths`.
+
+    Per token 2·N_body (and 2·N_head on the `labelled` tokens only: the LM head runs on nothing else,
+    on either side), plus causal attention, 2·layers·width·s² per sequence of s tokens (QKᵀ and AV).
+    """
+    tokens = sum(lengths)
+    forward = 2 * s["body"] * tokens + 2 * s["head"] * labelled + 2 * s["layers"] * s["attn_width"] * sum(x * x for x in lengths)
+    return passes * forward
+
+
+def mfu_line(name: str, flops: float, seconds: float, peak: float) -> str:
+    return (f"{name}: {flops / seconds / 1e9:.1f} GFLOP/s achieved, matmul peak {peak / 1e9:.1f} GFLOP/s, "
+            f"mfu={flops / seconds / peak:.3f}")
+
+
+class StepMeter:
+    """Per collated batch (in training order): token counts, sequence lengths and labelled positions;
+    and the time each optimizer step ends. Wraps either framework's collator, so both count alike."""
+
+    def __init__(self):
+        self.batches, self.step_ends = [], []
+
+    def wrap(self, collate):
+        def counted(rows):
+            batch = collate(rows)
+            lengths = batch["attention_mask"].sum(1).tolist()
+            if "completion_mask" in batch:  # TRL: the loss positions, as a mask over the inputs
+                labelled = int(batch["completion_mask"].sum())
+            else:  # labels, -100 where no loss (both frameworks' SFT, synpref's DPO)
+                labelled = int((batch["labels"][:, 1:] != -100).sum())
+            self.batches.append({"lengths": lengths, "labelled": labelled})
+            return batch
+        return counted
+
+    def step_end(self) -> None:
+        self.step_ends.append(time.perf_counter())
+
+    def timed(self, warmup: int, s: dict, passes: int = 3) -> dict:
+        """Tokens, seconds and matmul FLOPs of the steps after the first `warmup` ones."""
+        n = len(self.step_ends)
+        batches = self.batches[warmup:n]
+        flops = sum(step_flops(s, b["lengths"], b["labelled"], passes) for b in batches)
+        return {"tokens": sum(sum(b["lengths"]) for b in batches), "flops": flops,
+                "seconds": self.step_ends[-1] - self.step_ends[warmup - 1], "timed_steps": n - warmup}

@@ -1,0 +1,132 @@
+"""Log-probs of labelled tokens with the LM head run over chunks of positions, never the full logits."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from synpref.chat import IGNORE_INDEX
+
+
+def labelled_hidden(model: torch.nn.Module, input_ids, attention_mask, labels):
+    """Final hidden states at positions whose next token carries a label: (n, d), targets (n,), rows (n,).
+
+    Prompt and padding positions never reach the loss, so they never reach the LM head.
+    """
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    if attention_mask is not None and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+        # Right padding only: under causal attention no real token attends to a pad, and pads never
+        # reach the loss, so the mask changes nothing but the kernel. Without it SDPA takes its fused
+        # causal path, which never materialises the (batch, heads, length, length) weights.
+        attention_mask = None
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[keep]
+    return hidden[:, :-1][keep], targets[keep], rows
+
+
+def plain_head(model: torch.nn.Module) -> bool:
+    """Whether logits are exactly `lm_head(hidden)`: no soft-capping or scaling (Gemma 2, Cohere)."""
+    config = model.config
+    head = model.get_output_embeddings()
+    return (isinstance(head, torch.nn.Linear) and not getattr(config, "final_logit_softcapping", None)
+            and not getattr(config, "logit_scale", None))
+
+
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    # The softmax runs in fp32 (never rounds a float64 model down).
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
+class ChunkedTokenLogps(torch.autograd.Function):
+    """log softmax(h Wᵀ + b)[target] per row, `chunk` rows at a time; backward recomputes each chunk.
+
+    Only (chunk, vocab) logits exist at any time, in forward and in backward. The gradient is exact:
+    d logp / d logits = onehot(target) - softmax, times the incoming gradient of each row.
+    `compute_dtype` is the matmul dtype (the autocast dtype under autocast, else the weight's).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, compute_dtype: torch.dtype):
+        with torch.autocast(hidden.device.type, enabled=False):  # the casts below are explicit
+            return ChunkedTokenLogps._forward(ctx, hidden, weight, bias, targets, chunk, compute_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return ChunkedTokenLogps._backward(ctx, grad_out)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, targets, chunk, compute_dtype):
+        w = weight.to(compute_dtype)
+        b = None if bias is None else bias.to(compute_dtype)
+        out = torch.empty(hidden.shape[0], dtype=_upcast(hidden[:0]).dtype, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk):
+            logits = _upcast(F.linear(hidden[s : s + chunk].to(compute_dtype), w, b))
+            out[s : s + chunk] = torch.log_softmax(logits, -1).gather(1, targets[s : s + chunk, None]).squeeze(1)
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.chunk, ctx.compute_dtype = chunk, compute_dtype
+        return out
+
+    @staticmethod
+    def _backward(ctx, grad_out):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        cd = ctx.compute_dtype
+        w = weight.to(cd)
+        b = None if bias is None else bias.to(cd)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=_upcast(weight[:0]).dtype) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=_upcast(bias[:0]).dtype) if need_b else None
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[s : s + ctx.chunk].to(cd)
+            go = grad_out[s : s + ctx.chunk, None].to(_upcast(h[:0]).dtype)
+            # g = go · (onehot(target) - softmax(logits)), built in place in the logits' buffer.
+            g = torch.softmax(_upcast(F.linear(h, w, b)), -1).mul_(-go)
+            g.scatter_add_(1, targets[s : s + ctx.chunk, None], go)
+            g = g.to(cd)
+            if need_h:
+                grad_h[s : s + ctx.chunk] = g @ w
+            if need_w and grad_w.dtype == cd:
+                grad_w.addmm_(g.t(), h)  # in place: no weight-sized temporary per chunk
+            elif need_w:
+                grad_w.add_(g.t() @ h)  # bf16 product, accumulated in fp32
+            if need_b:
+                grad_b.add_(g.sum(0))
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def head_token_logps(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor,
+                     chunk_size: Optional[int]) -> torch.Tensor:
+    """log p(target) per row of `hidden` under the LM head; chunked unless `chunk_size` is None or 0."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        compute_dtype = torch.get_autocast_dtype(device)
+    else:
+        compute_dtype = head.weight.dtype
+    if not chunk_size:
+        logits = _upcast(F.linear(hidden.to(compute_dtype), head.weight.to(compute_dtype),
+                                  None if head.bias is None else head.bias.to(compute_dtype)))
+        return -F.cross_entropy(logits, targets, reduction="none")
+    return ChunkedTokenLogps.apply(hidden, head.weight, head.bias, targets, int(chunk_size), compute_dtype)
+
+
+def token_logps(model: torch.nn.Module, batch: dict, chunk_size: Optional[int] = 256):
+    """log p of each labelled token, (n,) in fp32 (fp64 for fp64 models), and its row in the batch (n,).
+
+    The LM head runs on labelled positions only, `chunk_size` at a time (None or 0: all at once).
+    Models that post-process logits (soft-capping, scaling) go through their own forward, unchunked.
+    """
+    input_ids, attention_mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
+    if not plain_head(model):
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = _upcast(model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][keep])
+        rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[keep]
+        return -F.cross_entropy(logits, targets[keep], reduction="none"), rows
+    hidden, targets, rows = labelled_hidden(model, input_ids, attention_mask, labels)
+    return head_token_logps(hidden, model.get_output_embeddings(), targets, chunk_size), rows
