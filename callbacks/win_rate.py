@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import tempfile
@@ -13,6 +12,7 @@ from typing import Optional
 import lightning as L
 from lightning.pytorch.loggers import MLFlowLogger
 
+from synpref.callbacks.shards import ShardWriter, prompt_settings
 from synpref.metrics import WinRate, length_matched, outcome, plot_average_rewards, plot_win_rates
 from synpref.rewards.base import RewardScorer
 
@@ -28,8 +28,10 @@ class WinRateCallback(L.Callback):
     `reward`; every N optimizer steps and at the end of fit the policy (`pl_module.model`) and the
     baseline answer the prompt set and the same metrics are logged at that step as `eval/win_rate`,
     ... with eval.jsonl and figures under artifacts `eval/step_<N>/`.
-    Each process streams its own shard (`eval.rank<R>.jsonl`); rank 0 merges them into eval.jsonl,
-    ordered by prompt index, so one process and DDP give the same file.
+    Records go through a `ShardWriter` (one fsynced shard per process under `parts/`); rank 0
+    merges them into eval.jsonl, ordered by prompt index, so one process and DDP give the same
+    file. At predict time a killed run resumes: the prompts already on disk are not generated
+    again (`has_all`), provided `settings` and the prompt set are unchanged (`run.json`).
     """
 
     def __init__(
@@ -53,6 +55,8 @@ class WinRateCallback(L.Callback):
         top_p: float = 1.0,
         seed: int = 0,
         prefix: Optional[str] = None,
+        settings: Optional[dict] = None,
+        overwrite: bool = False,
     ):
         if every_n_steps is not None and (every_n_steps < 1 or not (prompts_path and baseline and reward)):
             raise ValueError("WinRateCallback(every_n_steps=N) needs N >= 1, prompts_path, baseline and reward")
@@ -68,8 +72,10 @@ class WinRateCallback(L.Callback):
                          "top_k": top_k, "top_p": top_p}
         self.seed = seed
         self.prefix = prefix if prefix is not None else ("eval/" if every_n_steps else "")
+        # Predict time: what fixes the records (WinRateModule.eval_params()), also logged as params.
+        self.settings, self.overwrite = settings or {}, overwrite
         self._tmp: Optional[tempfile.TemporaryDirectory] = None
-        self._file = None
+        self._shards: Optional[ShardWriter] = None
         self._metric: Optional[WinRate] = None
         self._baseline = self._baseline_tokenizer = self._batches = None
         self._last_step = -1
@@ -83,37 +89,44 @@ class WinRateCallback(L.Callback):
             self._tmp = tempfile.TemporaryDirectory(prefix="synpref-eval-")
         return Path(self._tmp.name)
 
-    def _open(self, trainer: L.Trainer, subdir: str = "") -> None:
-        out = self._dir() / subdir
-        out.mkdir(parents=True, exist_ok=True)
-        # Each process streams its own shard; rank 0 merges them into eval.jsonl in prompt order.
-        self._file = open(out / f"eval.rank{trainer.global_rank}.jsonl", "w", encoding="utf-8")
+    def _open(self, trainer: L.Trainer, subdir: str = "", settings: Optional[dict] = None) -> None:
+        """Shards under `<dir>/<subdir>`: resumed at predict time (`settings` given), fresh during training."""
+        outputs = ("eval.jsonl", "win_rate.png", "avg_reward.png")
+        self._shards = ShardWriter(self._dir() / subdir, settings, self.overwrite, outputs)
+        self._shards.open(trainer)
         self._metric = WinRate(**self.metric_args)
 
+    def has_all(self, indices) -> bool:
+        """Every prompt of a batch is on disk already (a resumed run skips it)."""
+        return self._shards is not None and self._shards.has_all(indices)
+
     def add(self, records: list[dict]) -> None:
-        """Write a batch's records (outcome and length match added) and update the metric."""
+        """Write a batch's records (outcome and length match added, fsynced) and update the metric."""
         ratio, tol = self.metric_args["length_match_ratio"], self.metric_args["tie_tolerance"]
         for r in records:
             r["outcome"] = outcome(r["policy_reward"], r["baseline_reward"], tol)
             r["length_matched"] = length_matched(r["policy_length"], r["baseline_length"], ratio)
-            self._file.write(json.dumps(r, ensure_ascii=False) + "\n")
-        self._file.flush()  # a crash keeps every finished batch on disk
-        self._metric.update([r["policy_reward"] for r in records], [r["baseline_reward"] for r in records],
-                            [r["policy_length"] for r in records], [r["baseline_length"] for r in records])
+        self._update(self._shards.write(records))
+
+    def _update(self, records: list[dict]) -> None:
+        if records:
+            self._metric.update([r["policy_reward"] for r in records], [r["baseline_reward"] for r in records],
+                                [r["policy_length"] for r in records], [r["baseline_length"] for r in records])
 
     def _finish(self, trainer: L.Trainer, params: dict, step: int, subdir: str = "") -> dict:
         """Close the shard, aggregate across processes, merge shards and log (rank 0)."""
-        path = Path(self._file.name)
-        self._file.close()
+        self._shards.close()
         metrics = self._metric.compute()  # all ranks: torchmetrics all-reduces the sum states
         if params:
             params = {**params, "n_prompts": int(metrics["n"])}
         trainer.strategy.barrier()
         if trainer.is_global_zero:
-            path = merge_shards(path.parent, trainer.world_size)
+            path, _ = self._shards.merge("eval.jsonl")
             log.info("%swin rate %.3f [%.3f, %.3f] over %d prompts (%s)", self.prefix, metrics["win_rate"],
                      metrics["win_rate_ci_low"], metrics["win_rate_ci_high"], int(metrics["n"]), path)
             self._log(trainer, metrics, params, step, path, subdir)
+        trainer.strategy.barrier()
+        self._shards.release()
         return metrics
 
     def _log(self, trainer: L.Trainer, metrics: dict, params: dict, step: int, jsonl: Path, subdir: str) -> None:
@@ -148,15 +161,27 @@ class WinRateCallback(L.Callback):
         return [out / "win_rate.png", out / "avg_reward.png"]
 
     # -- predict time: WinRateModule produces the records ----------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "predict":  # before any model is loaded: a bad output_dir fails in seconds
+            data = prompt_settings(trainer.datamodule)
+            self._open(trainer, settings=None if data is None else {"module": {**self.settings, **self.metric_args},
+                                                                    "data": data})
+
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._open(trainer)
         self._metric.to(pl_module.device)
+        if trainer.is_global_zero:  # a resumed run's records count once, on rank 0
+            self._update(list(self._shards.records()))
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self.add(outputs)
+        if outputs:
+            self.add(outputs)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._finish(trainer, pl_module.eval_params() if hasattr(pl_module, "eval_params") else {}, step=0)
+        self._finish(trainer, self.settings, step=0)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self._shards is not None:
+            self._shards.release()
 
     # -- train time: the policy being trained vs the baseline, every N steps ---------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -226,15 +251,3 @@ def load_prompt_batches(tokenizer_name_or_path: str, path: str, split: str, max_
         index = [int(i) for i in batch["index"]]
         batches.append({"prompt": batch["prompt"], "prompt_id": list(batch["prompt_id"]), "index": index})
     return batches
-
-
-def merge_shards(out: Path, world_size: int) -> Path:
-    """eval.rank*.jsonl -> eval.jsonl ordered by prompt index, the same for any number of processes."""
-    target = out / "eval.jsonl"
-    shards = [out / f"eval.rank{r}.jsonl" for r in range(world_size)]
-    rows = [json.loads(line) for s in shards for line in s.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows.sort(key=lambda r: r["index"])
-    target.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    for s in shards:
-        s.unlink()
-    return target

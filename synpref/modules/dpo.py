@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from synpref.losses import LossType, dpo_loss
 from synpref.models import load_frozen_causal_lm
 from synpref.modules.base import CausalLMModule, loss_token_logits
+from synpref.outputs import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,10 @@ class DPOModule(CausalLMModule):
             return sequence_logps(self.reference(), batch)[0]
 
     # -- precomputation ------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.precompute_ref_logps:
+            check_writable(self.hparams.ref_cache_dir)  # before any model loads: fail in seconds
+
     def on_fit_start(self) -> None:
         super().on_fit_start()
         if self.hparams.precompute_ref_logps:
@@ -141,7 +146,7 @@ class DPOModule(CausalLMModule):
         hit = self.trainer.strategy.broadcast(path.exists())
         if hit:
             log.info("reusing cached reference log-probs from %s", path)
-            self._ref_table = torch.load(path)
+            self._ref_table = torch.load(path, weights_only=True)
         else:
             self._ref_table = self._compute_table(ref, sets, dm)
             if self.trainer.is_global_zero:
