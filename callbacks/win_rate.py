@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from synpref.callbacks.shards import ShardWriter, prompt_settings
 from synpref.metrics import WinRate, length_matched, outcome, plot_average_rewards, plot_win_rates
+from synpref.outputs import check_writable
 from synpref.rewards.base import RewardScorer
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,8 @@ class WinRateCallback(L.Callback):
 
     # -- predict time: WinRateModule produces the records ----------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.every_n_steps and self.output_dir:
+            check_writable(self.output_dir)  # before the first step, not at the first evaluation
         if stage == "predict":  # before any model is loaded: a bad output_dir fails in seconds
             data = prompt_settings(trainer.datamodule)
             self._open(trainer, settings=None if data is None else {"module": {**self.settings, **self.metric_args},

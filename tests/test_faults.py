@@ -171,7 +171,7 @@ def eval_models(in_tmp, tiny_model, tmp_path_factory):
 
 def eval_args(out):
     return ["predict", "--config", "configs/tiny/eval.yaml", "--data.init_args.max_prompts=10",
-            "--data.init_args.batch_size=2", "--data.init_args.max_prompt_length=160", "--model.init_args.max_new_tokens=16",
+            "--data.init_args.batch_size=2", "--data.init_args.max_prompt_length=160", "--model.init_args.max_new_tokens=8",
             f"--model.init_args.output_dir={out}", "--model.init_args.figures=false", "--trainer.enable_progress_bar=false"]
 
 
