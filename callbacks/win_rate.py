@@ -13,8 +13,10 @@ from typing import Optional
 import lightning as L
 from lightning.pytorch.loggers import MLFlowLogger
 
+from synpref.callbacks.shards import ShardWriter, prompt_settings
 from synpref.judges import judge_metrics, metric_name
 from synpref.metrics import WinRate, length_matched, outcome, plot_average_rewards, plot_win_rates
+from synpref.outputs import check_writable
 from synpref.rewards.base import RewardScorer
 
 log = logging.getLogger(__name__)
@@ -30,8 +32,10 @@ class WinRateCallback(L.Callback):
     optimizer steps and at the end of fit the policy (`pl_module.model`) and the baseline answer
     the prompt set, the metrics are logged at that step, eval.jsonl and figures under artifacts
     `eval/step_<N>/`, and the settings once as `eval/baseline_name`, `eval/reward`, ...
-    Each process streams its own shard (`eval.rank<R>.jsonl`); rank 0 merges them into eval.jsonl,
-    ordered by prompt index, so one process and DDP give the same file.
+    Records go through a `ShardWriter` (one fsynced shard per process under `parts/`); rank 0
+    merges them into eval.jsonl, ordered by prompt index, so one process and DDP give the same
+    file. At predict time a killed run resumes: the prompts already on disk are not generated
+    again (`has_all`), provided `settings` and the prompt set are unchanged (`run.json`).
     """
 
     def __init__(
@@ -55,6 +59,8 @@ class WinRateCallback(L.Callback):
         top_p: float = 1.0,
         seed: int = 0,
         prefix: Optional[str] = None,
+        settings: Optional[dict] = None,
+        overwrite: bool = False,
     ):
         if every_n_steps is not None and (every_n_steps < 1 or not (prompts_path and baseline and reward)):
             raise ValueError("WinRateCallback(every_n_steps=N) needs N >= 1, prompts_path, baseline and reward")
@@ -70,8 +76,10 @@ class WinRateCallback(L.Callback):
                          "top_k": top_k, "top_p": top_p}
         self.seed = seed
         self.prefix = "eval/" if prefix is None else prefix
+        # Predict time: what fixes the records (WinRateModule.run_params()); run.json keys resume on it.
+        self.settings, self.overwrite = settings or {}, overwrite
         self._tmp: Optional[tempfile.TemporaryDirectory] = None
-        self._file = None
+        self._shards: Optional[ShardWriter] = None
         self._metric: Optional[WinRate] = None
         self._baseline = self._baseline_tokenizer = self._batches = None
         self._last_step = -1
@@ -86,34 +94,39 @@ class WinRateCallback(L.Callback):
             self._tmp = tempfile.TemporaryDirectory(prefix="synpref-eval-")
         return Path(self._tmp.name)
 
-    def _open(self, trainer: L.Trainer, subdir: str = "") -> None:
-        out = self._dir() / subdir
-        out.mkdir(parents=True, exist_ok=True)
-        # Each process streams its own shard; rank 0 merges them into eval.jsonl in prompt order.
-        self._file = open(out / f"eval.rank{trainer.global_rank}.jsonl", "w", encoding="utf-8")
+    def _open(self, trainer: L.Trainer, subdir: str = "", settings: Optional[dict] = None) -> None:
+        """Shards under `<dir>/<subdir>`: resumed at predict time (`settings` given), fresh during training."""
+        outputs = ("eval.jsonl", "win_rate.png", "avg_reward.png")
+        self._shards = ShardWriter(self._dir() / subdir, settings, self.overwrite, outputs)
+        self._shards.open(trainer)
         self._metric = WinRate(**self.metric_args)
 
+    def has_all(self, indices) -> bool:
+        """Every prompt of a batch is on disk already (a resumed run skips it)."""
+        return self._shards is not None and self._shards.has_all(indices)
+
     def add(self, records: list[dict]) -> None:
-        """Write a batch's records (outcome and length match added) and update the metric."""
+        """Write a batch's records (outcome and length match added, fsynced) and update the metric."""
         ratio, tol = self.metric_args["length_match_ratio"], self.metric_args["tie_tolerance"]
         for r in records:
             r["outcome"] = outcome(r["policy_reward"], r["baseline_reward"], tol)
             r["length_matched"] = length_matched(r["policy_length"], r["baseline_length"], ratio)
-            self._file.write(json.dumps(readable_order(r), ensure_ascii=False) + "\n")
-        self._file.flush()  # a crash keeps every finished batch on disk
-        self._metric.update([r["policy_reward"] for r in records], [r["baseline_reward"] for r in records],
-                            [r["policy_length"] for r in records], [r["baseline_length"] for r in records])
+        self._update(self._shards.write([readable_order(r) for r in records]))
+
+    def _update(self, records: list[dict]) -> None:
+        if records:
+            self._metric.update([r["policy_reward"] for r in records], [r["baseline_reward"] for r in records],
+                                [r["policy_length"] for r in records], [r["baseline_length"] for r in records])
 
     def _finish(self, trainer: L.Trainer, params: dict, step: int, subdir: str = "", labels: Optional[dict] = None) -> dict:
         """Close the shard, aggregate across processes, merge shards and log (rank 0)."""
-        path = Path(self._file.name)
-        self._file.close()
+        self._shards.close()
         metrics = self._metric.compute()  # all ranks: torchmetrics all-reduces the sum states
         if params or not self.every_n_steps:  # predict time: the module logged the other params at its start
             params = {**params, "n_prompts": int(metrics["n"])}
         trainer.strategy.barrier()
         if trainer.is_global_zero:
-            path = merge_shards(path.parent, trainer.world_size)
+            path, _ = self._shards.merge("eval.jsonl")
             # Length control, clustering by prompt and further judges need every record: read them back.
             records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
             metrics = {**metrics, **judge_metrics(records, **self.metric_args, self_judged=self._self_judged, seed=self.seed)}
@@ -122,6 +135,8 @@ class WinRateCallback(L.Callback):
             log.info("%swin rate %.3f [%.3f, %.3f] over %d prompts (%s)", self.prefix, metrics["win_rate"],
                      metrics["win_rate_ci_low"], metrics["win_rate_ci_high"], int(metrics["n"]), path)
             self._log(trainer, metrics, params, step, path, subdir, labels or params)
+        trainer.strategy.barrier()
+        self._shards.release()
         return metrics
 
     def _log(self, trainer: L.Trainer, metrics: dict, params: dict, step: int, jsonl: Path, subdir: str,
@@ -161,18 +176,32 @@ class WinRateCallback(L.Callback):
         return [out / "win_rate.png", out / "avg_reward.png"]
 
     # -- predict time: WinRateModule produces the records ----------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.every_n_steps and self.output_dir:
+            check_writable(self.output_dir)  # before the first step, not at the first evaluation
+        if stage == "predict":  # before any model is loaded: a bad output_dir fails in seconds
+            data = prompt_settings(trainer.datamodule)
+            self._open(trainer, settings=None if data is None else {"module": {**self.settings, **self.metric_args},
+                                                                    "data": data})
+
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._open(trainer)
         self._metric.to(pl_module.device)
+        if trainer.is_global_zero:  # a resumed run's records count once, on rank 0
+            self._update(list(self._shards.records()))
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self.add(outputs)
+        if outputs:
+            self.add(outputs)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._self_judged = getattr(pl_module, "self_judged", {})
         # WinRateModule logged the run's params at predict start; here they only label the figures.
         names = pl_module.run_params() if hasattr(pl_module, "run_params") else {}
         self._finish(trainer, {}, step=0, labels=names)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self._shards is not None:
+            self._shards.release()
 
     # -- train time: the policy being trained vs the baseline, every N steps ---------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -268,15 +297,3 @@ def eval_table(jsonl: Path) -> dict:
                 v = next((m["content"] for m in reversed(v) if m.get("role") == "user"), "")
             columns[k].append(v)
     return columns
-
-
-def merge_shards(out: Path, world_size: int) -> Path:
-    """eval.rank*.jsonl -> eval.jsonl ordered by prompt index, the same for any number of processes."""
-    target = out / "eval.jsonl"
-    shards = [out / f"eval.rank{r}.jsonl" for r in range(world_size)]
-    rows = [json.loads(line) for s in shards for line in s.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows.sort(key=lambda r: r["index"])
-    target.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    for s in shards:
-        s.unlink()
-    return target

@@ -141,7 +141,7 @@ def test_frozen_reference_checkpoint_and_exact_resume(sample_dir, tiny_model, tm
     assert any(not torch.equal(a, b) for a, b in zip(module.model.parameters(), fresh.parameters()))
 
     first = sorted((tmp_path / "ckpt").glob("epoch=0*.ckpt"))[0]
-    state = torch.load(first, weights_only=False)["state_dict"]
+    state = torch.load(first, weights_only=True)["state_dict"]
     assert set(state) == {f"model.{k}" for k in fresh.state_dict()}  # the policy only, no reference
     per_epoch = len(steps) // 2
 

@@ -2,14 +2,46 @@
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Callable, Optional
+from typing import Optional
 
 import datasets
 import lightning as L
 from torch.utils.data import DataLoader
 
 from synpref.models import load_tokenizer
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position in the epoch goes into Lightning checkpoints.
+
+    Lightning's fit loop saves `state_dict()` of a loader that has one and loads it back on
+    resume; the next epoch pass then skips the batches already trained. The sampler's order is
+    a function of its seed and epoch (set by Lightning before the first batch is drawn), so
+    skipping its first k batches yields exactly the batches an uninterrupted run trains next.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._yielded = 0  # batches handed out in the current pass
+        self._skip = 0  # batches to pass over at the start of the next pass (set by load_state_dict)
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        # A generator: nothing is drawn from the sampler before Lightning has set its epoch.
+        batches = super().__iter__()
+        for _ in range(skip):
+            next(batches)  # collated and dropped; no model work
+        self._yielded = skip
+        for batch in batches:
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"batches_yielded": self._yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        done = int(state.get("batches_yielded", 0))
+        self._skip = done if 0 < done < len(self) else 0
 
 
 class TokenizedDataModule(L.LightningDataModule):
@@ -40,6 +72,8 @@ class TokenizedDataModule(L.LightningDataModule):
         self.train_set: Optional[datasets.Dataset] = None
         self.val_set: Optional[datasets.Dataset] = None
         self.drop_counts: dict[str, int] = {}
+        self._train_loader: Optional[ResumableDataLoader] = None
+        self._resume_position: dict = {}  # from a checkpoint, for the next train loader
 
     @property
     def tokenizer(self):
@@ -80,7 +114,8 @@ class TokenizedDataModule(L.LightningDataModule):
                 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 
                 sampler = DistributedSamplerWrapper(sampler, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)
-        return DataLoader(
+        # Resumable: a mid-epoch checkpoint restores the position in the epoch, not only its start.
+        return ResumableDataLoader(
             ds.with_format(None),
             batch_size=batch_size,
             sampler=sampler,
@@ -90,7 +125,19 @@ class TokenizedDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        self._train_loader = self._loader(self.train_set, self.batch_size, shuffle=True)
+        self._train_loader.load_state_dict(self._resume_position)
+        self._resume_position = {}
+        return self._train_loader
+
+    # Lightning 2.6 builds the train loader (for `estimated_stepping_batches`) before it restores
+    # a checkpoint's loop state, so a loader's own state_dict is saved but never loaded back; the
+    # data module's state is restored first, so the position travels through it.
+    def state_dict(self) -> dict:
+        return {"train_position": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume_position = state.get("train_position", {})
 
     def val_dataloader(self):
         return [] if self.val_set is None else self._loader(self.val_set, self.eval_batch_size, shuffle=False)

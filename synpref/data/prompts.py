@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections import Counter
 from typing import Optional, Sequence
@@ -150,6 +151,16 @@ class PromptDataModule(TokenizedDataModule):
         if dropped:
             log.info("%s: %d prompts kept; dropped %s", self.path, len(keep), dict(dropped))
         self.prompts = ds.select(keep)
+
+    def fingerprint(self) -> str:
+        """sha256 of the prompt set as sampled: every prompt's index, id and messages, in order.
+
+        A resumed run compares it, so a prompt file changed in place (reordered, edited) is caught.
+        """
+        h = hashlib.sha256()
+        for i, (pid, prompt) in enumerate(zip(self.prompts["prompt_id"], self.prompts["prompt"])):
+            h.update(json.dumps([i, pid, prompt], ensure_ascii=False).encode() + b"\n")
+        return h.hexdigest()
 
     def is_excluded(self, prompt_id: str, prompt: Sequence[dict]) -> bool:
         return prompt_id in self.excluded_keys or text_key(prompt) in self.excluded_keys

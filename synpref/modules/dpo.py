@@ -16,6 +16,7 @@ from synpref.logprobs import token_logps
 from synpref.losses import LossType, dpo_loss
 from synpref.models import load_frozen_causal_lm
 from synpref.modules.base import CausalLMModule
+from synpref.outputs import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,10 @@ class DPOModule(CausalLMModule):
             return sequence_logps(self.reference(), batch, self.hparams.logits_chunk_size)[0]
 
     # -- precomputation ------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.precompute_ref_logps:
+            check_writable(self.hparams.ref_cache_dir)  # before any model loads: fail in seconds
+
     def on_fit_start(self) -> None:
         super().on_fit_start()
         self.record_labellers()
@@ -163,7 +168,7 @@ class DPOModule(CausalLMModule):
         hit = self.trainer.strategy.broadcast(path.exists())
         if hit:
             log.info("reusing cached reference log-probs from %s", path)
-            self._ref_table = torch.load(path)
+            self._ref_table = torch.load(path, weights_only=True)
         else:
             self._ref_table = self._compute_table(ref, sets, dm)
             if self.trainer.is_global_zero:

@@ -79,7 +79,8 @@ class WinRateModule(L.LightningModule):
     first prompt index), so a batch's result does not depend on what ran before it. The default
     is the paper's sampling (top-k 50, temperature 0.7); `do_sample: false` is greedy.
     predict_step returns one record per prompt; the WinRateCallback this module attaches writes
-    them to `output_dir/eval.jsonl`, aggregates the WinRate metric and logs to MLflow.
+    them to `output_dir/eval.jsonl`, aggregates the WinRate metric and logs to MLflow. A killed
+    run resumes when rerun (prompts on disk are not generated again); `overwrite: true` starts afresh.
 
     `generator` (e.g. `synpref.generators.OpenAIGenerator`) serves the policy, and the baseline too
     unless `baseline_generator` is given (one server answering both model names, as
@@ -110,6 +111,7 @@ class WinRateModule(L.LightningModule):
         tie_tolerance: float = 0.0,
         length_match_ratio: float = 0.1,
         figures: bool = True,
+        overwrite: bool = False,
         dtype: Optional[str] = None,
         attn_implementation: Optional[str] = None,
         trust_remote_code: bool = False,
@@ -146,6 +148,8 @@ class WinRateModule(L.LightningModule):
         self.baseline_tokenizer = load_tokenizer(baseline_name_or_path, trust_remote_code)
         self.model: Optional[torch.nn.Module] = None
         self.baseline: Optional[torch.nn.Module] = None
+        # Set by configure_callbacks: it knows which prompts a resumed run already has on disk.
+        self.recorder = None
 
     def configure_model(self) -> None:
         hp = self.hparams
@@ -160,8 +164,10 @@ class WinRateModule(L.LightningModule):
         from synpref.callbacks.win_rate import WinRateCallback
 
         hp = self.hparams
-        return [WinRateCallback(output_dir=self.output_dir, tie_tolerance=hp.tie_tolerance,
-                                length_match_ratio=hp.length_match_ratio, figures=hp.figures)]
+        self.recorder = WinRateCallback(output_dir=self.output_dir, tie_tolerance=hp.tie_tolerance,
+                                        length_match_ratio=hp.length_match_ratio, figures=hp.figures,
+                                        settings=self.run_params(), overwrite=hp.overwrite)
+        return [self.recorder]
 
     def on_predict_start(self) -> None:
         self.reward = self.reward.to(self.device)
@@ -179,8 +185,10 @@ class WinRateModule(L.LightningModule):
                 **{f"judge.{label}": getattr(j, "name", label) for j, label in zip(self.judges, self.judge_labels)},
                 **self.decoding}
 
-    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+    def predict_step(self, batch: dict, batch_idx: int) -> Optional[list[dict]]:
         index = [int(i) for i in batch["index"]]
+        if self.recorder is not None and self.recorder.has_all(index):
+            return None  # a resumed run: this batch is on disk
         records = compare_batch(self.model, self.tokenizer, self.baseline, self.baseline_tokenizer, self.reward,
                                 batch["prompt"], self.decoding, seed=self.seed, indices=index, generators=self.generators,
                                 names=(self.model_name_or_path, self.baseline_name_or_path), judges=self.judges,

@@ -69,8 +69,8 @@ class SamplingModule(L.LightningModule):
         self.generator = generator
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
         self.model: Optional[torch.nn.Module] = None
-        # Prompt indices already on disk (filled by the SampleWriter on resume): their batches are skipped.
-        self.completed: set[int] = set()
+        # Set by configure_callbacks: it knows which prompts a resumed run already has on disk.
+        self.writer = None
         self.generated_tokens, self.generate_seconds, self.score_seconds = 0, 0.0, 0.0
 
     def configure_model(self) -> None:
@@ -84,7 +84,9 @@ class SamplingModule(L.LightningModule):
         # trainer.callbacks of the same types are replaced by these.
         from synpref.callbacks import SampleWriter, SamplingStatsCallback
 
-        return [SampleWriter(self.hparams.output_dir, self.hparams.overwrite), SamplingStatsCallback()]
+        hp = self.hparams
+        self.writer = SampleWriter(hp.output_dir, self.fingerprint(), hp.threshold, hp.overwrite)
+        return [self.writer, SamplingStatsCallback(self.writer)]
 
     def on_predict_start(self) -> None:
         self.reward.to(self.device)
@@ -103,8 +105,8 @@ class SamplingModule(L.LightningModule):
         return {**{k: self.hparams[k] for k in keys}, "reward": self.reward.name, **served}
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> Optional[list[dict]]:
-        if all(i in self.completed for i in batch["index"]):
-            return None
+        if self.writer is not None and self.writer.has_all(batch["index"]):
+            return None  # a resumed run: this batch is on disk
         hp = self.hparams
         start = time.perf_counter()
         texts, counts = generate_texts(
