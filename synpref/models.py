@@ -10,6 +10,7 @@ from typing import Iterable, Optional
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from synpref.errors import ConfigError, SynprefError
 from synpref.resources import resolve
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 END_OF_TURN = "<|im_end|>"
+TINY_BASE = "artifacts/tiny/base"  # where `synpref build-tiny` writes the tiny model by default
 
 
 def resolve_dtype(dtype: Optional[str]) -> Optional[torch.dtype]:
@@ -34,9 +36,42 @@ def resolve_dtype(dtype: Optional[str]) -> Optional[torch.dtype]:
     return getattr(torch, dtype)
 
 
+class ModelPathError(SynprefError):
+    """A model path that is neither an HF model directory nor a reachable hub id, with what creates it."""
+
+    def __init__(self, name_or_path: str, cause: BaseException):
+        path = Path(name_or_path).expanduser()
+        if path.is_dir():
+            problem = f"model directory {name_or_path} holds no HF model/tokenizer ({cause})"
+        else:
+            problem = f"model directory {name_or_path} does not exist (resolved: {path.resolve()}) and it is not a hub id"
+        super().__init__(f"{problem}; {creator_hint(name_or_path)}")
+
+
+def creator_hint(name_or_path: str) -> str:
+    """How the user gets this model: `synpref build-tiny`, or the configs/ stage that exports it."""
+    import yaml
+
+    target = Path(name_or_path).as_posix().rstrip("/")
+    if target == TINY_BASE:
+        return "build it with `synpref build-tiny`"
+    for config in sorted(Path("configs").rglob("*.yaml")):
+        try:
+            exported = (yaml.safe_load(config.read_text()) or {}).get("export", {}).get("dirpath")
+        except (yaml.YAMLError, OSError, AttributeError):
+            continue
+        if exported and Path(exported).as_posix().rstrip("/") == target:
+            return f"it is the export of `synpref fit --config {config.as_posix()}`: run that stage first"
+    return ("give an HF model directory or hub id; synpref writes one with `synpref fit` (its export.dirpath) "
+            "or `synpref build-tiny --out DIR`")
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """A tokenizer ready for chat training: a chat template, a pad token, right padding."""
-    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as e:  # transformers' word for "no such directory or hub repo", among others
+        raise ModelPathError(name_or_path, e) from e
     if tok.chat_template is None:
         # Base checkpoints (Qwen2.5-0.5B among them) may ship no template; ChatML is what their
         # instruct siblings use, so the SFT export speaks the same format.
@@ -45,6 +80,23 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return tok
+
+
+def check_same_tokenizer(tokenizer: PreTrainedTokenizerBase, path: str, other: PreTrainedTokenizerBase, other_path: str) -> None:
+    """ConfigError naming both paths unless the two tokenizers map the same text to the same ids
+    (same vocabulary, same special tokens): a policy and its reference score the same token ids."""
+    problems = []
+    vocab, other_vocab = tokenizer.get_vocab(), other.get_vocab()
+    if vocab != other_vocab:
+        differ = sorted(set(vocab.items()) ^ set(other_vocab.items()), key=lambda kv: kv[1])[:3]
+        problems.append(f"vocabularies differ ({len(vocab)} vs {len(other_vocab)} tokens; e.g. {differ})")
+    specials, other_specials = tokenizer.special_tokens_map, other.special_tokens_map
+    if specials != other_specials:
+        problems.append(f"special tokens differ ({specials} vs {other_specials})")
+    if problems:
+        raise ConfigError("model.init_args.ref_model_name_or_path",
+                          f"the tokenizers of {path} and {other_path} differ: {'; '.join(problems)}; "
+                          "the reference must share the policy's tokenizer (usually: the SFT export it starts from)")
 
 
 def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -84,13 +136,25 @@ def load_frozen_causal_lm(
 
 
 def _corpus_from_jsonl(paths: Iterable[str | Path]) -> Iterable[str]:
+    """Every message text of jsonl files (OpenAI or sharegpt turns, prompts); a DataError names a
+    missing, non-UTF-8 or non-JSON file and row."""
+    from synpref.chat import DataError
+    from synpref.data.io import check_json_file
+
     for path in paths:
-        with open(resolve(path), encoding="utf-8") as f:
-            for line in f:
+        local = Path(resolve(path))
+        if not local.is_file():
+            raise DataError(str(path), None, "path", f"corpus file does not exist (resolved: {local.resolve()}); "
+                            "give jsonl files with messages, e.g. synpref://sample/sft_messages.jsonl")
+        check_json_file(local)
+        with open(local, encoding="utf-8") as f:
+            for line in filter(str.strip, f):
                 row = json.loads(line)
-                for key in ("messages", "chosen", "rejected"):
+                for key in ("messages", "conversations", "chosen", "rejected"):
                     for message in row.get(key) or []:
-                        yield message["content"]
+                        text = message.get("content", message.get("value")) if isinstance(message, dict) else None
+                        if isinstance(text, str):
+                            yield text
                 if isinstance(row.get("prompt"), str):
                     yield row["prompt"]
 
@@ -115,11 +179,15 @@ def build_tiny_model(
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+    for key, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+        if value < 1:
+            raise ConfigError(key, f"must be ≥ 1, got {value}")
+    if hidden_size % num_heads:
+        raise ConfigError("hidden_size", f"must be a multiple of the {num_heads} attention heads, got {hidden_size}")
     out = Path(out_dir)
     if (out / "config.json").exists() and (out / "tokenizer.json").exists():
         log.info("tiny model already at %s", out)
         return out
-    out.mkdir(parents=True, exist_ok=True)
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -154,6 +222,7 @@ def build_tiny_model(
         pad_token_id=tok.pad_token_id,
     )
     model = Qwen2ForCausalLM(config)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a bad corpus leaves no half-built directory
     model.generation_config.eos_token_id = end_of_turn_ids(tok)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)
