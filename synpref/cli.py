@@ -11,7 +11,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from synpref.callbacks import HFExportCallback, MLflowSaveConfigCallback
-from synpref.errors import config_message, find_user_error
+from synpref.errors import find_user_error, user_error_message
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "synpref"
@@ -103,29 +103,16 @@ def main(args: Optional[Sequence[str]] = None):
     debug = "--debug" in argv or os.environ.get("SYNPREF_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args is None:
+        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself: without --debug
     try:
-        if args is None:
-            sys.argv[1:] = argv  # LightningCLI reads sys.argv itself: without --debug
         _run(argv, from_sys_argv=args is None)
     except Exception as e:
         message = user_error_message(e)
-        if debug or message is None:
+        if debug or message is None:  # None: not a user error but a bug, whose traceback is wanted
             raise
         print(f"synpref: error: {message}", file=sys.stderr)
-        code = getattr(find_user_error(e), "exit_code", 2)
-        raise SystemExit(code) from None
-
-
-def user_error_message(exc: BaseException) -> Optional[str]:
-    """The one-line message for a user error; None for anything else (a bug: its traceback is shown)."""
-    import argparse
-
-    found = find_user_error(exc)
-    if found is not None:
-        return str(found)
-    if isinstance(exc, argparse.ArgumentError):
-        return config_message(exc)
-    return None
+        raise SystemExit(getattr(find_user_error(e), "exit_code", 2)) from None
 
 
 def _run(argv: list[str], from_sys_argv: bool) -> None:

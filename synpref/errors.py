@@ -36,6 +36,16 @@ def find_user_error(exc: BaseException) -> Optional[SynprefError]:
     return None
 
 
+def user_error_message(exc: BaseException) -> Optional[str]:
+    """The one-line message for a user error: a SynprefError, or a config jsonargparse rejected; None otherwise."""
+    found = find_user_error(exc)
+    if found is not None:
+        return str(found)
+    if isinstance(exc, argparse.ArgumentError):
+        return config_message(exc)
+    return None
+
+
 _CLASS = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>")
 _PARSER_KEY = re.compile(r'Parser key "([^"]+)":\s*')
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -32,20 +33,24 @@ def resolve_dtype(dtype: Optional[str]) -> Optional[torch.dtype]:
     if dtype in (None, "auto"):
         return None
     if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16' or 'auto'")
+        raise ConfigError("dtype", f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16' or 'auto'")
     return getattr(torch, dtype)
 
 
 class ModelPathError(SynprefError):
-    """A model path that is neither an HF model directory nor a reachable hub id, with what creates it."""
+    """A model path that is neither an HF model directory nor a reachable hub id."""
 
-    def __init__(self, name_or_path: str, cause: BaseException):
-        path = Path(name_or_path).expanduser()
-        if path.is_dir():
-            problem = f"model directory {name_or_path} holds no HF model/tokenizer ({cause})"
-        else:
-            problem = f"model directory {name_or_path} does not exist (resolved: {path.resolve()}) and it is not a hub id"
-        super().__init__(f"{problem}; {creator_hint(name_or_path)}")
+
+def model_path_error(name_or_path: str, cause: BaseException) -> ModelPathError:
+    """What is wrong with the path, and the command that creates it."""
+    path, cause = Path(name_or_path).expanduser(), " ".join(str(cause).split())
+    if path.is_dir():
+        problem = f"model directory {name_or_path} holds no HF model/tokenizer ({cause})"
+    elif re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", name_or_path):  # could be a hub id: say why it failed
+        problem = f"{name_or_path} is not a local directory and could not be loaded from the hub ({cause})"
+    else:
+        problem = f"model directory {name_or_path} does not exist (resolved: {path.resolve()})"
+    return ModelPathError(f"{problem}; {creator_hint(name_or_path)}")
 
 
 def creator_hint(name_or_path: str) -> str:
@@ -71,7 +76,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except OSError as e:  # transformers' word for "no such directory or hub repo", among others
-        raise ModelPathError(name_or_path, e) from e
+        raise model_path_error(name_or_path, e) from e
     if tok.chat_template is None:
         # Base checkpoints (Qwen2.5-0.5B among them) may ship no template; ChatML is what their
         # instruct siblings use, so the SFT export speaks the same format.
@@ -120,7 +125,10 @@ def load_causal_lm(
         kwargs["dtype"] = resolve_dtype(dtype)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except OSError as e:  # e.g. a directory with a tokenizer and config but no weights
+        raise model_path_error(name_or_path, e) from e
 
 
 def load_frozen_causal_lm(

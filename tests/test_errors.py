@@ -205,7 +205,7 @@ def text_reward(prompt: str, response: str):
     return "good"
 
 
-def nan_for_second(prompt: str, response: str):
+def nan_for_colour(prompt: str, response: str):
     return math.nan if "colour" in prompt else 1.0
 
 
@@ -223,9 +223,21 @@ def test_unknown_reward_function(in_tmp, capsys):
 
 def test_nan_reward_in_evaluation(in_tmp, capsys):
     prompts = write(in_tmp / "p.jsonl", [{"prompt": "Name a colour."}, {"prompt": "Name a fruit."}])
-    reward = "--model.init_args.reward={class_path: synpref.rewards.FunctionReward, init_args: {fn: 'tests.test_errors:nan_for_second'}}"
+    reward = "--model.init_args.reward={class_path: synpref.rewards.FunctionReward, init_args: {fn: 'tests.test_errors:nan_for_colour'}}"
     args = [*EVAL, f"--data.init_args.path={prompts}", reward, "--model.init_args.output_dir=out"]
     fails(capsys, args, "returned nan (float), not a finite float", "for the prompt 'Name a colour.'")
+
+
+def test_nan_reward_in_sampling_and_skip(in_tmp, capsys):
+    prompts = write(in_tmp / "p.jsonl", [{"prompt": "Name a colour."}, {"prompt": "Name a fruit."}])
+    reward = "--model.init_args.reward={class_path: synpref.rewards.FunctionReward, init_args: {fn: 'tests.test_errors:nan_for_colour'}}"
+    args = [*SAMPLE, f"--data.init_args.path={prompts}", reward, "--model.init_args.output_dir=out", "--model.init_args.threshold=-1"]
+    fails(capsys, args, "returned nan (float), not a finite float", "for the prompt 'Name a colour.'")
+    assert not Path("out/samples.jsonl").exists()
+    main([*args, "--model.init_args.on_bad_score=skip"])  # the NaN samples are dropped and counted
+    samples = [json.loads(line) for line in open("out/samples.jsonl")]
+    assert {r["prompt"][0]["content"] for r in samples} == {"Name a fruit."} and len(samples) == 2
+    assert all(r["score"] == 1.0 for r in samples)
 
 
 class RefusesKey(BaseHTTPRequestHandler):
