@@ -6,40 +6,70 @@ from typing import Any, Optional, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
+from synpref.errors import SynprefError
+
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
+# sharegpt turns ({"from", "value"}, as argilla, axolotl and LLaMA-Factory write them) -> our roles.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-class DataError(ValueError):
+class DataError(SynprefError, ValueError):
     """Bad input, located: which file, which row, which field."""
 
     def __init__(self, source: str, row: Any, field: str, problem: str):
         self.source, self.row, self.field, self.problem = source, row, field, problem
         where = f"{source}: " if row is None else f"{source}: row {row}: "
-        super().__init__(f"{where}field {field!r}: {problem}")
+        what = "" if field == "*" else f"field {field!r}: "  # '*': the whole row or file
+        super().__init__(f"{where}{what}{problem}")
 
     def __reduce__(self):
         # Rebuilt from its parts when it crosses processes (datasets' map with num_proc > 1).
         return type(self), (self.source, self.row, self.field, self.problem)
 
 
-def check_messages(messages: Any, field: str = "messages", need_assistant: bool = True) -> None:
-    """Raise ValueError(field, problem) unless `messages` is a well-formed conversation."""
+def chat_messages(messages: Any, field: str = "messages", need_assistant: bool = True) -> list[dict]:
+    """`messages` as checked {role, content} dicts; FieldError(field, problem) unless well formed.
+
+    Each turn is OpenAI-style {role, content} or sharegpt-style {from, value} (roles mapped by
+    SHAREGPT_ROLES).
+    """
     if messages is None:
         raise FieldError(field, "missing")
     if not isinstance(messages, (list, tuple)) or not messages:
         raise FieldError(field, "expected a non-empty list of {role, content} messages")
+    out = []
     for i, message in enumerate(messages):
         where = f"{field}[{i}]"
         if not isinstance(message, dict):
             raise FieldError(where, f"expected a {{role, content}} object, got {type(message).__name__}")
-        if message.get("role") not in ROLES:
-            raise FieldError(f"{where}.role", f"unknown role {message.get('role')!r}; expected one of {ROLES}")
-        content = message.get("content")
-        if not isinstance(content, str) or not content.strip():
-            raise FieldError(f"{where}.content", "empty content")
-    if need_assistant and not any(m["role"] == "assistant" for m in messages):
+        if message.get("role") is None and message.get("from") is not None:
+            role = SHAREGPT_ROLES.get(message["from"])
+            if role is None:
+                raise FieldError(f"{where}.from", f"unknown sharegpt role {message['from']!r}; "
+                                                  f"expected one of {tuple(SHAREGPT_ROLES)}")
+            content_key = "value"
+        else:
+            role = message.get("role")
+            if role not in ROLES:
+                raise FieldError(f"{where}.role", f"unknown role {role!r}; expected one of {ROLES}")
+            content_key = "content"
+        content = message.get(content_key)
+        if content is None:
+            raise FieldError(f"{where}.{content_key}", "missing")
+        if not isinstance(content, str):
+            raise FieldError(f"{where}.{content_key}", f"expected a string, got {type(content).__name__} {content!r:.40}")
+        if not content.strip():
+            raise FieldError(f"{where}.{content_key}", "empty content")
+        out.append({"role": role, "content": content})
+    if need_assistant and not any(m["role"] == "assistant" for m in out):
         raise FieldError(field, "no assistant turn")
+    return out
+
+
+def conversation_field(row: dict) -> str:
+    """The column holding a row's turns: `messages`, or `conversations` (sharegpt files) when only it is there."""
+    return "conversations" if row.get("messages") is None and row.get("conversations") is not None else "messages"
 
 
 class FieldError(ValueError):

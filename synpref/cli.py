@@ -11,6 +11,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from synpref.callbacks import HFExportCallback, MLflowSaveConfigCallback
+from synpref.errors import find_user_error, user_error_message
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "synpref"
@@ -39,7 +40,7 @@ class SynprefCLI(LightningCLI):
             save_config_callback=MLflowSaveConfigCallback,
             save_config_kwargs={"save_to_log_dir": False, "overwrite": True},
             auto_configure_optimizers=False,
-            parser_kwargs={"description": description()},
+            parser_kwargs={"description": description(), "exit_on_error": False},  # errors reach main()
             args=args,
             run=run,
             **kwargs,
@@ -160,18 +161,37 @@ def description() -> str:
 
 
 def main(args: Optional[Sequence[str]] = None):
-    """Entry point of `synpref`; tests call it in-process with a list of arguments."""
+    """Entry point of `synpref`; tests call it in-process with a list of arguments.
+
+    A user error (a SynprefError, or a config jsonargparse rejects) prints one `synpref: error:`
+    line and exits 2; `--debug` or SYNPREF_DEBUG=1 shows the traceback instead.
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in argv or os.environ.get("SYNPREF_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args is None:
+        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself: without --debug
+    try:
+        _run(argv, from_sys_argv=args is None)
+    except Exception as e:
+        message = user_error_message(e)
+        if debug or message is None:  # None: not a user error but a bug, whose traceback is wanted
+            raise
+        print(f"synpref: error: {message}", file=sys.stderr)
+        raise SystemExit(getattr(find_user_error(e), "exit_code", 2)) from None
+
+
+def _run(argv: list[str], from_sys_argv: bool) -> None:
     from jsonargparse import CLI
 
-    argv = list(sys.argv[1:] if args is None else args)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _load_extra_commands()
     if argv and argv[0] in EXTRA_COMMANDS:
         fn = EXTRA_COMMANDS[argv[0]][0]
-        CLI(fn, args=argv[1:], as_positional=False)
+        CLI(fn, args=argv[1:], as_positional=False, exit_on_error=False)
         return
     # Returns None: the console script exits 0, and tests read what the run left on disk/MLflow.
-    SynprefCLI(args=None if args is None else argv)
+    SynprefCLI(args=None if from_sys_argv else argv)
 
 
 def _load_extra_commands() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from synpref.cli import register, tracking_uri as default_tracking_uri
+from synpref.errors import ConfigError
 from synpref.report import judge_columns, judge_fields, judges_table, model_cell, power_lines, self_judged_warnings
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def eval_runs(experiment: str, tracking_uri: Optional[str] = None, parent_run_id
     client = MlflowClient(tracking_uri or default_tracking_uri())
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise ValueError(f"no MLflow experiment {experiment!r} at {tracking_uri or default_tracking_uri()}")
+        raise ConfigError("experiment", f"no MLflow experiment {experiment!r} at {tracking_uri or default_tracking_uri()}")
     query = f"metrics.`{METRIC_PREFIX}win_rate` >= 0"
     if parent_run_id:
         query += f" and tags.mlflow.parentRunId = '{parent_run_id}'"
@@ -88,7 +89,7 @@ def compare(experiment: str, tracking_uri: Optional[str] = None, csv: Optional[s
     """
     rows = eval_runs(experiment, tracking_uri, parent_run_id)
     if not rows:
-        raise ValueError(f"experiment {experiment!r} has no eval run (an {METRIC_PREFIX}win_rate metric) "
+        raise ConfigError("experiment", f"experiment {experiment!r} has no eval run (an {METRIC_PREFIX}win_rate metric) "
                          f"(run `synpref predict --config configs/eval.yaml` first)")
     parts = [markdown_table(rows), judges_table(rows), "\n".join(self_judged_warnings(rows)), "\n".join(power_lines(rows))]
     table = "\n\n".join(p for p in parts if p)

@@ -36,14 +36,18 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Optional, TypeVar
 from urllib.parse import urlsplit
 
+from synpref.errors import SynprefError
+
 log = logging.getLogger(__name__)
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 T, R = TypeVar("T"), TypeVar("R")
 
 
-class EndpointError(RuntimeError):
+class EndpointError(SynprefError, RuntimeError):
     """The server failed for good: a non-retryable status, retries or deadline exhausted, a missing key."""
+
+    exit_code = 1
 
 
 class MalformedReply(EndpointError):
@@ -56,9 +60,11 @@ class _Retryable(Exception):
         self.problem, self.retry_after = problem, retry_after
 
 
-def snippet(raw: bytes, n: int = 200) -> str:
-    """The start of a body, for error messages."""
+def snippet(raw: bytes, n: int = 200, secret: str = "") -> str:
+    """The start of a body, for error messages (`secret` redacted: a reply may echo the key)."""
     text = raw.decode("utf-8", "replace")
+    if secret:
+        text = text.replace(secret, "***")
     return repr(text[:n] + ("…" if len(text) > n else ""))
 
 
@@ -179,6 +185,11 @@ def post_json(url: str, payload: dict, *, api_key_env: Optional[str] = None, tim
             log.warning("%s: %s; retry %d/%d in %.1fs", url, e.problem, attempt + 1, max_retries, delay)
             time.sleep(delay)
             continue
+        if status in (401, 403) and api_key_env:
+            # The key's name, never the key.
+            raise EndpointError(f"{url} refused the API key from ${api_key_env} (HTTP {status}: "
+                                f"{snippet(raw, secret=headers.get('Authorization', '')[7:])}); "
+                                f"export a valid key in {api_key_env}")
         if status != 200:
             raise EndpointError(f"{url} answered HTTP {status}: {snippet(raw)}")
         try:

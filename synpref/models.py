@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from synpref.errors import ConfigError, SynprefError
 from synpref.resources import resolve
 
 log = logging.getLogger(__name__)
@@ -23,6 +25,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 END_OF_TURN = "<|im_end|>"
+TINY_BASE = "artifacts/tiny/base"  # where `synpref build-tiny` writes the tiny model by default
 
 
 def resolve_dtype(dtype: Optional[str]) -> Optional[torch.dtype]:
@@ -30,13 +33,50 @@ def resolve_dtype(dtype: Optional[str]) -> Optional[torch.dtype]:
     if dtype in (None, "auto"):
         return None
     if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16' or 'auto'")
+        raise ConfigError("dtype", f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16' or 'auto'")
     return getattr(torch, dtype)
+
+
+class ModelPathError(SynprefError):
+    """A model path that is neither an HF model directory nor a reachable hub id."""
+
+
+def model_path_error(name_or_path: str, cause: BaseException) -> ModelPathError:
+    """What is wrong with the path, and the command that creates it."""
+    path, cause = Path(name_or_path).expanduser(), " ".join(str(cause).split())
+    if path.is_dir():
+        problem = f"model directory {name_or_path} holds no HF model/tokenizer ({cause})"
+    elif re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", name_or_path):  # could be a hub id: say why it failed
+        problem = f"{name_or_path} is not a local directory and could not be loaded from the hub ({cause})"
+    else:
+        problem = f"model directory {name_or_path} does not exist (resolved: {path.resolve()})"
+    return ModelPathError(f"{problem}; {creator_hint(name_or_path)}")
+
+
+def creator_hint(name_or_path: str) -> str:
+    """How the user gets this model: `synpref build-tiny`, or the configs/ stage that exports it."""
+    import yaml
+
+    target = Path(name_or_path).as_posix().rstrip("/")
+    if target == TINY_BASE:
+        return "build it with `synpref build-tiny`"
+    for config in sorted(Path("configs").rglob("*.yaml")):
+        try:
+            exported = (yaml.safe_load(config.read_text()) or {}).get("export", {}).get("dirpath")
+        except (yaml.YAMLError, OSError, AttributeError):
+            continue
+        if exported and Path(exported).as_posix().rstrip("/") == target:
+            return f"it is the export of `synpref fit --config {config.as_posix()}`: run that stage first"
+    return ("give an HF model directory or hub id; synpref writes one with `synpref fit` (its export.dirpath) "
+            "or `synpref build-tiny --out DIR`")
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """A tokenizer ready for chat training: a chat template, a pad token, right padding."""
-    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as e:  # transformers' word for "no such directory or hub repo", among others
+        raise model_path_error(name_or_path, e) from e
     if tok.chat_template is None:
         # Base checkpoints (Qwen2.5-0.5B among them) may ship no template; ChatML is what their
         # instruct siblings use, so the SFT export speaks the same format.
@@ -45,6 +85,23 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return tok
+
+
+def check_same_tokenizer(tokenizer: PreTrainedTokenizerBase, path: str, other: PreTrainedTokenizerBase, other_path: str) -> None:
+    """ConfigError naming both paths unless the two tokenizers map the same text to the same ids
+    (same vocabulary, same special tokens): a policy and its reference score the same token ids."""
+    problems = []
+    vocab, other_vocab = tokenizer.get_vocab(), other.get_vocab()
+    if vocab != other_vocab:
+        differ = sorted(set(vocab.items()) ^ set(other_vocab.items()), key=lambda kv: kv[1])[:3]
+        problems.append(f"vocabularies differ ({len(vocab)} vs {len(other_vocab)} tokens; e.g. {differ})")
+    specials, other_specials = tokenizer.special_tokens_map, other.special_tokens_map
+    if specials != other_specials:
+        problems.append(f"special tokens differ ({specials} vs {other_specials})")
+    if problems:
+        raise ConfigError("model.init_args.ref_model_name_or_path",
+                          f"the tokenizers of {path} and {other_path} differ: {'; '.join(problems)}; "
+                          "the reference must share the policy's tokenizer (usually: the SFT export it starts from)")
 
 
 def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -68,7 +125,10 @@ def load_causal_lm(
         kwargs["dtype"] = resolve_dtype(dtype)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except OSError as e:  # e.g. a directory with a tokenizer and config but no weights
+        raise model_path_error(name_or_path, e) from e
 
 
 def load_frozen_causal_lm(
@@ -84,13 +144,25 @@ def load_frozen_causal_lm(
 
 
 def _corpus_from_jsonl(paths: Iterable[str | Path]) -> Iterable[str]:
+    """Every message text of jsonl files (OpenAI or sharegpt turns, prompts); a DataError names a
+    missing, non-UTF-8 or non-JSON file and row."""
+    from synpref.chat import DataError
+    from synpref.data.io import check_json_file
+
     for path in paths:
-        with open(resolve(path), encoding="utf-8") as f:
-            for line in f:
+        local = Path(resolve(path))
+        if not local.is_file():
+            raise DataError(str(path), None, "path", f"corpus file does not exist (resolved: {local.resolve()}); "
+                            "give jsonl files with messages, e.g. synpref://sample/sft_messages.jsonl")
+        check_json_file(local)
+        with open(local, encoding="utf-8") as f:
+            for line in filter(str.strip, f):
                 row = json.loads(line)
-                for key in ("messages", "chosen", "rejected"):
+                for key in ("messages", "conversations", "chosen", "rejected"):
                     for message in row.get(key) or []:
-                        yield message["content"]
+                        text = message.get("content", message.get("value")) if isinstance(message, dict) else None
+                        if isinstance(text, str):
+                            yield text
                 if isinstance(row.get("prompt"), str):
                     yield row["prompt"]
 
@@ -167,6 +239,11 @@ def build_tiny_model(
     The result is an ordinary HF directory (config.json, model.safetensors, tokenizer.json with a
     ChatML template) that `load_causal_lm`/`load_tokenizer` open like any hub checkpoint.
     """
+    for key, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+        if value < 1:
+            raise ConfigError(key, f"must be ≥ 1, got {value}")
+    if hidden_size % num_heads:
+        raise ConfigError("hidden_size", f"must be a multiple of the {num_heads} attention heads, got {hidden_size}")
     out = Path(out_dir)
     if (out / "config.json").exists() and (out / "tokenizer.json").exists():
         log.info("tiny model already at %s", out)

@@ -2,13 +2,16 @@
 vs the model cards' own recipe, FunctionReward, and the demo RuleReward computed by hand."""
 
 import math
+import re
 import sys
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForSequenceClassification
 
 from synpref.rewards import FunctionReward, HFRewardModel, NemotronReward, RuleReward
+from synpref.rewards.base import RewardError, RewardScorer, score_checked
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -147,3 +150,28 @@ def test_prefix_groups_by_hand():
     assert alone == [1, 4, 5, 6]
     groups, alone = prefix_groups([a, a], [[1, 2, 3], [1, 2, 3]])
     assert groups == [(2, [0, 1])] and alone == []
+
+
+class FixedScores(RewardScorer):
+    """Returns the scores it was given, whatever the responses: the contract check sees them as they are."""
+
+    name = "fixed"
+
+    def __init__(self, scores):
+        self.scores = scores
+
+    def score(self, prompts, responses):
+        return list(self.scores)
+
+
+@pytest.mark.parametrize("bad, shown", [(math.nan, "nan (float)"), (math.inf, "inf (float)"), (None, "None (NoneType)"),
+                                        ("0.5", "'0.5' (str)"), (True, "True (bool)")])
+def test_score_checked_rejects_what_is_not_a_finite_float(bad, shown):
+    prompts = [[{"role": "user", "content": "First?"}], [{"role": "user", "content": "Second?"}]]
+    good = [1, np.float32(2.5), torch.tensor(-3.0)]  # numbers of any kind become floats
+    assert score_checked(FixedScores(good), prompts + prompts[:1], ["a", "b", "c"]) == [1.0, 2.5, -3.0]
+    with pytest.raises(RewardError, match=rf"reward 'fixed' returned {re.escape(shown)}, not a finite float, for the prompt 'Second\?'"):
+        score_checked(FixedScores([1.0, bad]), prompts, ["a", "b"])
+    assert score_checked(FixedScores([bad, 1.0]), prompts, ["a", "b"], on_bad_score="skip") == [None, 1.0]
+    with pytest.raises(RewardError, match="returned 1 scores for 2 responses"):
+        score_checked(FixedScores([1.0]), prompts, ["a", "b"])

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import datasets
 import lightning as L
 from torch.utils.data import DataLoader
 
+from synpref.errors import ConfigError
 from synpref.models import load_tokenizer
 
 
@@ -60,6 +62,8 @@ class TokenizedDataModule(L.LightningDataModule):
         trust_remote_code: bool = False,
     ):
         super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ConfigError("data.init_args.val_fraction", f"must lie in [0, 1), got {val_fraction}")
         self.tokenizer_name_or_path = tokenizer_name_or_path
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -96,6 +100,10 @@ class TokenizedDataModule(L.LightningDataModule):
         train = self.prepare("train")
         val = self.prepare("val")
         if val is None and self.val_fraction > 0:
+            n_val = math.ceil(self.val_fraction * len(train))
+            if len(train) - n_val < 1:
+                raise ConfigError("data.init_args.val_fraction", f"{self.val_fraction} of {len(train)} usable rows leaves "
+                                  f"none to train on; give more rows, or set val_fraction: 0")
             parts = train.train_test_split(test_size=self.val_fraction, seed=self.seed, shuffle=True)
             train, val = parts["train"], parts["test"]
         self.train_set, self.val_set = train, val

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import re
@@ -42,21 +43,58 @@ def load_rows(
         if len(builders) > 1:
             raise DataError(path, None, "path", "mixes json and parquet files; point at one kind")
         builder = builders.pop()
+        if builder == "json":
+            for f in files:
+                check_text(f)
         try:
             ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
         except Exception as e:  # Arrow's errors name neither the file nor the line
             if builder == "json":
                 for f in files:
-                    _check_json_lines(f)
+                    check_json_lines(f)
             raise DataError(path, None, "*", f"cannot be read as a table: {e}") from e
     else:
-        ds = datasets.load_dataset(path, config_name, split=split)
+        try:
+            ds = datasets.load_dataset(path, config_name, split=split)
+        except Exception as e:  # offline, a typo, a missing split: name it, not 30 frames of datasets
+            raise DataError(path, None, "path", f"not a local file and cannot be loaded from the hub ({type(e).__name__}: "
+                            f"{e}); for a local file give its path with its .jsonl/.json/.parquet suffix") from e
     if max_rows is not None:
         ds = ds.select(range(min(max_rows, len(ds))))
     return ds
 
 
-def _check_json_lines(path: Path) -> None:
+def check_text(path: Path, chunk: int = 1 << 24) -> None:
+    """Raise a DataError if a json/jsonl file cannot be read, is not UTF-8 (naming the row; Arrow
+    would load the bytes and fail later, unlocated) or holds no rows."""
+    decoder, offset, blank = codecs.getincrementaldecoder("utf-8")(), 0, True
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                try:
+                    blank = not decoder.decode(block).strip() and blank
+                except UnicodeDecodeError as e:
+                    f.seek(0)
+                    before = f.read(offset + e.start)
+                    line_start = before.rfind(b"\n") + 1
+                    row = sum(1 for line in before[:line_start].split(b"\n") if line.strip())
+                    raise DataError(str(path), row, "*", f"not valid UTF-8 (byte 0x{block[e.start]:02x} at column "
+                                    f"{len(before) - line_start + 1}); re-save the file as UTF-8") from None
+                offset += len(block)
+            decoder.decode(b"", final=True)
+    except OSError as e:
+        raise DataError(str(path), None, "path", f"cannot be read ({e.strerror or e})") from None
+    if blank:
+        raise DataError(str(path), None, "*", "the file is empty; expected one JSON object per line")
+
+
+def check_json_file(path: Path) -> None:
+    """A DataError at the first problem of a json/jsonl file: unreadable, not UTF-8, empty, a bad line."""
+    check_text(path)
+    check_json_lines(path)
+
+
+def check_json_lines(path: Path) -> None:
     """Raise a DataError at the first line of a jsonl file that is not a JSON object."""
     if path.suffix != ".jsonl":
         return
@@ -116,7 +154,7 @@ def map_rows(
     if counts:
         log.warning("%s: kept %d of %d %s; dropped %s", source, len(kept), len(ds), what, counts)
     if len(kept) == 0:
-        raise DataError(source, "*", "*", f"no usable {what} left (dropped: {counts})")
+        raise DataError(source, None, "*", f"no usable {what} left (dropped: {counts})")
     return kept, counts
 
 

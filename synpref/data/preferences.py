@@ -9,7 +9,7 @@ from typing import Literal, Optional
 import datasets
 import torch
 
-from synpref.chat import IGNORE_INDEX, FieldError, check_messages, encode_prompt_response
+from synpref.chat import IGNORE_INDEX, FieldError, chat_messages, encode_prompt_response
 from synpref.data.base import TokenizedDataModule
 from synpref.data.collate import pad
 from synpref.data.io import Dropped, OnBadRow, load_rows, map_rows, require, source_name
@@ -58,8 +58,7 @@ def _as_messages(value, field: str, role: str) -> list[dict]:
         if not value.strip():
             raise FieldError(field, "empty content")
         return [{"role": role, "content": value}]
-    check_messages(value, field, need_assistant=False)
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+    return chat_messages(value, field, need_assistant=False)
 
 
 def _split_pair(prompt, chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], str, str]:

@@ -10,8 +10,9 @@ from typing import Optional, Sequence
 
 from torch.utils.data import DataLoader
 
-from synpref.chat import FieldError, check_messages, encode_prompt
+from synpref.chat import DataError, FieldError, chat_messages, conversation_field, encode_prompt
 from synpref.data.base import TokenizedDataModule
+from synpref.errors import ConfigError
 from synpref.data.io import Dropped, OnBadRow, load_rows, map_rows, source_name
 
 log = logging.getLogger(__name__)
@@ -29,15 +30,14 @@ def row_prompt(row: dict) -> list[dict]:
             raise FieldError("prompt", "empty content")
         return [{"role": "user", "content": prompt}]
     if prompt is not None:
-        check_messages(prompt, "prompt", need_assistant=False)
-        return [{"role": m["role"], "content": m["content"]} for m in prompt]
-    messages = row.get("messages")
-    if messages is None:
-        raise FieldError("prompt", "missing (and no `messages` column to take it from)")
-    check_messages(messages, "messages", need_assistant=False)
+        return chat_messages(prompt, "prompt", need_assistant=False)
+    field = conversation_field(row)
+    if row.get(field) is None:
+        raise FieldError("prompt", "missing (and no `messages` or `conversations` column to take it from)")
+    messages = chat_messages(row[field], field, need_assistant=False)
     last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
     if last_user is None:
-        raise FieldError("messages", "no user turn")
+        raise FieldError(field, "no user turn")
     return [{"role": m["role"], "content": m["content"]} for m in messages[: last_user + 1]]
 
 
@@ -94,6 +94,8 @@ class PromptDataModule(TokenizedDataModule):
         trust_remote_code: bool = False,
     ):
         super().__init__(tokenizer_name_or_path, batch_size, None, 0.0, group_by_length, num_workers, 0, trust_remote_code)
+        if max_prompts is not None and max_prompts < 1:
+            raise ConfigError("data.init_args.max_prompts", f"must be ≥ 1 or null (all), got {max_prompts}")
         self.save_hyperparameters(logger=False)  # MLflow params: the module's run_params()
         self.path, self.split, self.config_name, self.max_prompts = path, split, config_name, max_prompts
         self.exclude, self.exclude_split = list(exclude or []), exclude_split
@@ -124,8 +126,6 @@ class PromptDataModule(TokenizedDataModule):
                 try:
                     prompt = row_prompt(row)
                 except FieldError as e:
-                    from synpref.chat import DataError
-
                     raise DataError(source_name(path, self.exclude_split, self.config_name), i, e.field, e.problem) from None
                 keys.update((row_prompt_id(row, prompt), text_key(prompt)))
         return keys
@@ -150,6 +150,11 @@ class PromptDataModule(TokenizedDataModule):
         self.drop_counts.update(dropped)
         if dropped:
             log.info("%s: %d prompts kept; dropped %s", self.path, len(keep), dict(dropped))
+        if not keep:
+            removed = {**self.drop_counts, **dropped}
+            raise DataError(source_name(self.path, self.split, self.config_name), None, "*",
+                            f"no prompts left to use: every usable prompt was removed ({removed}); "
+                            f"check `exclude` ({', '.join(self.exclude) or 'none'}), `max_prompts` and `max_prompt_length`")
         self.prompts = ds.select(keep)
 
     def fingerprint(self) -> str:

@@ -6,7 +6,7 @@ from typing import Optional
 
 import datasets
 
-from synpref.chat import IGNORE_INDEX, check_messages, encode_conversation
+from synpref.chat import IGNORE_INDEX, chat_messages, conversation_field, encode_conversation
 from synpref.data.base import TokenizedDataModule
 from synpref.data.collate import collate_sft
 from synpref.data.io import Dropped, OnBadRow, is_local, load_rows, map_rows, source_name
@@ -47,8 +47,9 @@ class SmolTalkDataModule(TokenizedDataModule):
         self.max_length, self.max_rows, self.on_bad_row, self.num_proc = max_length, max_rows, on_bad_row, num_proc
 
     def _encode(self, row: dict) -> dict:
-        check_messages(row.get("messages"))
-        enc = encode_conversation(self.tokenizer, row["messages"], self.max_length)
+        field = conversation_field(row)
+        messages = chat_messages(row.get(field), field)
+        enc = encode_conversation(self.tokenizer, messages, self.max_length)
         if all(label == IGNORE_INDEX for label in enc["labels"]):
             raise Dropped("truncated")
         return {**enc, "length": len(enc["input_ids"])}

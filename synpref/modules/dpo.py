@@ -14,7 +14,8 @@ import torch
 
 from synpref.logprobs import token_logps
 from synpref.losses import LossType, dpo_loss
-from synpref.models import load_frozen_causal_lm
+from synpref.errors import ConfigError
+from synpref.models import check_same_tokenizer, load_frozen_causal_lm, load_tokenizer
 from synpref.modules.base import CausalLMModule
 from synpref.outputs import check_writable
 
@@ -84,12 +85,18 @@ class DPOModule(CausalLMModule):
     ):
         super().__init__(model_name_or_path, **kwargs)
         if loss_type not in ("sigmoid", "ipo"):
-            raise ValueError(f"unknown loss_type {loss_type!r}; expected 'sigmoid' or 'ipo'")
+            raise ConfigError("model.init_args.loss_type", f"unknown {loss_type!r}; expected 'sigmoid' or 'ipo'")
+        if not beta > 0:  # 0 leaves the policy at the reference; < 0 trains the reverse preference
+            raise ConfigError("model.init_args.beta", f"must be > 0, got {beta}")
         if label_smoothing and loss_type != "sigmoid":
-            raise ValueError("label_smoothing applies to the sigmoid loss only")
+            raise ConfigError("model.init_args.label_smoothing", "applies to the sigmoid loss only")
         if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
+            raise ConfigError("model.init_args.label_smoothing", f"must lie in [0, 0.5), got {label_smoothing}")
         self.ref_path = ref_model_name_or_path or model_name_or_path
+        if self.ref_path != model_name_or_path:
+            # Here, not at the first step: the path must exist and score the policy's token ids.
+            check_same_tokenizer(self.tokenizer, model_name_or_path,
+                                 load_tokenizer(self.ref_path, self.hparams.trust_remote_code), self.ref_path)
         self._ref: list[torch.nn.Module] = []  # a list, not an attribute: kept out of state_dict and .to()
         self._ref_table: Optional[torch.Tensor] = None  # (pairs, 2) reference log-probs by pair index
 

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import lightning as L
 import torch
 
+from synpref.generation import check_decoding
 from synpref.generators import Generator, generate_texts
 from synpref.judges import Judge, judge_batch, judge_labels, read_provenance, self_judged
 from synpref.models import load_frozen_causal_lm, load_tokenizer
@@ -121,6 +122,7 @@ class WinRateModule(L.LightningModule):
         samples_per_prompt: int = 1,
     ):
         super().__init__()
+        check_decoding(max_new_tokens, do_sample, temperature, top_p, top_k)
         # The reward object is not a hyperparameter (it may hold a model); its name is logged.
         # logger=False: MLflow gets run_params() (stable names), not every argument.
         self.save_hyperparameters(ignore=["reward", "generator", "baseline_generator", "judges"], logger=False)

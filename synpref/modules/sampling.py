@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Optional
 
 import lightning as L
 import torch
 
+from synpref.errors import ConfigError
+from synpref.generation import check_decoding
 from synpref.generators import Generator, generate_texts
 from synpref.models import load_frozen_causal_lm, load_tokenizer
 from synpref.modules.base import log_run_params, model_name
-from synpref.rewards.base import RewardScorer, score_checked
+from synpref.rewards.base import OnBadScore, RewardScorer, score_checked
+
+log = logging.getLogger(__name__)
 
 
 class SamplingModule(L.LightningModule):
@@ -33,6 +38,9 @@ class SamplingModule(L.LightningModule):
         max_new_tokens: longest completion in tokens.
         seed: base seed of the per-batch sampling RNG.
         threshold: keep a pair only if score_chosen − score_rejected ≥ threshold (ties always dropped).
+        on_bad_score: a reward that is not a finite float (NaN, None, a string) is an `error` naming
+            the scorer and the prompt, or with `skip` the sample is dropped and counted
+            (`sampling/bad_scores`); a prompt left with fewer than 2 samples is dropped.
         output_dir: where the SampleWriter puts samples.jsonl, pairs.jsonl, run.json and parts/.
         overwrite: start afresh instead of resuming what an earlier run left in output_dir.
         dtype: model dtype ('bfloat16' on GPU; None keeps the checkpoint's).
@@ -54,6 +62,7 @@ class SamplingModule(L.LightningModule):
         max_new_tokens: int = 512,
         seed: int = 0,
         threshold: float = 0.0,
+        on_bad_score: OnBadScore = "error",
         output_dir: str = "artifacts/samples",
         overwrite: bool = False,
         dtype: Optional[str] = None,
@@ -63,7 +72,8 @@ class SamplingModule(L.LightningModule):
     ):
         super().__init__()
         if num_samples < 2:
-            raise ValueError(f"num_samples={num_samples}: a pair needs at least 2 samples per prompt")
+            raise ConfigError("model.init_args.num_samples", f"must be ≥ 2 (a pair needs 2 samples per prompt), got {num_samples}")
+        check_decoding(max_new_tokens, True, temperature, top_p, top_k)
         self.save_hyperparameters(ignore=["reward", "generator"], logger=False)  # MLflow params: run_params()
         self.model_name_or_path, self.reward, self.threshold = model_name_or_path, reward, threshold
         self.generator = generator
@@ -72,6 +82,7 @@ class SamplingModule(L.LightningModule):
         # Set by configure_callbacks: it knows which prompts a resumed run already has on disk.
         self.writer = None
         self.generated_tokens, self.generate_seconds, self.score_seconds = 0, 0.0, 0.0
+        self.bad_scores = 0
 
     def configure_model(self) -> None:
         if self.model is None and self.generator is None:
@@ -118,12 +129,20 @@ class SamplingModule(L.LightningModule):
         self.generated_tokens += sum(map(sum, counts))
         start = time.perf_counter()
         flat_prompts = [p for p in batch["prompt"] for _ in range(hp.num_samples)]
-        scores = score_checked(self.reward, flat_prompts, [t for row in texts for t in row])
+        scores = score_checked(self.reward, flat_prompts, [t for row in texts for t in row], hp.on_bad_score)
         self.score_seconds += time.perf_counter() - start
+        self.bad_scores += scores.count(None)
         k = hp.num_samples
-        return [
+        records = [
             {"index": int(index), "prompt_id": pid, "prompt": prompt,
-             "samples": [{"text": t, "score": float(s), "num_tokens": int(n)}
-                         for t, s, n in zip(texts[j], scores[j * k:(j + 1) * k], counts[j])]}
+             "samples": [{"text": t, "score": s, "num_tokens": int(n)}
+                         for t, s, n in zip(texts[j], scores[j * k:(j + 1) * k], counts[j]) if s is not None]}
             for j, (index, pid, prompt) in enumerate(zip(batch["index"], batch["prompt_id"], batch["prompt"]))
         ]
+        return [r for r in records if len(r["samples"]) >= 2]
+
+    def on_predict_end(self) -> None:
+        if self.bad_scores:
+            log.warning("on_bad_score=skip: %d samples had no finite reward and were dropped", self.bad_scores)
+            if self.logger is not None:
+                self.logger.log_metrics({"sampling/bad_scores": float(self.bad_scores)})

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+import logging
+import math
+from typing import Iterator, Literal, Optional, Sequence
+
+from synpref.errors import SynprefError
+
+log = logging.getLogger(__name__)
 
 
 class RewardScorer:
@@ -20,12 +26,47 @@ class RewardScorer:
         return self
 
 
-def score_checked(reward: RewardScorer, prompts: Sequence[Sequence[dict]], responses: Sequence[str]) -> list[float]:
-    """`reward.score` with its contract enforced: one float per response (user scorers included)."""
+OnBadScore = Literal["error", "skip"]
+
+
+class RewardError(SynprefError):
+    """A scorer broke the reward contract (one finite float per response), named with the prompt."""
+
+
+def score_checked(reward: RewardScorer, prompts: Sequence[Sequence[dict]], responses: Sequence[str],
+                  on_bad_score: OnBadScore = "error") -> list[Optional[float]]:
+    """`reward.score` with its contract enforced: one finite float per response (user scorers included).
+
+    A NaN, an infinity, None or a non-number is a RewardError naming the scorer and the prompt, or
+    with on_bad_score='skip' a None in its place (the caller drops and counts it) and a warning.
+    """
     scores = reward.score(prompts, responses)
     if len(scores) != len(responses):
-        raise ValueError(f"reward {reward.name!r} returned {len(scores)} scores for {len(responses)} responses")
-    return [float(s) for s in scores]
+        raise RewardError(f"reward {reward.name!r} returned {len(scores)} scores for {len(responses)} responses")
+    out = []
+    for prompt, score in zip(prompts, scores):
+        value = _finite_float(score)
+        if value is not None:
+            out.append(value)
+            continue
+        problem = (f"reward {reward.name!r} returned {score!r:.40} ({type(score).__name__}), not a finite float, "
+                   f"for the prompt {prompt_text(prompt)[:80]!r}")
+        if on_bad_score == "error":
+            raise RewardError(f"{problem}; fix the scorer, or set on_bad_score: skip to drop and count such samples")
+        log.warning("skipped (on_bad_score=skip): %s", problem)
+        out.append(None)
+    return out
+
+
+def _finite_float(score) -> Optional[float]:
+    """The score as a float if it is a finite number (Python, numpy or a 0-dim tensor); else None."""
+    if score is None or isinstance(score, (str, bytes, bool)):
+        return None
+    try:
+        value = float(score)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def check_lengths(prompts: Sequence, responses: Sequence) -> None:

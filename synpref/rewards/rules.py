@@ -7,6 +7,7 @@ import math
 import re
 from typing import Callable, Sequence
 
+from synpref.errors import ConfigError
 from synpref.rewards.base import RewardScorer, check_lengths, prompt_text
 
 _WORD = re.compile(r"[a-z0-9']+")
@@ -19,17 +20,21 @@ STOPWORDS = frozenset(
 
 
 def load_function(spec: str) -> Callable:
-    """'package.module:function' → the function (ValueError naming the spec when it is not one)."""
+    """'package.module:function' → the function (ConfigError naming the spec when it is not one)."""
+    key = "reward.init_args.fn"
     module, sep, attr = spec.partition(":")
     if not sep or not module or not attr:
-        raise ValueError(f"fn={spec!r}: expected 'module:function', e.g. 'mypkg.rewards:length_reward'")
-    fn = importlib.import_module(module)
+        raise ConfigError(key, f"{spec!r}: expected 'module:function', e.g. 'mypkg.rewards:length_reward'")
+    try:
+        fn = importlib.import_module(module)
+    except ImportError as e:
+        raise ConfigError(key, f"{spec!r}: cannot import {module!r} ({e})") from e
     for part in attr.split("."):
         fn = getattr(fn, part, None)
         if fn is None:
-            raise ValueError(f"fn={spec!r}: module {module!r} has no attribute {attr!r}")
+            raise ConfigError(key, f"{spec!r}: module {module!r} has no attribute {attr!r}")
     if not callable(fn):
-        raise ValueError(f"fn={spec!r} is not callable")
+        raise ConfigError(key, f"{spec!r} is not callable")
     return fn
 
 
@@ -47,7 +52,8 @@ class FunctionReward(RewardScorer):
 
     def score(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str]) -> list[float]:
         check_lengths(prompts, responses)
-        return [float(self.fn(prompt_text(p), r)) for p, r in zip(prompts, responses)]
+        # Returned as the function gives them: score_checked names this reward if one is not a float.
+        return [self.fn(prompt_text(p), r) for p, r in zip(prompts, responses)]
 
 
 def words(text: str) -> list[str]:
