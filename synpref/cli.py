@@ -14,6 +14,8 @@ from synpref.callbacks import HFExportCallback, MLflowSaveConfigCallback
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "synpref"
+# The arguments of the current `main` call (`synpref reproduce` records its config path from them).
+INVOCATION: list[str] = []
 
 
 def tracking_uri() -> str:
@@ -97,6 +99,7 @@ def main(args: Optional[Sequence[str]] = None):
     from jsonargparse import CLI
 
     argv = list(sys.argv[1:] if args is None else args)
+    INVOCATION[:] = argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _load_extra_commands()
     if argv and argv[0] in EXTRA_COMMANDS:
