@@ -165,14 +165,15 @@ def test_reproduce_runs_every_stage_once_and_reruns_only_what_is_stale(reduced_p
 
 
 def _children(pid: int) -> list[int]:
-    """Processes whose parent is `pid`, from /proc."""
+    """`synpref fit` stage processes whose parent is `pid`, from /proc."""
     kids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == pid:
+        cmdline = (stat.parent / "cmdline").read_bytes() if int(fields[1]) == pid else b""
+        if b"synpref\0fit" in cmdline:  # the stage, not a helper process an import may start
             kids.append(int(stat.parent.name))
     return kids
 
