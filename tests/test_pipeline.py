@@ -170,9 +170,9 @@ def _children(pid: int) -> list[int]:
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes() if int(fields[1]) == pid else b""
         except OSError:
             continue
-        cmdline = (stat.parent / "cmdline").read_bytes() if int(fields[1]) == pid else b""
         if b"synpref\0fit" in cmdline:  # the stage, not a helper process an import may start
             kids.append(int(stat.parent.name))
     return kids
