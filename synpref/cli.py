@@ -15,6 +15,8 @@ from synpref.errors import find_user_error, user_error_message
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "synpref"
+# The arguments of the current `main` call (`synpref reproduce` records its config path from them).
+INVOCATION: list[str] = []
 
 
 def tracking_uri() -> str:
@@ -169,6 +171,7 @@ def main(args: Optional[Sequence[str]] = None):
     argv = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in argv or os.environ.get("SYNPREF_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
+    INVOCATION[:] = argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args is None:
         sys.argv[1:] = argv  # LightningCLI reads sys.argv itself: without --debug

@@ -1,17 +1,23 @@
-"""`synpref reproduce` on configs/tiny/paper.yaml, reduced: files, MLflow runs, metrics, no redo."""
+"""`synpref reproduce` on configs/tiny/paper.yaml, reduced: files, MLflow runs, the parent run, and
+what reruns after an edit or a --force (by the dependency graph)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
 
-from tests.conftest import ROOT, read_jsonl
 from synpref.cli import main
 from synpref.pipeline import Stage, is_done
+from tests.conftest import ROOT, read_jsonl
 
 # Fewer steps and prompts than the quick start so the suite stays short; the stages, configs and
 # the command are the real ones.
@@ -42,7 +48,11 @@ def _runs(experiment: str):
     return client, client.search_runs([exp.experiment_id], max_results=100)
 
 
-def test_reproduce_runs_every_stage_once_and_skips_on_rerun(reduced_pipeline, in_tmp, capsys):
+def _markers(state):
+    return {p.name: p.stat().st_mtime_ns for p in state.glob("*.done.json")}
+
+
+def test_reproduce_runs_every_stage_once_and_reruns_only_what_is_stale(reduced_pipeline, in_tmp, capsys):
     path, config = reduced_pipeline
     main(["reproduce", "--config", str(path)])
     first = capsys.readouterr().out
@@ -50,6 +60,9 @@ def test_reproduce_runs_every_stage_once_and_skips_on_rerun(reduced_pipeline, in
     state = in_tmp / config["state_dir"]
     for stage in config["stages"]:
         assert is_done(state, Stage(**stage)), stage["name"]
+        assert (state / "logs" / f"{stage['name']}.log").stat().st_size > 0
+    for i, name in enumerate(REDUCED, 1):
+        assert f"[{i}/6] {name} … running (" in first and f"[{i}/6] {name} … done in " in first
     for model in ("sft", "dpo_ultrafeedback", "dpo_synthetic"):
         assert (in_tmp / "artifacts" / "tiny" / model / "model.safetensors").exists()
     pairs = read_jsonl(in_tmp / "artifacts/tiny/samples/pairs.jsonl")
@@ -59,8 +72,8 @@ def test_reproduce_runs_every_stage_once_and_skips_on_rerun(reduced_pipeline, in
         assert len(rows) == 6
 
     client, runs = _runs(config["experiment"])
-    parent = json.loads((state / "parent_run.json").read_text())["run_id"]
-    children = {r.data.tags.get("mlflow.runName"): r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
+    parent_id = json.loads((state / "parent_run.json").read_text())["run_id"]
+    children = {r.data.tags.get("mlflow.runName"): r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id}
     assert set(children) == set(REDUCED)
     assert "train/loss" in children["sft"].data.metrics
     assert "train/rewards/accuracies" in children["dpo_synthetic"].data.metrics
@@ -72,16 +85,97 @@ def test_reproduce_runs_every_stage_once_and_skips_on_rerun(reduced_pipeline, in
     synthetic, ultrafeedback = children["eval_dpo_synthetic"].data.metrics, children["eval_dpo_ultrafeedback"].data.metrics
     assert synthetic["eval/RuleReward/self_judged"] == 1.0 and synthetic["eval/clarity/self_judged"] == 0.0
     assert ultrafeedback["eval/self_judged"] == 0.0 and "eval/agreement/RuleReward/clarity" in ultrafeedback
-    artifacts = {a.path for a in client.list_artifacts(parent)}
+    artifacts = {a.path for a in client.list_artifacts(parent_id)}
     assert {"win_rates.md", "comparison.csv"} <= artifacts
     assert "| model" in first.lower() and "figures:" in first
 
-    # Second run: every stage is complete, nothing is redone, no new MLflow runs appear.
-    markers = {p.name: p.stat().st_mtime_ns for p in state.glob("*.done.json")}
+    # The parent run alone answers the question: status, params, per-arm metrics, the verdict.
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params == {"pipeline_config": str(path), "seed": "0", "base_model": "artifacts/tiny/base",
+                                  "reward": "RuleReward", "n_prompts": "6"}
+    parts = []
+    for arm in ("dpo_synthetic", "dpo_ultrafeedback"):
+        child = children[f"eval_{arm}"].data.metrics
+        for name in ("win_rate", "win_rate_ci_low", "win_rate_ci_high"):
+            assert parent.data.metrics[f"{name}/{arm}"] == pytest.approx(child[name])
+        assert parent.data.metrics[f"avg_reward/{arm}"] == pytest.approx(child["avg_reward_policy"])
+        low, high = 100 * child["win_rate_ci_low"], 100 * child["win_rate_ci_high"]
+        parts.append((-child["win_rate"], f"{arm[4:]} {100 * child['win_rate']:.0f}% [{low:.0f}, {high:.0f}]"))
+    assert parent.data.tags["mlflow.note.content"] == " vs ".join(p for _, p in sorted(parts)) + " vs sft, N = 6"
+
+    # Second run: every stage is up to date, nothing is redone, no new MLflow runs appear.
+    markers = _markers(state)
     main(["reproduce", "--config", str(path)])
+    assert capsys.readouterr().out.count("… skipped (up to date)") == 6
     _, runs_again = _runs(config["experiment"])
     assert len(runs_again) == len(runs)
-    assert markers == {p.name: p.stat().st_mtime_ns for p in state.glob("*.done.json")}
+    assert markers == _markers(state)
+
+    # SIGTERM to reproduce while a forced stage runs: forwarded, waited for, no orphan, no marker.
+    proc = subprocess.Popen([sys.executable, "-m", "synpref", "reproduce", "--config", str(path),
+                             "--force", "[dpo_ultrafeedback]"], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (stage_pids := _children(proc.pid)) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert stage_pids, "the stage process never started"
+    assert not (state / "dpo_ultrafeedback.done.json").exists()  # a forced stage loses its marker first
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "synpref: interrupted by SIGTERM: stage 'dpo_ultrafeedback' stopped" in err
+    assert [pid for pid in stage_pids if Path(f"/proc/{pid}").exists()] == [], "a stage process outlived reproduce"
+    parent = client.get_run(parent_id)
+    assert (parent.info.status, parent.data.tags["synpref.failed_stage"]) == ("KILLED", "dpo_ultrafeedback")
+    assert [r.info.run_name for r in _runs(config["experiment"])[1] if r.info.status == "RUNNING"] == []
+
+    # What runs next: the killed stage and its evaluation; an edited stage arg: that stage and its
+    # dependents; nothing else (a dry run plans only).
+    stages = {s["name"]: s for s in config["stages"]}
+    stages["dpo_synthetic"]["args"][0] = "--trainer.max_steps=2"
+    path.write_text(yaml.safe_dump(config))
+    main(["reproduce", "--config", str(path), "--dry_run", "true"])
+    assert capsys.readouterr().out.splitlines()[-7:] == [
+        "[1/6] sft … up to date", "[2/6] sample … up to date",
+        "[3/6] dpo_ultrafeedback … would run (last run did not finish)",
+        "[4/6] dpo_synthetic … would run (config changed: trainer.max_steps: 3 → 2)",
+        "[5/6] eval_dpo_ultrafeedback … would run (last run did not finish; downstream of dpo_ultrafeedback)",
+        "[6/6] eval_dpo_synthetic … would run (downstream of dpo_synthetic)", "dry run: 4 of 6 stages would run"]
+
+    # For real: a forced DPO arm that completes reruns its evaluation, and nothing of the other arm
+    # (listed after it).
+    stages["dpo_synthetic"]["args"][0] = "--trainer.max_steps=3"
+    path.write_text(yaml.safe_dump(config))
+    main(["reproduce", "--config", str(path), "--force", "[dpo_ultrafeedback]"])
+    out = capsys.readouterr().out
+    assert "[3/6] dpo_ultrafeedback … running (forced; last run did not finish)" in out
+    assert "[5/6] eval_dpo_ultrafeedback … running (last run did not finish; downstream of dpo_ultrafeedback)" in out
+    assert "[4/6] dpo_synthetic … skipped (up to date)" in out and "[6/6] eval_dpo_synthetic … skipped" in out
+    after = _markers(state)
+    assert {name for name in after if after[name] != markers[name]} == {"dpo_ultrafeedback.done.json",
+                                                                        "eval_dpo_ultrafeedback.done.json"}
+    _, runs_third = _runs(config["experiment"])
+    latest = {r.data.tags.get("mlflow.runName"): r for r in sorted(runs_third, key=lambda r: r.info.start_time)}
+    assert latest["eval_dpo_ultrafeedback"].info.run_id != children["eval_dpo_ultrafeedback"].info.run_id
+    assert latest["eval_dpo_synthetic"].info.run_id == children["eval_dpo_synthetic"].info.run_id
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and "synpref.failed_stage" not in parent.data.tags
+    assert parent.data.metrics["win_rate/dpo_ultrafeedback"] == latest["eval_dpo_ultrafeedback"].data.metrics["win_rate"]
+
+
+def _children(pid: int) -> list[int]:
+    """`synpref fit` stage processes whose parent is `pid`, from /proc."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes() if int(fields[1]) == pid else b""
+        except OSError:
+            continue
+        if b"synpref\0fit" in cmdline:  # the stage, not a helper process an import may start
+            kids.append(int(stat.parent.name))
+    return kids
 
 
 def test_stage_with_missing_output_is_not_done(tmp_path):

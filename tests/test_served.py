@@ -126,7 +126,7 @@ def test_reproduce_starts_the_server_for_served_stages_and_stops_it(in_tmp, tiny
     config["build_tiny_model"] = None
     keep = {"sample": ["--data.init_args.max_prompts=4", "--model.init_args.max_new_tokens=6"],
             "eval_dpo_synthetic": ["--data.init_args.max_prompts=3", "--model.init_args.max_new_tokens=6"]}
-    config["stages"] = [{**s, "args": s.get("args", []) + keep[s["name"]] +
+    config["stages"] = [{**s, "needs": [], "args": s.get("args", []) + keep[s["name"]] +
                          [f"--model.init_args.generator.init_args.base_url=http://127.0.0.1:{port}/v1"]}
                         for s in config["stages"] if s["name"] in keep]
     (in_tmp / "artifacts/tiny/sft").symlink_to(baseline)

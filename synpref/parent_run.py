@@ -1,0 +1,119 @@
+"""The pipeline's parent MLflow run: params from the stages' configs, per-arm headline metrics, the verdict, its end."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+from synpref.cli import INVOCATION
+
+STAGE_TAG = "synpref.pipeline_stage"
+
+
+def _distinct(configs: list[dict], key: str, module: str = "") -> list:
+    values = [c[key] for c in configs if key in c and c.get("model.class_path", "").endswith(module)]
+    return [v for i, v in enumerate(values) if v is not None and v not in values[:i]]
+
+
+def _reward_name(config: dict) -> Optional[str]:
+    cls = config.get("model.init_args.reward.class_path")
+    if not cls:
+        return None
+    arg = next((config[f"model.init_args.reward.init_args.{k}"] for k in ("model", "model_name_or_path", "fn")
+                if config.get(f"model.init_args.reward.init_args.{k}")), None)
+    return cls.rsplit(".", 1)[-1] + (f"({arg})" if arg else "")
+
+
+def _config_paths(argv: list[str]) -> list[str]:
+    return [a.split("=", 1)[1] if a.startswith("--config=") else a for i, a in enumerate(argv)
+            if a.startswith("--config=") or (i and argv[i - 1] == "--config")]
+
+
+def pipeline_params(configs: list[dict]) -> dict[str, str]:
+    """The parent run's params, read from the stages' resolved configs."""
+    judges = [c for c in configs if c.get("model.class_path", "").endswith("WinRateModule")]
+    rewards = [r for r in dict.fromkeys(map(_reward_name, judges or configs)) if r]
+    values = {
+        "pipeline_config": _config_paths(INVOCATION) if INVOCATION[:1] == ["reproduce"] else [],
+        "seed": _distinct(configs, "seed_everything"),
+        "base_model": _distinct(configs, "model.init_args.model_name_or_path", "SFTModule"),
+        "reward": rewards,
+        "n_prompts": _distinct(configs, "data.init_args.max_prompts", "WinRateModule"),
+    }
+    return {k: ", ".join(map(str, v)) for k, v in values.items() if v}
+
+
+def parent_run(client, experiment: str, state_dir: Path, run_name: str, params: dict, kept: list[str]) -> str:
+    """The pipeline's parent MLflow run, reused when the command runs again with the same params.
+    Params cannot change in MLflow: new values start a new parent, which adopts the latest run of
+    every stage that does not run again, so it still holds the whole pipeline."""
+    from mlflow.entities import Param
+    from mlflow.exceptions import MlflowException
+
+    saved = state_dir / "parent_run.json"
+    old = None
+    if saved.exists():
+        try:
+            old = client.get_run(json.loads(saved.read_text())["run_id"])
+        except MlflowException:
+            old = None  # the store was replaced
+    if old is not None and all(old.data.params.get(k, v) == v for k, v in params.items()):
+        client.update_run(old.info.run_id, status="RUNNING")
+        client.log_batch(old.info.run_id, params=[Param(k, v) for k, v in params.items() if k not in old.data.params])
+        return old.info.run_id
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    run_id = client.create_run(exp_id, run_name=run_name, tags={"synpref.stage": "pipeline"}).info.run_id
+    client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+    if old is not None:
+        latest = {}
+        for run in client.search_runs([old.info.experiment_id], f"tags.mlflow.parentRunId = '{old.info.run_id}'",
+                                      order_by=["attributes.start_time ASC"], max_results=5000):
+            latest[run.data.tags.get(STAGE_TAG)] = run.info.run_id
+        for name in kept:
+            if name in latest:
+                client.set_tag(latest[name], "mlflow.parentRunId", run_id)
+    saved.write_text(json.dumps({"run_id": run_id, "experiment": experiment}))
+    return run_id
+
+
+def verdict(rows: list[dict]) -> str:
+    """One line: each arm's win rate [95% CI] against the baseline, best first, and N."""
+    arms = [Path(r["model"]).name for r in rows]
+    common = os.path.commonprefix(arms) if len(arms) > 1 else ""
+    common = common[: common.rfind("_") + 1]  # drop a shared whole-word prefix such as `dpo_`
+    parts = [f"{arm[len(common):]} {100 * r['win_rate']:.0f}% [{100 * r['win_rate_ci_low']:.0f}, "
+             f"{100 * r['win_rate_ci_high']:.0f}]" for arm, r in sorted(zip(arms, rows), key=lambda x: -x[1]["win_rate"])]
+    baselines = " / ".join(dict.fromkeys(Path(r["baseline"]).name or "baseline" for r in rows))
+    return " vs ".join(parts) + f" vs {baselines}, N = " + " / ".join(dict.fromkeys(str(r["n"]) for r in rows))
+
+
+def log_headline(client, parent: str, rows: list[dict]) -> str:
+    """Per-arm headline metrics and the one-line verdict (the run description) on the parent run."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"{name}/{Path(r['model']).name}", r[key], now, 0) for r in rows
+               for name, key in (("win_rate", "win_rate"), ("win_rate_ci_low", "win_rate_ci_low"),
+                                 ("win_rate_ci_high", "win_rate_ci_high"), ("avg_reward", "avg_reward_policy"))
+               if r.get(key) is not None]
+    client.log_batch(parent, metrics=metrics)
+    line = verdict(rows)
+    client.set_tag(parent, "mlflow.note.content", line)
+    return line
+
+
+def end_parent(client, parent: str, status: str, note: str, stage: str) -> None:
+    """End the parent FAILED or KILLED, naming the stage; that stage's own run, if the stage died
+    before closing it, gets the same status instead of staying "Running"."""
+    exp_id = client.get_run(parent).info.experiment_id
+    query = (f"tags.mlflow.parentRunId = '{parent}' and tags.`{STAGE_TAG}` = '{stage}' "
+             "and attributes.status = 'RUNNING'")
+    for run in client.search_runs([exp_id], query):
+        client.set_terminated(run.info.run_id, status=status)
+    client.set_tag(parent, "synpref.failed_stage", stage)
+    client.set_tag(parent, "mlflow.note.content", note)
+    client.set_terminated(parent, status=status)
