@@ -76,10 +76,13 @@ def run_synpref(a) -> dict:
     L.seed_everything(0, verbose=False)
     meter = Meter()
     start = time.perf_counter()
-    dm = PreferenceDataModule(a.model, [PreferenceSource(a.pairs, "trl")], max_length=a.max_length, batch_size=a.batch_size)
+    dm = PreferenceDataModule(
+        a.model, [PreferenceSource(a.pairs, "trl")], max_length=a.max_length, batch_size=a.batch_size
+    )
     dm.collate = meter.wrap(dm.collate)
-    module = DPOModule(a.model, lr=a.lr, precompute_ref_logps=a.precompute, ref_cache_dir=tempfile.mkdtemp(),
-                       logits_chunk_size=a.chunk)
+    module = DPOModule(
+        a.model, lr=a.lr, precompute_ref_logps=a.precompute, ref_cache_dir=tempfile.mkdtemp(), logits_chunk_size=a.chunk
+    )
 
     class Timer(L.Callback):
         def on_train_start(self, *_):
@@ -88,9 +91,18 @@ def run_synpref(a) -> dict:
         def on_train_batch_end(self, *_):
             meter.step_end()
 
-    trainer = L.Trainer(max_epochs=1, max_steps=a.steps or -1, accelerator="cpu", devices=1, logger=False,
-                        precision="bf16-mixed" if a.dtype == "bf16" else "32-true", callbacks=[Timer()],
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_epochs=1,
+        max_steps=a.steps or -1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        precision="bf16-mixed" if a.dtype == "bf16" else "32-true",
+        callbacks=[Timer()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, dm)
     seconds = time.perf_counter() - start
     tokens = sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in dm.train_set)
@@ -107,10 +119,25 @@ def run_trl(a) -> dict:
     meter = Meter()
     ds = load_dataset("json", data_files=a.pairs, split="train")
     start = time.perf_counter()
-    args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.batch_size, max_length=a.max_length,
-                     num_train_epochs=1, max_steps=a.steps or -1, learning_rate=a.lr, precompute_ref_log_probs=a.precompute,
-                     report_to="none", use_cpu=True, bf16=a.dtype == "bf16", fp16=False, save_strategy="no",
-                     logging_steps=10**6, seed=0, disable_tqdm=True, lr_scheduler_type="cosine", warmup_steps=0.1)
+    args = DPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=a.batch_size,
+        max_length=a.max_length,
+        num_train_epochs=1,
+        max_steps=a.steps or -1,
+        learning_rate=a.lr,
+        precompute_ref_log_probs=a.precompute,
+        report_to="none",
+        use_cpu=True,
+        bf16=a.dtype == "bf16",
+        fp16=False,
+        save_strategy="no",
+        logging_steps=10**6,
+        seed=0,
+        disable_tqdm=True,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.1,
+    )
 
     class Timer(TrainerCallback):
         def on_train_begin(self, *_, **__):
@@ -119,14 +146,21 @@ def run_trl(a) -> dict:
         def on_step_end(self, *_, **__):
             meter.step_end()
 
-    trainer = DPOTrainer(model=load_causal_lm(a.model), args=args, train_dataset=ds, processing_class=load_tokenizer(a.model),
-                         callbacks=[Timer()])
+    trainer = DPOTrainer(
+        model=load_causal_lm(a.model),
+        args=args,
+        train_dataset=ds,
+        processing_class=load_tokenizer(a.model),
+        callbacks=[Timer()],
+    )
     trainer.data_collator = meter.wrap(trainer.data_collator)
     trainer.train()
     seconds = time.perf_counter() - start
     data = trainer.train_dataset
-    tokens = sum(min(len(p) + len(c), a.max_length) + min(len(p) + len(r), a.max_length)
-                 for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"]))
+    tokens = sum(
+        min(len(p) + len(c), a.max_length) + min(len(p) + len(r), a.max_length)
+        for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])
+    )
     return stepped(a, meter, {"tokens": tokens, "seconds": seconds})
 
 
@@ -143,11 +177,22 @@ def main() -> None:
     p.add_argument("--max-length", type=int, help="default 512, with --preset 1024")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--model", default=str(ROOT / "artifacts" / "tiny" / "sft"))
-    p.add_argument("--preset", help="a synpref.models preset (qwen2.5-0.5b, qwen-vocab-small, ...), built once into artifacts/presets/")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="fp32, or fp32 weights under bf16 autocast")
-    p.add_argument("--chunk", type=int, default=256, help="synpref's logits_chunk_size (0 = all labelled positions at once)")
-    p.add_argument("--steps", type=int, default=0, help="train this many steps and time those after --warmup (0: one "
-                   "epoch, timed from building the trainer)")
+    p.add_argument(
+        "--preset",
+        help="a synpref.models preset (qwen2.5-0.5b, qwen-vocab-small, ...), built once into artifacts/presets/",
+    )
+    p.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default="fp32", help="fp32, or fp32 weights under bf16 autocast"
+    )
+    p.add_argument(
+        "--chunk", type=int, default=256, help="synpref's logits_chunk_size (0 = all labelled positions at once)"
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=0,
+        help="train this many steps and time those after --warmup (0: one epoch, timed from building the trainer)",
+    )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--framework", choices=["synpref", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--precompute", action="store_true", help=argparse.SUPPRESS)
@@ -174,9 +219,30 @@ def main() -> None:
     results = {}
     for setting in ("live", "precomputed"):
         for fw in ("synpref", "trl"):
-            cmd = [sys.executable, __file__, "--framework", fw, "--pairs-file", str(pairs), "--model", a.model,
-                   "--batch-size", str(a.batch_size), "--max-length", str(a.max_length), "--lr", str(a.lr),
-                   "--dtype", a.dtype, "--chunk", str(a.chunk), "--steps", str(a.steps), "--warmup", str(a.warmup)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--framework",
+                fw,
+                "--pairs-file",
+                str(pairs),
+                "--model",
+                a.model,
+                "--batch-size",
+                str(a.batch_size),
+                "--max-length",
+                str(a.max_length),
+                "--lr",
+                str(a.lr),
+                "--dtype",
+                a.dtype,
+                "--chunk",
+                str(a.chunk),
+                "--steps",
+                str(a.steps),
+                "--warmup",
+                str(a.warmup),
+            ]
             cmd += ["--precompute"] if setting == "precomputed" else []
             out = subprocess.run(cmd, env=env, capture_output=True, text=True)
             line = [x for x in out.stdout.splitlines() if x.startswith("BENCH ")]
@@ -185,21 +251,33 @@ def main() -> None:
             r = json.loads(line[-1][6:])
             r["tokens_per_s"] = r["tokens"] / r["seconds"]
             results[(fw, setting)] = r
-            print(f"{setting:12s} {fw:8s} {r['tokens']:8d} tokens {r['seconds']:7.1f} s "
-                  f"{r['tokens_per_s']:9.0f} tokens/s  peak RSS {r['peak_rss_mb']:7.0f} MiB", flush=True)
-    speed = {s: results[("synpref", s)]["tokens_per_s"] / results[("trl", s)]["tokens_per_s"] for s in ("live", "precomputed")}
-    memory = max(results[("synpref", s)]["peak_rss_mb"] / results[("trl", s)]["peak_rss_mb"] for s in ("live", "precomputed"))
+            print(
+                f"{setting:12s} {fw:8s} {r['tokens']:8d} tokens {r['seconds']:7.1f} s "
+                f"{r['tokens_per_s']:9.0f} tokens/s  peak RSS {r['peak_rss_mb']:7.0f} MiB",
+                flush=True,
+            )
+    speed = {
+        s: results[("synpref", s)]["tokens_per_s"] / results[("trl", s)]["tokens_per_s"]
+        for s in ("live", "precomputed")
+    }
+    memory = max(
+        results[("synpref", s)]["peak_rss_mb"] / results[("trl", s)]["peak_rss_mb"] for s in ("live", "precomputed")
+    )
     peak = max(peak, matmul_peak(dtype))  # measured before and after the runs; the higher counts
     mfu = {}
     for key, r in results.items():
         if "flops" in r:
             mfu[key] = r["flops"] / r["seconds"] / peak
             print(mfu_line(" ".join(key), r["flops"], r["seconds"], peak))
-    print(f"pairs={a.pairs} batch_size={a.batch_size} max_length={a.max_length} precision={a.dtype} model={a.model} "
-          f"steps={a.steps or 'one epoch'}")
+    print(
+        f"pairs={a.pairs} batch_size={a.batch_size} max_length={a.max_length} precision={a.dtype} model={a.model} "
+        f"steps={a.steps or 'one epoch'}"
+    )
     tail = f" mfu={mfu[('synpref', 'live')]:.3f}" if mfu else ""
-    print(f"RESULT dpo speedup_live={speed['live']:.2f} speedup_precomputed={speed['precomputed']:.2f} "
-          f"memory_ratio={memory:.2f}{tail}")
+    print(
+        f"RESULT dpo speedup_live={speed['live']:.2f} speedup_precomputed={speed['precomputed']:.2f} "
+        f"memory_ratio={memory:.2f}{tail}"
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from realshape import preset_model  # noqa: E402
 
 CASES = [  # stage, batch, max_length, precompute, chunk (small: the machine is 2 shared cores)
-    ("sft", 2, 256, False, 256), ("sft", 2, 256, False, 0), ("dpo", 1, 256, False, 256), ("dpo", 1, 256, True, 256),
+    ("sft", 2, 256, False, 256),
+    ("sft", 2, 256, False, 0),
+    ("dpo", 1, 256, False, 256),
+    ("dpo", 1, 256, True, 256),
 ]
 
 
@@ -43,8 +46,12 @@ def child(a) -> None:
         ids = torch.randint(0, module.model.config.vocab_size, (rows, a.length), generator=g)
         labels = ids.clone()
         labels[:, : a.length // 2] = -100
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
-                 "index": torch.arange(a.batch)}
+        batch = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "labels": labels,
+            "index": torch.arange(a.batch),
+        }
         if a.stage == "dpo" and a.precompute:
             module.hparams.precompute_ref_logps = True
             module._ref_table = torch.zeros(a.batch, 2)  # as a precomputation leaves it: no reference model
@@ -86,13 +93,37 @@ def main() -> None:
         model = preset_model(preset)
         shape = Shape.from_config(AutoConfig.from_pretrained(model))
         for stage, batch, length, precompute, chunk in CASES:
-            argv = ["--stage", stage, "--model", model, "--batch", str(batch), "--length", str(length), "--chunk", str(chunk)]
+            argv = [
+                "--stage",
+                stage,
+                "--model",
+                model,
+                "--batch",
+                str(batch),
+                "--length",
+                str(length),
+                "--chunk",
+                str(chunk),
+            ]
             measured = measure(argv + ["--precompute"] * precompute)
             predicted = peak_bytes(shape, stage, batch, length, precompute, chunk)
-            print("CASE " + json.dumps({"preset": preset, "stage": stage, "batch": batch, "max_length": length,
-                                        "precompute": precompute, "chunk": chunk, "measured_gb": round(measured / 1e9, 3),
-                                        "predicted_gb": round(predicted["total"] / 1e9, 3),
-                                        "error": round(predicted["total"] / measured - 1, 3)}), flush=True)
+            print(
+                "CASE "
+                + json.dumps(
+                    {
+                        "preset": preset,
+                        "stage": stage,
+                        "batch": batch,
+                        "max_length": length,
+                        "precompute": precompute,
+                        "chunk": chunk,
+                        "measured_gb": round(measured / 1e9, 3),
+                        "predicted_gb": round(predicted["total"] / 1e9, 3),
+                        "error": round(predicted["total"] / measured - 1, 3),
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

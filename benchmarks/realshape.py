@@ -36,10 +36,20 @@ def shape(model_dir: str) -> dict:
     c = AutoConfig.from_pretrained(model_dir)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv = c.num_key_value_heads * head_dim
-    layer = (c.hidden_size * (c.hidden_size + 2 * kv) + c.hidden_size + 2 * kv  # q, k, v (with biases)
-             + c.hidden_size * c.hidden_size + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size)
-    return {"body": c.num_hidden_layers * layer + c.hidden_size, "head": c.vocab_size * c.hidden_size,
-            "layers": c.num_hidden_layers, "attn_width": c.num_attention_heads * head_dim}
+    layer = (
+        c.hidden_size * (c.hidden_size + 2 * kv)
+        + c.hidden_size
+        + 2 * kv  # q, k, v (with biases)
+        + c.hidden_size * c.hidden_size
+        + 3 * c.hidden_size * c.intermediate_size
+        + 2 * c.hidden_size
+    )
+    return {
+        "body": c.num_hidden_layers * layer + c.hidden_size,
+        "head": c.vocab_size * c.hidden_size,
+        "layers": c.num_hidden_layers,
+        "attn_width": c.num_attention_heads * head_dim,
+    }
 
 
 def step_flops(s: dict, lengths: list[int], labelled: int, passes: int = 3) -> float:
@@ -49,13 +59,19 @@ def step_flops(s: dict, lengths: list[int], labelled: int, passes: int = 3) -> f
     on either side), plus causal attention, 2·layers·width·s² per sequence of s tokens (QKᵀ and AV).
     """
     tokens = sum(lengths)
-    forward = 2 * s["body"] * tokens + 2 * s["head"] * labelled + 2 * s["layers"] * s["attn_width"] * sum(x * x for x in lengths)
+    forward = (
+        2 * s["body"] * tokens
+        + 2 * s["head"] * labelled
+        + 2 * s["layers"] * s["attn_width"] * sum(x * x for x in lengths)
+    )
     return passes * forward
 
 
 def mfu_line(name: str, flops: float, seconds: float, peak: float) -> str:
-    return (f"{name}: {flops / seconds / 1e9:.1f} GFLOP/s achieved, matmul peak {peak / 1e9:.1f} GFLOP/s, "
-            f"mfu={flops / seconds / peak:.3f}")
+    return (
+        f"{name}: {flops / seconds / 1e9:.1f} GFLOP/s achieved, matmul peak {peak / 1e9:.1f} GFLOP/s, "
+        f"mfu={flops / seconds / peak:.3f}"
+    )
 
 
 class StepMeter:
@@ -75,6 +91,7 @@ class StepMeter:
                 labelled = int((batch["labels"][:, 1:] != -100).sum())
             self.batches.append({"lengths": lengths, "labelled": labelled})
             return batch
+
         return counted
 
     def step_end(self) -> None:
@@ -85,5 +102,9 @@ class StepMeter:
         n = len(self.step_ends)
         batches = self.batches[warmup:n]
         flops = sum(step_flops(s, b["lengths"], b["labelled"], passes) for b in batches)
-        return {"tokens": sum(sum(b["lengths"]) for b in batches), "flops": flops,
-                "seconds": self.step_ends[-1] - self.step_ends[warmup - 1], "timed_steps": n - warmup}
+        return {
+            "tokens": sum(sum(b["lengths"]) for b in batches),
+            "flops": flops,
+            "seconds": self.step_ends[-1] - self.step_ends[warmup - 1],
+            "timed_steps": n - warmup,
+        }

@@ -20,7 +20,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from synpref.resources import sample
@@ -53,8 +52,14 @@ class Meter(StepMeter):
 
     def report(self, name: str, args) -> dict:
         timed = self.timed(args.warmup, shape(args.model))
-        return {"name": name, "steps": len(self.step_ends), **timed, "tokens_per_sec": timed["tokens"] / timed["seconds"],
-                "peak_rss_mb": peak_mb(), "train_growth_mb": peak_mb() - self.baseline_mb}
+        return {
+            "name": name,
+            "steps": len(self.step_ends),
+            **timed,
+            "tokens_per_sec": timed["tokens"] / timed["seconds"],
+            "peak_rss_mb": peak_mb(),
+            "train_growth_mb": peak_mb() - self.baseline_mb,
+        }
 
 
 def run_synpref(args) -> dict:
@@ -75,9 +80,18 @@ def run_synpref(args) -> dict:
             meter.step_end()
 
     precision = "bf16-mixed" if args.dtype == "bf16" else "32-true"
-    trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", devices=1, precision=precision, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, callbacks=[Timer()])
+    trainer = L.Trainer(
+        max_steps=args.steps,
+        accelerator="cpu",
+        devices=1,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[Timer()],
+    )
     trainer.fit(module, datamodule=dm)
     return meter.report("synpref", args)
 
@@ -95,19 +109,34 @@ def run_trl(args) -> dict:
     rows = [json.loads(line) for line in open(DATA, encoding="utf-8")]
     # Single-turn rows: prompt = the user turn, completion = the reply; completion-only loss.
     ds = datasets.Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows])
-    config = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-                       learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.1, max_length=args.max_length,
-                       completion_only_loss=True, bf16=args.dtype == "bf16", fp16=False, use_cpu=True, report_to=[],
-                       save_strategy="no", eval_strategy="no", disable_tqdm=True, seed=0,
-                       train_sampling_strategy="group_by_length" if args.trl_group_by_length else "random")
+    config = SFTConfig(
+        output_dir=tempfile.mkdtemp(),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.1,
+        max_length=args.max_length,
+        completion_only_loss=True,
+        bf16=args.dtype == "bf16",
+        fp16=False,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        eval_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        train_sampling_strategy="group_by_length" if args.trl_group_by_length else "random",
+    )
 
     class Timer(TrainerCallback):
         def on_step_end(self, *_, **__):
             meter.step_end()
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=ds, processing_class=load_tokenizer(args.model),
-                         callbacks=[Timer()])
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=ds, processing_class=load_tokenizer(args.model), callbacks=[Timer()]
+    )
     trainer.data_collator = meter.wrap(trainer.data_collator)
     trainer.train()
     return meter.report("trl", args)
@@ -119,20 +148,31 @@ def worker(name: str, args) -> None:
 
 
 def spawn(name: str, argv: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", name, *argv], capture_output=True, text=True,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", name, *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+    )
     lines = [l for l in out.stdout.splitlines() if l.startswith("WORKER ")]
     if out.returncode or not lines:
         sys.exit(f"{name} worker failed:\n{out.stderr[-3000:]}")
-    return json.loads(lines[-1][len("WORKER "):])
+    return json.loads(lines[-1][len("WORKER ") :])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="HF model dir (default: build the tiny model into a temp dir)")
-    p.add_argument("--preset", help="a synpref.models preset (qwen2.5-0.5b, qwen-vocab-small, ...), built once into artifacts/presets/")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="fp32, or fp32 weights under bf16 autocast")
-    p.add_argument("--chunk", type=int, default=256, help="synpref's logits_chunk_size (0 = all labelled positions at once)")
+    p.add_argument(
+        "--preset",
+        help="a synpref.models preset (qwen2.5-0.5b, qwen-vocab-small, ...), built once into artifacts/presets/",
+    )
+    p.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default="fp32", help="fp32, or fp32 weights under bf16 autocast"
+    )
+    p.add_argument(
+        "--chunk", type=int, default=256, help="synpref's logits_chunk_size (0 = all labelled positions at once)"
+    )
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
     p.add_argument("--repeats", type=int, default=2, help="alternating runs per trainer")
@@ -152,21 +192,41 @@ def main() -> None:
         from synpref.models import build_tiny_model
 
         args.model = str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny", [DATA]))
-    argv = ["--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size",
-            str(args.batch_size), "--max-length", str(args.max_length), "--lr", str(args.lr), "--dtype", args.dtype,
-            "--chunk", str(args.chunk)]
+    argv = [
+        "--model",
+        args.model,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--batch-size",
+        str(args.batch_size),
+        "--max-length",
+        str(args.max_length),
+        "--lr",
+        str(args.lr),
+        "--dtype",
+        args.dtype,
+        "--chunk",
+        str(args.chunk),
+    ]
     argv += ["--trl-group-by-length"] * args.trl_group_by_length
-    print(f"model={args.model} batch={args.batch_size} max_length={args.max_length} fp32 steps={args.steps} "
-          f"(first {args.warmup} not timed) cpus={os.cpu_count()} trl_group_by_length={args.trl_group_by_length}")
+    print(
+        f"model={args.model} batch={args.batch_size} max_length={args.max_length} fp32 steps={args.steps} "
+        f"(first {args.warmup} not timed) cpus={os.cpu_count()} trl_group_by_length={args.trl_group_by_length}"
+    )
     peak = matmul_peak(torch_dtype(args.dtype))
     runs = {"trl": [], "synpref": []}
     for _ in range(args.repeats):
         for name, done in runs.items():
             r = spawn(name, argv)
             done.append(r)
-            print(f"{name:8s} tokens/s={r['tokens_per_sec']:7.0f}  non-pad tokens={r['tokens']:7d} in "
-                  f"{r['seconds']:6.2f}s  peak RSS={r['peak_rss_mb']:5.0f} MB  (growth in training "
-                  f"{r['train_growth_mb']:.0f} MB)", flush=True)
+            print(
+                f"{name:8s} tokens/s={r['tokens_per_sec']:7.0f}  non-pad tokens={r['tokens']:7d} in "
+                f"{r['seconds']:6.2f}s  peak RSS={r['peak_rss_mb']:5.0f} MB  (growth in training "
+                f"{r['train_growth_mb']:.0f} MB)",
+                flush=True,
+            )
     speed = {k: max(r["tokens_per_sec"] for r in v) for k, v in runs.items()}
     memory = {k: max(r["peak_rss_mb"] for r in v) for k, v in runs.items()}
     # The peak is measured again after the runs, and the higher of the two counts: same load as the runs.
@@ -176,10 +236,14 @@ def main() -> None:
         best = max(v, key=lambda r: r["tokens_per_sec"])
         mfu[k] = best["flops"] / best["seconds"] / peak
         print(mfu_line(k, best["flops"], best["seconds"], peak))
-    print(f"best tokens/s: synpref {speed['synpref']:.0f}, TRL {speed['trl']:.0f}; "
-          f"peak RSS: synpref {memory['synpref']:.0f} MB, TRL {memory['trl']:.0f} MB")
-    print(f"RESULT sft speedup={speed['synpref'] / speed['trl']:.2f} memory_ratio={memory['synpref'] / memory['trl']:.2f} "
-          f"mfu={mfu['synpref']:.3f}")
+    print(
+        f"best tokens/s: synpref {speed['synpref']:.0f}, TRL {speed['trl']:.0f}; "
+        f"peak RSS: synpref {memory['synpref']:.0f} MB, TRL {memory['trl']:.0f} MB"
+    )
+    print(
+        f"RESULT sft speedup={speed['synpref'] / speed['trl']:.2f} memory_ratio={memory['synpref'] / memory['trl']:.2f} "
+        f"mfu={mfu['synpref']:.3f}"
+    )
 
 
 def torch_dtype(name: str):

@@ -2,8 +2,8 @@
 
 from synpref.callbacks.export import HFExportCallback
 from synpref.callbacks.mlflow_config import MLflowSaveConfigCallback
-from synpref.callbacks.win_rate import WinRateCallback
 from synpref.callbacks.prediction_writer import SampleWriter
 from synpref.callbacks.sampling_stats import SamplingStatsCallback
+from synpref.callbacks.win_rate import WinRateCallback
 
 __all__ = ["HFExportCallback", "MLflowSaveConfigCallback", "WinRateCallback", "SampleWriter", "SamplingStatsCallback"]

@@ -28,7 +28,6 @@ class MLflowSaveConfigCallback(SaveConfigCallback):
                 client.set_tag(logger.run_id, "synpref.command", getattr(stage, "value", str(stage)))
                 set_experiment_kind(client, logger.experiment_id)
 
-
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # A run that fails in the data module's setup (before this callback's setup) still gets its
         # config and command; Lightning then finalizes it as FAILED.

@@ -36,9 +36,16 @@ class SampleWriter(BasePredictionWriter):
         overwrite: start afresh, deleting what an earlier run left in output_dir.
     """
 
-    def __init__(self, output_dir: str, settings: Optional[dict] = None, threshold: float = 0.0, overwrite: bool = False):
+    def __init__(
+        self, output_dir: str, settings: Optional[dict] = None, threshold: float = 0.0, overwrite: bool = False
+    ):
         super().__init__(write_interval="batch")
-        self.output_dir, self.settings, self.threshold, self.overwrite = output_dir, settings or {}, threshold, overwrite
+        self.output_dir, self.settings, self.threshold, self.overwrite = (
+            output_dir,
+            settings or {},
+            threshold,
+            overwrite,
+        )
         self.shards: Optional[ShardWriter] = None
         self.stats: Optional[tuple[dict[str, float], list[float]]] = None
 
@@ -56,8 +63,16 @@ class SampleWriter(BasePredictionWriter):
         """Every prompt of a batch is on disk already (a resumed run skips it)."""
         return self.shards is not None and self.shards.has_all(indices)
 
-    def write_on_batch_end(self, trainer, pl_module, prediction: Optional[list[dict]], batch_indices, batch,
-                           batch_idx: int, dataloader_idx: int = 0) -> None:
+    def write_on_batch_end(
+        self,
+        trainer,
+        pl_module,
+        prediction: Optional[list[dict]],
+        batch_indices,
+        batch,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         # A batch cut short by a kill is regenerated whole (its seed depends on the whole batch);
         # only its missing prompts are written.
         if prediction:
@@ -84,15 +99,26 @@ class SampleWriter(BasePredictionWriter):
             for rec in self.shards.records():
                 index = rec["index"]
                 if is_excluded is not None and is_excluded(rec["prompt_id"], rec["prompt"]):
-                    raise RuntimeError(f"prompt {rec['prompt_id']} (index {index}) is in an exclude file but was sampled")
+                    raise RuntimeError(
+                        f"prompt {rec['prompt_id']} (index {index}) is in an exclude file but was sampled"
+                    )
                 texts = [x["text"] for x in rec["samples"]]
                 for j, x in enumerate(rec["samples"]):
-                    row = {"index": index, "prompt_id": rec["prompt_id"], "sample": j, "prompt": rec["prompt"],
-                           "response": x["text"], "score": x["score"], "num_tokens": x["num_tokens"]}
+                    row = {
+                        "index": index,
+                        "prompt_id": rec["prompt_id"],
+                        "sample": j,
+                        "prompt": rec["prompt"],
+                        "response": x["text"],
+                        "score": x["score"],
+                        "num_tokens": x["num_tokens"],
+                    }
                     samples.write(json.dumps(row, ensure_ascii=False) + "\n")
                 pair = stats.add(texts, [x["score"] for x in rec["samples"]], [x["num_tokens"] for x in rec["samples"]])
                 if pair is not None:
-                    pairs.write(json.dumps(pair_row(rec["prompt_id"], rec["prompt"], texts, pair), ensure_ascii=False) + "\n")
+                    pairs.write(
+                        json.dumps(pair_row(rec["prompt_id"], rec["prompt"], texts, pair), ensure_ascii=False) + "\n"
+                    )
         result = stats.result()
         log.info("wrote %d prompts' samples and %d pairs to %s", result[0]["prompts"], result[0]["pairs"], out)
         return result

@@ -23,8 +23,15 @@ class PairStats:
 
     def __init__(self, threshold: float):
         self.threshold = threshold
-        self.counts = {"prompts": 0, "samples": 0, "pairs": 0, "dropped_ties": 0, "dropped_below_threshold": 0,
-                       "dropped_identical": 0, "dropped_empty": 0}
+        self.counts = {
+            "prompts": 0,
+            "samples": 0,
+            "pairs": 0,
+            "dropped_ties": 0,
+            "dropped_below_threshold": 0,
+            "dropped_identical": 0,
+            "dropped_empty": 0,
+        }
         self.total = self.total_sq = self.tokens = 0.0
         self.gaps: list[float] = []
 
@@ -44,9 +51,14 @@ class PairStats:
     def result(self) -> tuple[dict[str, float], list[float]]:
         n = max(1, self.counts["samples"])
         mean = self.total / n
-        stats = {**self.counts, "score_mean": mean, "score_std": math.sqrt(max(0.0, self.total_sq / n - mean * mean)),
-                 "mean_new_tokens": self.tokens / n, "threshold": self.threshold,
-                 "gap_mean": sum(self.gaps) / len(self.gaps) if self.gaps else 0.0}
+        stats = {
+            **self.counts,
+            "score_mean": mean,
+            "score_std": math.sqrt(max(0.0, self.total_sq / n - mean * mean)),
+            "mean_new_tokens": self.tokens / n,
+            "threshold": self.threshold,
+            "gap_mean": sum(self.gaps) / len(self.gaps) if self.gaps else 0.0,
+        }
         return {k: float(v) for k, v in stats.items()}, list(self.gaps)
 
 

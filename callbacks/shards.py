@@ -51,8 +51,16 @@ def prompt_settings(datamodule) -> Optional[dict]:
 
     if not isinstance(datamodule, PromptDataModule):
         return None
-    return {"prompts_sha256": datamodule.fingerprint(), "batch_size": datamodule.batch_size,
-            "group_by_length": datamodule.group_by_length}
+    return {
+        "prompts_sha256": datamodule.fingerprint(),
+        "batch_size": datamodule.batch_size,
+        "group_by_length": datamodule.group_by_length,
+    }
+
+
+def record_key(record: dict) -> tuple[int, int]:
+    """Where a record sits: its prompt index and, with several answers per prompt, its sample."""
+    return int(record["index"]), int(record.get("sample", 0))
 
 
 class ShardWriter:
@@ -71,15 +79,24 @@ class ShardWriter:
         settings: what fixes the records (JSON-able); a resumed run must match it. None: never resume.
         overwrite: delete what an earlier run left (parts, run.json and `outputs`) and start afresh.
         outputs: the merged files this folder holds (deleted by `overwrite`).
+        per_index: records per prompt index (evaluation with `samples_per_prompt: n` writes n, told
+            apart by their `sample` field); a prompt counts as done once all of them are on disk.
     """
 
-    def __init__(self, output_dir: str | Path, settings: Optional[dict], overwrite: bool = False,
-                 outputs: Sequence[str] = ()):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        settings: Optional[dict],
+        overwrite: bool = False,
+        outputs: Sequence[str] = (),
+        per_index: int = 1,
+    ):
         self.output_dir, self.outputs = Path(output_dir), tuple(outputs)
         self.overwrite = overwrite or settings is None
         self.settings = json.loads(json.dumps(settings or {}))
         self.parts = self.output_dir / "parts"
-        self.done: set[int] = set()
+        self.per_index = per_index
+        self.done: set[tuple[int, int]] = set()  # (index, sample) of every record on disk
         self._lock = OutputLock(self.output_dir)
         self._file = None
         self._recorded = False
@@ -100,14 +117,18 @@ class ShardWriter:
                 target = self.output_dir / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         elif not run_json.exists():
-            raise ResumeMismatchError(f"{self.output_dir} holds records but no run.json saying what made them; "
-                                      f"use another output_dir or set overwrite: true")
+            raise ResumeMismatchError(
+                f"{self.output_dir} holds records but no run.json saying what made them; "
+                f"use another output_dir or set overwrite: true"
+            )
         else:
             saved = json.loads(run_json.read_text())
             if saved != self.settings:
                 diff = {k: (saved.get(k), v) for k, v in self.settings.items() if saved.get(k) != v}
-                raise ResumeMismatchError(f"{self.output_dir} holds records made from other inputs or settings "
-                                          f"(saved, now): {diff}; use another output_dir or set overwrite: true")
+                raise ResumeMismatchError(
+                    f"{self.output_dir} holds records made from other inputs or settings "
+                    f"(saved, now): {diff}; use another output_dir or set overwrite: true"
+                )
         self.parts.mkdir(parents=True, exist_ok=True)
 
     def open(self, trainer: L.Trainer) -> set[int]:
@@ -125,19 +146,19 @@ class ShardWriter:
         own = self.parts / f"part-{trainer.world_size:03d}-{trainer.global_rank:03d}.jsonl"
         repair_tail(own)
         trainer.strategy.barrier()
-        self.done = {rec["index"] for shard in self._shards() for _, rec in read_records(shard)}
+        self.done = {record_key(rec) for shard in self._shards() for _, rec in read_records(shard)}
         self._recorded = bool(self.done)
         if self.done:
-            log.info("resuming: %d prompts already in %s", len(self.done), self.parts)
+            log.info("resuming: %d prompts already in %s", len({i for i, _ in self.done}), self.parts)
         self._file = open(own, "a", encoding="utf-8")
-        return set(self.done)
+        return {index for index, _ in self.done}
 
     def has_all(self, indices: Sequence[int]) -> bool:
-        return all(int(i) in self.done for i in indices)
+        return all((int(i), k) in self.done for i in indices for k in range(self.per_index))
 
     def write(self, records: Sequence[dict]) -> list[dict]:
         """Append the records not yet on disk (fsynced); returns them."""
-        new = [r for r in records if r["index"] not in self.done]
+        new = [r for r in records if record_key(r) not in self.done]
         if not new:
             return new
         if not self._recorded:
@@ -147,7 +168,7 @@ class ShardWriter:
         self._file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
         self._file.flush()
         os.fsync(self._file.fileno())
-        self.done.update(r["index"] for r in new)
+        self.done.update(record_key(r) for r in new)
         return new
 
     def close(self) -> None:
@@ -160,10 +181,15 @@ class ShardWriter:
         self._lock.release()
 
     def records(self) -> Iterator[dict]:
-        """Every record on disk once, in index order (only index, shard and offset are held in memory)."""
+        """Every record on disk once, in (index, sample) order (only keys, shard and offset are held in memory)."""
         shards = self._shards()
-        where = sorted({rec["index"]: (rec["index"], s, off) for s, shard in enumerate(shards)
-                        for off, rec in read_records(shard)}.values())
+        where = sorted(
+            {
+                record_key(rec): (record_key(rec), s, off)
+                for s, shard in enumerate(shards)
+                for off, rec in read_records(shard)
+            }.values()
+        )
         handles = [open(shard, "rb") for shard in shards]
         try:
             for _, s, off in where:

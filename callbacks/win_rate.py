@@ -68,12 +68,22 @@ class WinRateCallback(L.Callback):
         self.metric_args = {"tie_tolerance": tie_tolerance, "length_match_ratio": length_match_ratio}
         self.figures = figures
         self.every_n_steps = every_n_steps
-        self.prompts = {"path": prompts_path, "split": prompts_split, "max_prompts": max_prompts,
-                        "max_prompt_length": max_prompt_length, "batch_size": batch_size}
+        self.prompts = {
+            "path": prompts_path,
+            "split": prompts_split,
+            "max_prompts": max_prompts,
+            "max_prompt_length": max_prompt_length,
+            "batch_size": batch_size,
+        }
         self.baseline_path = baseline
         self.reward = reward
-        self.decoding = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
-                         "top_k": top_k, "top_p": top_p}
+        self.decoding = {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": do_sample,
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+        }
         self.seed = seed
         self.prefix = "eval/" if prefix is None else prefix
         # Predict time: what fixes the records (WinRateModule.run_params()); run.json keys resume on it.
@@ -97,7 +107,8 @@ class WinRateCallback(L.Callback):
     def _open(self, trainer: L.Trainer, subdir: str = "", settings: Optional[dict] = None) -> None:
         """Shards under `<dir>/<subdir>`: resumed at predict time (`settings` given), fresh during training."""
         outputs = ("eval.jsonl", "win_rate.png", "avg_reward.png")
-        self._shards = ShardWriter(self._dir() / subdir, settings, self.overwrite, outputs)
+        per_index = int(self.settings.get("samples_per_prompt", 1))
+        self._shards = ShardWriter(self._dir() / subdir, settings, self.overwrite, outputs, per_index)
         self._shards.open(trainer)
         self._metric = WinRate(**self.metric_args)
 
@@ -115,10 +126,16 @@ class WinRateCallback(L.Callback):
 
     def _update(self, records: list[dict]) -> None:
         if records:
-            self._metric.update([r["policy_reward"] for r in records], [r["baseline_reward"] for r in records],
-                                [r["policy_length"] for r in records], [r["baseline_length"] for r in records])
+            self._metric.update(
+                [r["policy_reward"] for r in records],
+                [r["baseline_reward"] for r in records],
+                [r["policy_length"] for r in records],
+                [r["baseline_length"] for r in records],
+            )
 
-    def _finish(self, trainer: L.Trainer, params: dict, step: int, subdir: str = "", labels: Optional[dict] = None) -> dict:
+    def _finish(
+        self, trainer: L.Trainer, params: dict, step: int, subdir: str = "", labels: Optional[dict] = None
+    ) -> dict:
         """Close the shard, aggregate across processes, merge shards and log (rank 0)."""
         self._shards.close()
         metrics = self._metric.compute()  # all ranks: torchmetrics all-reduces the sum states
@@ -129,18 +146,29 @@ class WinRateCallback(L.Callback):
             path, _ = self._shards.merge("eval.jsonl")
             # Length control, clustering by prompt and further judges need every record: read them back.
             records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            metrics = {**metrics, **judge_metrics(records, **self.metric_args, self_judged=self._self_judged, seed=self.seed)}
+            metrics = {
+                **metrics,
+                **judge_metrics(records, **self.metric_args, self_judged=self._self_judged, seed=self.seed),
+            }
             if params:
                 params["n_prompts"] = int(metrics["n_prompts"])
-            log.info("%swin rate %.3f [%.3f, %.3f] over %d prompts (%s)", self.prefix, metrics["win_rate"],
-                     metrics["win_rate_ci_low"], metrics["win_rate_ci_high"], int(metrics["n"]), path)
+            log.info(
+                "%swin rate %.3f [%.3f, %.3f] over %d prompts (%s)",
+                self.prefix,
+                metrics["win_rate"],
+                metrics["win_rate_ci_low"],
+                metrics["win_rate_ci_high"],
+                int(metrics["n"]),
+                path,
+            )
             self._log(trainer, metrics, params, step, path, subdir, labels or params)
         trainer.strategy.barrier()
         self._shards.release()
         return metrics
 
-    def _log(self, trainer: L.Trainer, metrics: dict, params: dict, step: int, jsonl: Path, subdir: str,
-             labels: dict) -> None:
+    def _log(
+        self, trainer: L.Trainer, metrics: dict, params: dict, step: int, jsonl: Path, subdir: str, labels: dict
+    ) -> None:
         from mlflow.entities import Metric, Param
 
         files = [jsonl]
@@ -152,7 +180,11 @@ class WinRateCallback(L.Callback):
         for logger in loggers:
             client, run_id = logger.experiment, logger.run_id
             stamp = int(1000 * time.time())
-            values = [Metric(metric_name(self.prefix, k), float(v), stamp, step) for k, v in metrics.items() if math.isfinite(v)]
+            values = [
+                Metric(metric_name(self.prefix, k), float(v), stamp, step)
+                for k, v in metrics.items()
+                if math.isfinite(v)
+            ]
             client.log_batch(run_id, metrics=values)
             if params:
                 prefix = self.prefix if self.every_n_steps else ""  # train time: apart from the DPO run's own
@@ -161,7 +193,9 @@ class WinRateCallback(L.Callback):
                 client.log_artifact(run_id, str(f), artifact_path=subdir or None)
             # The same records as an MLflow table: the artifact viewer shows them in columns.
             if metrics["n"]:
-                client.log_table(run_id, eval_table(jsonl), f"{subdir}/eval_table.json" if subdir else "eval_table.json")
+                client.log_table(
+                    run_id, eval_table(jsonl), f"{subdir}/eval_table.json" if subdir else "eval_table.json"
+                )
 
     def _plot(self, metrics: dict, params: dict, out: Path) -> list[Path]:
         try:
@@ -181,8 +215,10 @@ class WinRateCallback(L.Callback):
             check_writable(self.output_dir)  # before the first step, not at the first evaluation
         if stage == "predict":  # before any model is loaded: a bad output_dir fails in seconds
             data = prompt_settings(trainer.datamodule)
-            self._open(trainer, settings=None if data is None else {"module": {**self.settings, **self.metric_args},
-                                                                    "data": data})
+            self._open(
+                trainer,
+                settings=None if data is None else {"module": {**self.settings, **self.metric_args}, "data": data},
+            )
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._metric.to(pl_module.device)
@@ -226,16 +262,36 @@ class WinRateCallback(L.Callback):
         self._open(trainer, subdir)
         self._metric.to(device)
         try:
-            for batch in self._batches[trainer.global_rank::trainer.world_size]:
-                records = compare_batch(policy, pl_module.tokenizer, self._baseline, self._baseline_tokenizer,
-                                        self.reward, batch["prompt"], self.decoding, seed=self.seed, indices=batch["index"])
-                self.add([{"index": i, "prompt_id": pid, "step": step, **r}
-                          for i, pid, r in zip(batch["index"], batch["prompt_id"], records)])
+            for batch in self._batches[trainer.global_rank :: trainer.world_size]:
+                records = compare_batch(
+                    policy,
+                    pl_module.tokenizer,
+                    self._baseline,
+                    self._baseline_tokenizer,
+                    self.reward,
+                    batch["prompt"],
+                    self.decoding,
+                    seed=self.seed,
+                    indices=batch["index"],
+                )
+                self.add(
+                    [
+                        {"index": i, "prompt_id": pid, "step": step, **r}
+                        for i, pid, r in zip(batch["index"], batch["prompt_id"], records)
+                    ]
+                )
         finally:
             policy.train(was_training)
-        params = {} if self._params_logged else {"baseline_name": Path(self.baseline_path).name,
-                                                 "reward": self.reward.name, "seed": self.seed,
-                                                 "every_n_steps": self.every_n_steps}
+        params = (
+            {}
+            if self._params_logged
+            else {
+                "baseline_name": Path(self.baseline_path).name,
+                "reward": self.reward.name,
+                "seed": self.seed,
+                "every_n_steps": self.every_n_steps,
+            }
+        )
         self._params_logged = True
         return self._finish(trainer, params, step, subdir)
 
@@ -244,8 +300,7 @@ class WinRateCallback(L.Callback):
         state mixes with training)."""
         if self._baseline is not None:
             return
-        from synpref.models import load_tokenizer
-        from synpref.models import load_frozen_causal_lm
+        from synpref.models import load_frozen_causal_lm, load_tokenizer
 
         self._baseline = load_frozen_causal_lm(self.baseline_path).to(pl_module.device)
         self._baseline_tokenizer = load_tokenizer(self.baseline_path)
@@ -258,14 +313,26 @@ class WinRateCallback(L.Callback):
             self._tmp = None
 
 
-def load_prompt_batches(tokenizer_name_or_path: str, path: str, split: str, max_prompts: int,
-                        max_prompt_length: Optional[int], batch_size: int) -> list[dict]:
+def load_prompt_batches(
+    tokenizer_name_or_path: str,
+    path: str,
+    split: str,
+    max_prompts: int,
+    max_prompt_length: Optional[int],
+    batch_size: int,
+) -> list[dict]:
     """The prompt set as predict batches of PromptDataModule (dicts with prompt, prompt_id, index);
     prompts over `max_prompt_length` tokens are dropped and counted in its log line."""
     from synpref.data import PromptDataModule
 
-    dm = PromptDataModule(tokenizer_name_or_path=tokenizer_name_or_path, path=path, split=split,
-                          max_prompts=max_prompts, max_prompt_length=max_prompt_length, batch_size=batch_size)
+    dm = PromptDataModule(
+        tokenizer_name_or_path=tokenizer_name_or_path,
+        path=path,
+        split=split,
+        max_prompts=max_prompts,
+        max_prompt_length=max_prompt_length,
+        batch_size=batch_size,
+    )
     dm.setup("predict")
     batches = []
     for batch in dm.predict_dataloader():
@@ -275,15 +342,28 @@ def load_prompt_batches(tokenizer_name_or_path: str, path: str, split: str, max_
 
 
 # eval.jsonl's field order: the outcome, rewards and lengths first, the long texts last.
-FIRST_FIELDS = ("index", "sample", "outcome", "policy_reward", "baseline_reward", "policy_length", "baseline_length",
-                "length_matched", "step", "prompt_id")
+FIRST_FIELDS = (
+    "index",
+    "sample",
+    "outcome",
+    "policy_reward",
+    "baseline_reward",
+    "policy_length",
+    "baseline_length",
+    "length_matched",
+    "step",
+    "prompt_id",
+)
 LAST_FIELDS = ("prompt", "policy_response", "baseline_response")
 
 
 def readable_order(record: dict) -> dict:
     middle = {k: v for k, v in record.items() if k not in FIRST_FIELDS and k not in LAST_FIELDS}
-    return {**{k: record[k] for k in FIRST_FIELDS if k in record}, **middle,
-            **{k: record[k] for k in LAST_FIELDS if k in record}}
+    return {
+        **{k: record[k] for k in FIRST_FIELDS if k in record},
+        **middle,
+        **{k: record[k] for k in LAST_FIELDS if k in record},
+    }
 
 
 def eval_table(jsonl: Path) -> dict:

@@ -25,8 +25,16 @@ from typing import Optional
 
 CHROMIUM = os.environ.get("SYNPREF_CHROMIUM", "/usr/bin/chromium")
 # No network beyond loopback, no GPU, no sandbox (containers run as root).
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 VIEWPORT = {"width": 1600, "height": 900}
 # The runs table, not the GenAI overview: MLflow 3 takes the workflow from this URL parameter
 # (else from the last toggle click, else GenAI).
@@ -39,21 +47,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_ui(backend_store_uri: str, port: Optional[int] = None, log_path: Optional[Path] = None,
-             timeout: float = 120.0, extra_args: tuple = (), cwd: Optional[Path] = None) -> tuple[subprocess.Popen, str]:
+def start_ui(
+    backend_store_uri: str,
+    port: Optional[int] = None,
+    log_path: Optional[Path] = None,
+    timeout: float = 120.0,
+    extra_args: tuple = (),
+    cwd: Optional[Path] = None,
+) -> tuple[subprocess.Popen, str]:
     """`mlflow ui` on 127.0.0.1 (one worker, no job runners) in `cwd`; returns the process and its URL
     once /health answers."""
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", backend_store_uri, "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1", *extra_args],
-        stdout=log, stderr=log, start_new_session=True, cwd=cwd, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            backend_store_uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            *extra_args,
+        ],
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+        cwd=cwd,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"mlflow ui exited with code {proc.returncode}" + (f"; see {log_path}" if log_path else ""))
+            raise RuntimeError(
+                f"mlflow ui exited with code {proc.returncode}" + (f"; see {log_path}" if log_path else "")
+            )
         try:
             if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
                 return proc, url
@@ -85,13 +119,22 @@ def pipeline_runs(backend_store_uri: str, experiment: str) -> tuple[str, str, li
     parent = next((r.info.run_id for r in runs if r.info.run_id in parents), None)
     if parent is None:
         raise SystemExit(f"experiment {experiment!r} has no parent run (run `synpref reproduce` first)")
-    evals = [r.info.run_id for r in runs
-             if r.data.tags.get("mlflow.parentRunId") == parent and "eval/win_rate" in r.data.metrics]
+    evals = [
+        r.info.run_id
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parent and "eval/win_rate" in r.data.metrics
+    ]
     return exp.experiment_id, parent, evals
 
 
-def capture(url: str, experiment_id: str, parent: str, evals: list[str], out: Optional[Path] = None,
-            parent_name: Optional[str] = None) -> dict[str, str]:
+def capture(
+    url: str,
+    experiment_id: str,
+    parent: str,
+    evals: list[str],
+    out: Optional[Path] = None,
+    parent_name: Optional[str] = None,
+) -> dict[str, str]:
     """Visit the three pages (screenshots into `out` if given); returns each page's visible text."""
     from playwright.sync_api import sync_playwright
 

@@ -46,8 +46,10 @@ def chat_messages(messages: Any, field: str = "messages", need_assistant: bool =
         if message.get("role") is None and message.get("from") is not None:
             role = SHAREGPT_ROLES.get(message["from"])
             if role is None:
-                raise FieldError(f"{where}.from", f"unknown sharegpt role {message['from']!r}; "
-                                                  f"expected one of {tuple(SHAREGPT_ROLES)}")
+                raise FieldError(
+                    f"{where}.from",
+                    f"unknown sharegpt role {message['from']!r}; expected one of {tuple(SHAREGPT_ROLES)}",
+                )
             content_key = "value"
         else:
             role = message.get("role")
@@ -58,7 +60,9 @@ def chat_messages(messages: Any, field: str = "messages", need_assistant: bool =
         if content is None:
             raise FieldError(f"{where}.{content_key}", "missing")
         if not isinstance(content, str):
-            raise FieldError(f"{where}.{content_key}", f"expected a string, got {type(content).__name__} {content!r:.40}")
+            raise FieldError(
+                f"{where}.{content_key}", f"expected a string, got {type(content).__name__} {content!r:.40}"
+            )
         if not content.strip():
             raise FieldError(f"{where}.{content_key}", "empty content")
         out.append({"role": role, "content": content})
@@ -84,12 +88,12 @@ class FieldError(ValueError):
 
 
 def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def assistant_char_spans(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
+def assistant_char_spans(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict]
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and, per assistant turn, the character span the model must produce.
 
     A span runs from the end of the generation prompt to the end of that turn, trailing whitespace

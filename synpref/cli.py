@@ -54,8 +54,14 @@ class SynprefCLI(LightningCLI):
         parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.tokenizer_name_or_path")
 
 
-def build_tiny(out: str = "artifacts/tiny/base", corpus: Sequence[str] = ("synpref://sample/sft_messages.jsonl",),
-               vocab_size: int = 2048, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> str:
+def build_tiny(
+    out: str = "artifacts/tiny/base",
+    corpus: Sequence[str] = ("synpref://sample/sft_messages.jsonl",),
+    vocab_size: int = 2048,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    seed: int = 0,
+) -> str:
     """Build the tiny offline Qwen2 model (BPE tokenizer trained on `corpus`, ChatML template) at `out`.
 
     Args:
@@ -68,12 +74,18 @@ def build_tiny(out: str = "artifacts/tiny/base", corpus: Sequence[str] = ("synpr
     """
     from synpref.models import build_tiny_model
 
-    return str(build_tiny_model(out, corpus, vocab_size=vocab_size, hidden_size=hidden_size,
-                                num_layers=num_layers, seed=seed))
+    return str(
+        build_tiny_model(out, corpus, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
+    )
 
 
-def build_model(preset: str, out: str, corpus: Sequence[str] = ("synpref://sample/sft_messages.jsonl",),
-                seed: int = 0, dtype: str = "float32") -> str:
+def build_model(
+    preset: str,
+    out: str,
+    corpus: Sequence[str] = ("synpref://sample/sft_messages.jsonl",),
+    seed: int = 0,
+    dtype: str = "float32",
+) -> str:
     """Build a randomly initialised model with a preset's config as an HF directory at `out`.
 
     Presets (synpref.models.PRESETS): `tiny` (2,048-token vocabulary, 230k parameters),
@@ -94,9 +106,17 @@ def build_model(preset: str, out: str, corpus: Sequence[str] = ("synpref://sampl
     return str(build_preset_model(preset, out, corpus, seed=seed, dtype=dtype))
 
 
-def estimate(stage: str = "dpo", preset: Optional[str] = None, model: Optional[str] = None, max_length: int = 1024,
-             batch_size: int = 8, precompute_ref_logps: bool = False, chunk: int = 256, response_fraction: float = 0.5,
-             bf16: bool = False) -> dict:
+def estimate(
+    stage: str = "dpo",
+    preset: Optional[str] = None,
+    model: Optional[str] = None,
+    max_length: int = 1024,
+    batch_size: int = 8,
+    precompute_ref_logps: bool = False,
+    chunk: int = 256,
+    response_fraction: float = 0.5,
+    bf16: bool = False,
+) -> dict:
     """Print the expected peak memory of one SFT or DPO training step (fp32 master weights, AdamW).
 
     Built from bytes per parameter and per token (synpref.estimate; calibration in docs/benchmarks.md).
@@ -122,16 +142,24 @@ def estimate(stage: str = "dpo", preset: Optional[str] = None, model: Optional[s
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        tiny = {"vocab_size": 2048, "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
-                "num_attention_heads": 4, "num_key_value_heads": 2}
+        tiny = {
+            "vocab_size": 2048,
+            "hidden_size": 64,
+            "intermediate_size": 192,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        }
         config = Qwen2Config(**{"tie_word_embeddings": True, **(PRESETS[preset] or tiny)})
     else:
         config = AutoConfig.from_pretrained(model)
     shape = Shape.from_config(config)
     terms = peak_bytes(shape, stage, batch_size, max_length, precompute_ref_logps, chunk, response_fraction, bf16)
-    print(f"{stage} step, {shape.params / 1e6:.0f}M parameters, batch {batch_size} x {max_length} tokens"
-          f"{', precomputed reference' if precompute_ref_logps and stage == 'dpo' else ''}, chunk {chunk or 'off'}"
-          f"{', bf16 autocast' if bf16 else ''}:")
+    print(
+        f"{stage} step, {shape.params / 1e6:.0f}M parameters, batch {batch_size} x {max_length} tokens"
+        f"{', precomputed reference' if precompute_ref_logps and stage == 'dpo' else ''}, chunk {chunk or 'off'}"
+        f"{', bf16 autocast' if bf16 else ''}:"
+    )
     for name, value in terms.items():
         print(f"  {name:12s}{value / 1e9:8.2f} GB")
     return {k: round(v / 1e9, 3) for k, v in terms.items()}
@@ -144,7 +172,6 @@ EXTRA_COMMANDS: dict[str, tuple[Callable, str]] = {
     "estimate": (estimate, "expected peak memory of an SFT or DPO step (--preset/--model, --max_length, ...)"),
     "build-model": (build_model, "build a random model with a preset's config (qwen2.5-0.5b, qwen-vocab-small, ...)"),
 }
-
 
 
 def register(name: str, help_: str) -> Callable[[Callable], Callable]:
@@ -207,4 +234,3 @@ def _load_extra_commands() -> None:
         except ModuleNotFoundError as e:
             if e.name != module:
                 raise
-

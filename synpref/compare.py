@@ -7,17 +7,38 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from synpref.cli import register, tracking_uri as default_tracking_uri
+from synpref.cli import register
+from synpref.cli import tracking_uri as default_tracking_uri
 from synpref.errors import ConfigError
 from synpref.report import judge_columns, judge_fields, judges_table, model_cell, power_lines, self_judged_warnings
 
 log = logging.getLogger(__name__)
 
 # Row keys; the run's metrics are these under METRIC_PREFIX (`eval/win_rate`, ...).
-COLUMNS = ["model", "path", "baseline", "reward_model", "win_rate", "win_rate_ci_low", "win_rate_ci_high", "tie_rate",
-           "loss_rate", "sign_test_p", "avg_reward_policy", "avg_reward_baseline", "avg_length_policy",
-           "avg_length_baseline", "length_matched_win_rate", "length_controlled_win_rate", "self_judged", "reward_stderr_policy", "reward_stderr_baseline", "n",
-           "run_id", "run_name"]
+COLUMNS = [
+    "model",
+    "path",
+    "baseline",
+    "reward_model",
+    "win_rate",
+    "win_rate_ci_low",
+    "win_rate_ci_high",
+    "tie_rate",
+    "loss_rate",
+    "sign_test_p",
+    "avg_reward_policy",
+    "avg_reward_baseline",
+    "avg_length_policy",
+    "avg_length_baseline",
+    "length_matched_win_rate",
+    "length_controlled_win_rate",
+    "self_judged",
+    "reward_stderr_policy",
+    "reward_stderr_baseline",
+    "n",
+    "run_id",
+    "run_name",
+]
 METRIC_PREFIX = "eval/"
 RATE_COLUMNS = COLUMNS[4:-2]
 
@@ -32,7 +53,9 @@ def eval_runs(experiment: str, tracking_uri: Optional[str] = None, parent_run_id
     client = MlflowClient(tracking_uri or default_tracking_uri())
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise ConfigError("experiment", f"no MLflow experiment {experiment!r} at {tracking_uri or default_tracking_uri()}")
+        raise ConfigError(
+            "experiment", f"no MLflow experiment {experiment!r} at {tracking_uri or default_tracking_uri()}"
+        )
     query = f"metrics.`{METRIC_PREFIX}win_rate` >= 0"
     if parent_run_id:
         query += f" and tags.mlflow.parentRunId = '{parent_run_id}'"
@@ -42,10 +65,16 @@ def eval_runs(experiment: str, tracking_uri: Optional[str] = None, parent_run_id
         if "baseline_name" not in p:
             continue
         row = {k: m[METRIC_PREFIX + k] for k in COLUMNS if METRIC_PREFIX + k in m}
-        row.update(model=p.get("policy_name", run.info.run_name), path=p.get("policy_path", ""),
-                   baseline=p["baseline_name"], reward_model=p.get("reward", ""),
-                   n=int(m.get(METRIC_PREFIX + "n", p.get("n_prompts", 0))),
-                   run_id=run.info.run_id, run_name=run.info.run_name or "", **judge_fields(m))
+        row.update(
+            model=p.get("policy_name", run.info.run_name),
+            path=p.get("policy_path", ""),
+            baseline=p["baseline_name"],
+            reward_model=p.get("reward", ""),
+            n=int(m.get(METRIC_PREFIX + "n", p.get("n_prompts", 0))),
+            run_id=run.info.run_id,
+            run_name=run.info.run_name or "",
+            **judge_fields(m),
+        )
         latest[(row["path"] or row["model"], row["baseline"], row["reward_model"])] = row  # later runs replace earlier
     return sorted(latest.values(), key=lambda r: (r["model"], r["path"], r["baseline"], r["reward_model"]))
 
@@ -61,21 +90,30 @@ def _num(x: Optional[float], fmt: str = ".3f") -> str:
 def markdown_table(rows: list[dict]) -> str:
     """Model | win rate vs baseline [95% CI] | tie rate | sign-test p | average rewards | length-matched
     and length-controlled win rates | N | path; a model judged by the scorer that labelled its pairs is marked."""
-    lines = ["| model | win rate vs SFT [95% CI] | tie rate | p (sign test) | avg reward | avg reward SFT "
-             "| length-matched win rate | LC win rate | N | path |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | win rate vs SFT [95% CI] | tie rate | p (sign test) | avg reward | avg reward SFT "
+        "| length-matched win rate | LC win rate | N | path |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ci = f"{_pct(r.get('win_rate'))} [{_pct(r.get('win_rate_ci_low'))}, {_pct(r.get('win_rate_ci_high'))}]"
-        lines.append(f"| {model_cell(r)} | {ci} | {_pct(r.get('tie_rate'))} | {_num(r.get('sign_test_p'), '.3g')} "
-                     f"| {_num(r.get('avg_reward_policy'))} | {_num(r.get('avg_reward_baseline'))} "
-                     f"| {_pct(r.get('length_matched_win_rate'))} | {_pct(r.get('length_controlled_win_rate'))} | {r['n']} "
-                     f"| {r.get('path', '')} |")
+        lines.append(
+            f"| {model_cell(r)} | {ci} | {_pct(r.get('tie_rate'))} | {_num(r.get('sign_test_p'), '.3g')} "
+            f"| {_num(r.get('avg_reward_policy'))} | {_num(r.get('avg_reward_baseline'))} "
+            f"| {_pct(r.get('length_matched_win_rate'))} | {_pct(r.get('length_controlled_win_rate'))} | {r['n']} "
+            f"| {r.get('path', '')} |"
+        )
     return "\n".join(lines)
 
 
 @register("compare", "print the win-rate table (the paper's Table 1) of an MLflow experiment's eval runs")
-def compare(experiment: str, tracking_uri: Optional[str] = None, csv: Optional[str] = None,
-            parent_run_id: Optional[str] = None, figures_dir: Optional[str] = None) -> str:
+def compare(
+    experiment: str,
+    tracking_uri: Optional[str] = None,
+    csv: Optional[str] = None,
+    parent_run_id: Optional[str] = None,
+    figures_dir: Optional[str] = None,
+) -> str:
     """Read the experiment's `synpref predict --config configs/eval.yaml` runs; print and return the
     table as markdown, and write it as CSV.
 
@@ -89,9 +127,17 @@ def compare(experiment: str, tracking_uri: Optional[str] = None, csv: Optional[s
     """
     rows = eval_runs(experiment, tracking_uri, parent_run_id)
     if not rows:
-        raise ConfigError("experiment", f"experiment {experiment!r} has no eval run (an {METRIC_PREFIX}win_rate metric) "
-                         f"(run `synpref predict --config configs/eval.yaml` first)")
-    parts = [markdown_table(rows), judges_table(rows), "\n".join(self_judged_warnings(rows)), "\n".join(power_lines(rows))]
+        raise ConfigError(
+            "experiment",
+            f"experiment {experiment!r} has no eval run (an {METRIC_PREFIX}win_rate metric) "
+            f"(run `synpref predict --config configs/eval.yaml` first)",
+        )
+    parts = [
+        markdown_table(rows),
+        judges_table(rows),
+        "\n".join(self_judged_warnings(rows)),
+        "\n".join(power_lines(rows)),
+    ]
     table = "\n\n".join(p for p in parts if p)
     if csv:
         Path(csv).parent.mkdir(parents=True, exist_ok=True)
@@ -119,8 +165,7 @@ def write_figures(rows: list[dict], out: Path) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     nan = float("nan")
-    series = [(r["model"], {k: nan if r.get(k) is None else r[k] for k in RATE_COLUMNS} | {"n": r["n"]})
-              for r in rows]
+    series = [(r["model"], {k: nan if r.get(k) is None else r[k] for k in RATE_COLUMNS} | {"n": r["n"]}) for r in rows]
     baseline = rows[0]["baseline"] or "baseline"
     plot_win_rates(series, out / "win_rates.png", baseline)
     plot_average_rewards(series, out / "avg_rewards.png", baseline)

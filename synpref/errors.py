@@ -76,14 +76,14 @@ def config_message(exc: argparse.ArgumentError) -> str:
             if "<class 'NoneType'>" not in item:
                 problems.append(item)
     else:
-        problems = [text[top.end():] if top else text]
+        problems = [text[top.end() :] if top else text]
     where, problem = key, "; ".join(_plain(p, given) for p in problems) or text.splitlines()[0]
     nested = re.match(r"Problem with given class_path '([^']+)':\s*(.*)", problems[0], re.S) if problems else None
     if nested:
         cls, rest = nested.groups()
         inner, option = _PARSER_KEY.match(rest), re.search(r"Option '([^']+)' is not accepted", rest)
         if inner:
-            where, problem = f"{key}.init_args.{inner.group(1)}", _plain(rest[inner.end():])
+            where, problem = f"{key}.init_args.{inner.group(1)}", _plain(rest[inner.end() :])
         elif option:
             where, problem = f"{key}.init_args.{option.group(1)}", f"{cls} has no argument {option.group(1)!r}"
         else:

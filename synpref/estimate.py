@@ -27,15 +27,35 @@ class Shape:
     def from_config(cls, c) -> "Shape":
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         kv = c.num_key_value_heads * head_dim
-        layer = (c.hidden_size * (c.hidden_size + 2 * kv) + c.hidden_size + 2 * kv + c.hidden_size ** 2
-                 + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size)
+        layer = (
+            c.hidden_size * (c.hidden_size + 2 * kv)
+            + c.hidden_size
+            + 2 * kv
+            + c.hidden_size**2
+            + 3 * c.hidden_size * c.intermediate_size
+            + 2 * c.hidden_size
+        )
         embed = c.vocab_size * c.hidden_size * (1 if getattr(c, "tie_word_embeddings", False) else 2)
-        return cls(c.num_hidden_layers * layer + c.hidden_size + embed, c.vocab_size, c.hidden_size,
-                   c.intermediate_size, c.num_hidden_layers, kv)
+        return cls(
+            c.num_hidden_layers * layer + c.hidden_size + embed,
+            c.vocab_size,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_hidden_layers,
+            kv,
+        )
 
 
-def peak_bytes(shape: Shape, stage: str, batch_size: int, max_length: int, precompute_ref_logps: bool = False,
-               chunk: Optional[int] = 256, response_fraction: float = 0.5, bf16: bool = False) -> dict[str, float]:
+def peak_bytes(
+    shape: Shape,
+    stage: str,
+    batch_size: int,
+    max_length: int,
+    precompute_ref_logps: bool = False,
+    chunk: Optional[int] = 256,
+    response_fraction: float = 0.5,
+    bf16: bool = False,
+) -> dict[str, float]:
     """The terms of the expected peak of one training step (fp32 master weights), in bytes.
 
     params: weights 4 + gradients 4 + AdamW moments 8 bytes per parameter (+ 2 for the bf16 weight
@@ -53,7 +73,11 @@ def peak_bytes(shape: Shape, stage: str, batch_size: int, max_length: int, preco
     activations = ACTIVATION_SCALE * tokens * shape.layers * per_token_layer * (2 if bf16 else 4)
     labelled = max(1, int(tokens * response_fraction))
     rows = min(chunk, labelled) if chunk else labelled
-    terms = {"runtime": RUNTIME_BYTES, "params": per_param * shape.params, "activations": activations,
-             "logits": LOGIT_COPIES * rows * shape.vocab * 4}
+    terms = {
+        "runtime": RUNTIME_BYTES,
+        "params": per_param * shape.params,
+        "activations": activations,
+        "logits": LOGIT_COPIES * rows * shape.vocab * 4,
+    }
     terms["total"] = sum(terms.values())
     return terms

@@ -7,8 +7,8 @@ from typing import Optional, Sequence
 import torch
 
 from synpref.chat import encode_prompt
-from synpref.errors import ConfigError
 from synpref.data.collate import pad
+from synpref.errors import ConfigError
 from synpref.models import end_of_turn_ids
 
 
@@ -48,15 +48,19 @@ def generate(
         use_cache=True,
         **sampling,
     )
-    new = out[:, input_ids.shape[1]:]
+    new = out[:, input_ids.shape[1] :]
     stop = torch.tensor(end_of_turn_ids(tokenizer), device=new.device)
     # Tokens up to (excluding) the first stop token; after it generate() only pads.
     is_stop = torch.isin(new, stop)
     lengths = torch.where(is_stop.any(1), is_stop.int().argmax(1), torch.full_like(new[:, 0], new.shape[1]))
-    texts = [tokenizer.decode(row[:n], skip_special_tokens=True).strip() for row, n in zip(new.tolist(), lengths.tolist())]
+    texts = [
+        tokenizer.decode(row[:n], skip_special_tokens=True).strip() for row, n in zip(new.tolist(), lengths.tolist())
+    ]
     counts = lengths.tolist()
     k = num_return_sequences
-    return [texts[i * k:(i + 1) * k] for i in range(len(prompts))], [counts[i * k:(i + 1) * k] for i in range(len(prompts))]
+    return [texts[i * k : (i + 1) * k] for i in range(len(prompts))], [
+        counts[i * k : (i + 1) * k] for i in range(len(prompts))
+    ]
 
 
 def check_decoding(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, top_k: int) -> None:
@@ -65,8 +69,11 @@ def check_decoding(max_new_tokens: int, do_sample: bool, temperature: float, top
     if max_new_tokens < 1:
         raise ConfigError(key + "max_new_tokens", f"must be ≥ 1, got {max_new_tokens}")
     if do_sample and not temperature > 0:
-        raise ConfigError(key + "temperature", f"must be > 0 when sampling, got {temperature}; "
-                                               "for greedy decoding set do_sample: false where the module has it")
+        raise ConfigError(
+            key + "temperature",
+            f"must be > 0 when sampling, got {temperature}; "
+            "for greedy decoding set do_sample: false where the module has it",
+        )
     if do_sample and not 0 < top_p <= 1:
         raise ConfigError(key + "top_p", f"must lie in (0, 1], got {top_p}")
     if do_sample and top_k < 0:

@@ -32,9 +32,21 @@ class Generator:
     #: What the sampling fingerprint records: a resumed run must use the same kind of backend.
     name: str = "generator"
 
-    def generate(self, model: str, tokenizer, prompts: Sequence[Sequence[dict]], indices: Sequence[int], *,
-                 num_return_sequences: int, max_new_tokens: int, do_sample: bool, temperature: float,
-                 top_k: int, top_p: float, seed: int) -> tuple[list[list[str]], list[list[int]]]:
+    def generate(
+        self,
+        model: str,
+        tokenizer,
+        prompts: Sequence[Sequence[dict]],
+        indices: Sequence[int],
+        *,
+        num_return_sequences: int,
+        max_new_tokens: int,
+        do_sample: bool,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        seed: int,
+    ) -> tuple[list[list[str]], list[list[int]]]:
         raise NotImplementedError
 
 
@@ -86,8 +98,13 @@ class OpenAIGenerator(Generator):
         self.base_url, self.model, self.api, self.server = base_url.rstrip("/"), model, api, server
         self.url = f"{self.base_url}/{'chat/completions' if api == 'chat' else 'completions'}"
         self.use_n, self.max_concurrency, self.extra_body = use_n, max_concurrency, dict(extra_body or {})
-        self.http = {"api_key_env": api_key_env, "timeout": timeout, "deadline": deadline,
-                     "max_retries": max_retries, "backoff": backoff}
+        self.http = {
+            "api_key_env": api_key_env,
+            "timeout": timeout,
+            "deadline": deadline,
+            "max_retries": max_retries,
+            "backoff": backoff,
+        }
         # Not the URL (a restarted server may listen elsewhere): what decides the samples' distribution.
         self.name = f"openai:{api}:{server}:n={'K' if use_n else 1}"
         self.stats: Counter = Counter()  # requests, replies, truncated, completion_tokens, retries by kind
@@ -97,19 +114,44 @@ class OpenAIGenerator(Generator):
     def __repr__(self) -> str:
         return f"OpenAIGenerator(url={self.url!r}, model={self.model!r}, server={self.server!r})"
 
-    def generate(self, model, tokenizer, prompts, indices, *, num_return_sequences, max_new_tokens, do_sample,
-                 temperature, top_k, top_p, seed):
-        decoding = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
-                    "top_k": top_k, "top_p": top_p}
+    def generate(
+        self,
+        model,
+        tokenizer,
+        prompts,
+        indices,
+        *,
+        num_return_sequences,
+        max_new_tokens,
+        do_sample,
+        temperature,
+        top_k,
+        top_p,
+        seed,
+    ):
+        decoding = {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": do_sample,
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+        }
         name = self.model or model
         before = self.stats["truncated"]
         rows = map_concurrent(
             lambda job: self._samples(name, tokenizer, job[0], job[1], num_return_sequences, decoding, seed),
-            list(zip(prompts, indices)), self.max_concurrency)
+            list(zip(prompts, indices)),
+            self.max_concurrency,
+        )
         cut = self.stats["truncated"] - before
         if cut:
-            log.info("%s: %d of %d replies cut at max_tokens=%d (finish_reason: length)",
-                     self.url, cut, len(prompts) * num_return_sequences, max_new_tokens)
+            log.info(
+                "%s: %d of %d replies cut at max_tokens=%d (finish_reason: length)",
+                self.url,
+                cut,
+                len(prompts) * num_return_sequences,
+                max_new_tokens,
+            )
         return [[t for t, _ in row] for row in rows], [[n for _, n in row] for row in rows]
 
     def _samples(self, model, tokenizer, prompt, index, k, decoding, seed) -> list[tuple[str, int]]:
@@ -130,7 +172,12 @@ class OpenAIGenerator(Generator):
         return got
 
     def _request(self, model, tokenizer, prompt, decoding, seed, n) -> list[tuple[str, int]]:
-        payload = {"model": model, "max_tokens": decoding["max_new_tokens"], "seed": seed, **self._sampling(decoding, tokenizer)}
+        payload = {
+            "model": model,
+            "max_tokens": decoding["max_new_tokens"],
+            "seed": seed,
+            **self._sampling(decoding, tokenizer),
+        }
         if self.api == "chat":
             payload["messages"] = [dict(m) for m in prompt]
         else:
@@ -142,19 +189,32 @@ class OpenAIGenerator(Generator):
         reply = post_json(self.url, payload, retries=retries, **self.http)
         choices = self._parse(reply, n, tokenizer)
         with self._lock:
-            self.stats.update({"requests": 1, "replies": len(choices), **{f"retries/{k}": v for k, v in retries.items()},
-                               "truncated": sum(c[2] == "length" for c in choices),
-                               "completion_tokens": sum(c[1] for c in choices)})
+            self.stats.update(
+                {
+                    "requests": 1,
+                    "replies": len(choices),
+                    **{f"retries/{k}": v for k, v in retries.items()},
+                    "truncated": sum(c[2] == "length" for c in choices),
+                    "completion_tokens": sum(c[1] for c in choices),
+                }
+            )
         return [(text, count) for text, count, _ in choices]
 
     def _sampling(self, decoding: dict, tokenizer) -> dict:
         greedy = not decoding["do_sample"]
-        fields = {"temperature": 0.0 if greedy else decoding["temperature"], "top_p": 1.0 if greedy else decoding["top_p"]}
+        fields = {
+            "temperature": 0.0 if greedy else decoding["temperature"],
+            "top_p": 1.0 if greedy else decoding["top_p"],
+        }
         if self.server in ("vllm", "sglang") and not greedy:
             fields["top_k"] = decoding["top_k"]
         elif self.server == "transformers":
-            config = {"do_sample": not greedy, "max_new_tokens": decoding["max_new_tokens"],
-                      "eos_token_id": end_of_turn_ids(tokenizer), "pad_token_id": tokenizer.pad_token_id}
+            config = {
+                "do_sample": not greedy,
+                "max_new_tokens": decoding["max_new_tokens"],
+                "eos_token_id": end_of_turn_ids(tokenizer),
+                "pad_token_id": tokenizer.pad_token_id,
+            }
             if not greedy:
                 config.update(temperature=decoding["temperature"], top_k=decoding["top_k"], top_p=decoding["top_p"])
             return {"generation_config": json.dumps(config)}
@@ -176,19 +236,32 @@ class OpenAIGenerator(Generator):
                 counts = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
             return [(t.strip(), c, ch.get("finish_reason")) for t, c, ch in zip(texts, counts, choices)]
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
-            raise MalformedReply(f"{self.url}: malformed reply (expected choices[].{field} and usage.completion_tokens; "
-                                 f"{type(e).__name__}: {e}): {str(reply)[:200]!r}") from None
+            raise MalformedReply(
+                f"{self.url}: malformed reply (expected choices[].{field} and usage.completion_tokens; "
+                f"{type(e).__name__}: {e}): {str(reply)[:200]!r}"
+            ) from None
 
 
-def generate_texts(generator: Optional[Generator], model, tokenizer, name: str, prompts: Sequence[Sequence[dict]],
-                   indices: Sequence[int], seed: int, num_return_sequences: int = 1, **decoding):
+def generate_texts(
+    generator: Optional[Generator],
+    model,
+    tokenizer,
+    name: str,
+    prompts: Sequence[Sequence[dict]],
+    indices: Sequence[int],
+    seed: int,
+    num_return_sequences: int = 1,
+    **decoding,
+):
     """K texts and generated-token counts per prompt: from `generator`, or in-process (`synpref.generation.generate`,
     the batch seeded with `seed` + its first prompt index) when it is None. `name` is the model's path."""
     indices = [int(i) for i in indices]
     if generator is None:
         from synpref.generation import generate
 
-        return generate(model, tokenizer, prompts, num_return_sequences=num_return_sequences,
-                        seed=seed + indices[0], **decoding)
-    return generator.generate(name, tokenizer, prompts, indices, num_return_sequences=num_return_sequences,
-                              seed=seed, **decoding)
+        return generate(
+            model, tokenizer, prompts, num_return_sequences=num_return_sequences, seed=seed + indices[0], **decoding
+        )
+    return generator.generate(
+        name, tokenizer, prompts, indices, num_return_sequences=num_return_sequences, seed=seed, **decoding
+    )

@@ -73,8 +73,9 @@ def auth_headers(api_key_env: Optional[str], url: str) -> dict[str, str]:
     if api_key_env:
         key = os.environ.get(api_key_env)
         if not key:
-            raise EndpointError(f"environment variable {api_key_env} (api_key_env) is not set; "
-                                f"export it with the API key for {url}")
+            raise EndpointError(
+                f"environment variable {api_key_env} (api_key_env) is not set; export it with the API key for {url}"
+            )
         headers["Authorization"] = f"Bearer {key}"
     return headers
 
@@ -157,9 +158,18 @@ def _delay(attempt: int, retry_after: Optional[str], backoff: float, max_backoff
     return min(max_backoff, backoff * 2**attempt) * (0.5 + random.random() / 2)
 
 
-def post_json(url: str, payload: dict, *, api_key_env: Optional[str] = None, timeout: float = 60.0,
-              deadline: Optional[float] = None, max_retries: int = 6, backoff: float = 1.0,
-              max_backoff: float = 60.0, retries: Optional[Counter] = None) -> dict:
+def post_json(
+    url: str,
+    payload: dict,
+    *,
+    api_key_env: Optional[str] = None,
+    timeout: float = 60.0,
+    deadline: Optional[float] = None,
+    max_retries: int = 6,
+    backoff: float = 1.0,
+    max_backoff: float = 60.0,
+    retries: Optional[Counter] = None,
+) -> dict:
     """POST `payload` to `url`; the reply's JSON object. See the module docstring for the semantics."""
     headers = auth_headers(api_key_env, url)
     body = json.dumps(payload).encode()
@@ -187,9 +197,11 @@ def post_json(url: str, payload: dict, *, api_key_env: Optional[str] = None, tim
             continue
         if status in (401, 403) and api_key_env:
             # The key's name, never the key.
-            raise EndpointError(f"{url} refused the API key from ${api_key_env} (HTTP {status}: "
-                                f"{snippet(raw, secret=headers.get('Authorization', '')[7:])}); "
-                                f"export a valid key in {api_key_env}")
+            raise EndpointError(
+                f"{url} refused the API key from ${api_key_env} (HTTP {status}: "
+                f"{snippet(raw, secret=headers.get('Authorization', '')[7:])}); "
+                f"export a valid key in {api_key_env}"
+            )
         if status != 200:
             raise EndpointError(f"{url} answered HTTP {status}: {snippet(raw)}")
         try:

@@ -12,8 +12,14 @@ from typing import Optional, Sequence, Union
 from synpref.metrics import LOSS, TIE, WIN, WinRate, outcome
 from synpref.rewards.base import RewardScorer, score_checked
 from synpref.rewards.pairwise import PairwiseJudge
-from synpref.stats import (PREFERENCE, agreement, cluster_bootstrap_interval, clustered_sign_test_p, cohen_kappa,
-                           length_controlled_win_rate)
+from synpref.stats import (
+    PREFERENCE,
+    agreement,
+    cluster_bootstrap_interval,
+    clustered_sign_test_p,
+    cohen_kappa,
+    length_controlled_win_rate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +45,14 @@ def judge_labels(judges: Sequence[Judge]) -> list[str]:
     return labels
 
 
-def judge_batch(judges: Sequence[Judge], labels: Sequence[str], prompts: Sequence[Sequence[dict]],
-                policy: Sequence[str], baseline: Sequence[str], tie_tolerance: float = 0.0) -> list[dict]:
+def judge_batch(
+    judges: Sequence[Judge],
+    labels: Sequence[str],
+    prompts: Sequence[Sequence[dict]],
+    policy: Sequence[str],
+    baseline: Sequence[str],
+    tie_tolerance: float = 0.0,
+) -> list[dict]:
     """Per prompt: {label: verdict} with, for a reward judge, both rewards and the outcome; for a
     pairwise judge, its record (outcome None when it gave no valid verdict). Reward judges score
     both models' replies in one call (a local model then encodes each prompt once)."""
@@ -52,8 +64,10 @@ def judge_batch(judges: Sequence[Judge], labels: Sequence[str], prompts: Sequenc
                 raise ValueError(f"judge {judge.name!r} returned {len(verdicts)} verdicts for {len(prompts)} prompts")
         else:
             rewards = score_checked(judge, list(prompts) + list(prompts), list(policy) + list(baseline))
-            verdicts = [{"policy_reward": p, "baseline_reward": b, "outcome": outcome(p, b, tie_tolerance)}
-                        for p, b in zip(rewards[: len(prompts)], rewards[len(prompts):])]
+            verdicts = [
+                {"policy_reward": p, "baseline_reward": b, "outcome": outcome(p, b, tie_tolerance)}
+                for p, b in zip(rewards[: len(prompts)], rewards[len(prompts) :])
+            ]
         for row, verdict in zip(out, verdicts):
             row[label] = verdict
     return out
@@ -66,11 +80,13 @@ def outcome_metrics(rows: Sequence[dict], tie_tolerance: float, length_match_rat
     taken over prompts (`clustered` = 1)."""
     metric = WinRate(tie_tolerance=tie_tolerance, length_match_ratio=length_match_ratio, sync_on_compute=False)
     if rows:
-        metric.update(*zip(*[(r["policy_reward"], r["baseline_reward"], r["policy_length"], r["baseline_length"])
-                             for r in rows]))
+        metric.update(
+            *zip(*[(r["policy_reward"], r["baseline_reward"], r["policy_length"], r["baseline_length"]) for r in rows])
+        )
     result = metric.compute()
     result["length_controlled_win_rate"] = length_controlled_win_rate(
-        [r["outcome"] for r in rows], [r["policy_length"] for r in rows], [r["baseline_length"] for r in rows])
+        [r["outcome"] for r in rows], [r["policy_length"] for r in rows], [r["baseline_length"] for r in rows]
+    )
     by_prompt: dict[int, list[str]] = {}
     for r in rows:
         by_prompt.setdefault(r["index"], []).append(r["outcome"])
@@ -78,8 +94,9 @@ def outcome_metrics(rows: Sequence[dict], tie_tolerance: float, length_match_rat
     if any(len(c) > 1 for c in by_prompt.values()):
         clusters = list(by_prompt.values())
         low, high = cluster_bootstrap_interval([[o == WIN for o in c] for c in clusters], seed=seed)
-        result.update(win_rate_ci_low=low, win_rate_ci_high=high, sign_test_p=clustered_sign_test_p(clusters),
-                      clustered=1.0)
+        result.update(
+            win_rate_ci_low=low, win_rate_ci_high=high, sign_test_p=clustered_sign_test_p(clusters), clustered=1.0
+        )
     return result
 
 
@@ -91,16 +108,31 @@ def _judge_rows(records: Sequence[dict], label: Optional[str]) -> list[dict]:
         v = r if label is None else r["judges"][label]
         if v.get("outcome") is None:
             continue
-        rewards = (v["policy_reward"], v["baseline_reward"]) if "policy_reward" in v else \
-            (PREFERENCE[v["outcome"]], 1 - PREFERENCE[v["outcome"]])
-        rows.append({"index": r["index"], "outcome": v["outcome"], "policy_reward": rewards[0],
-                     "baseline_reward": rewards[1], "policy_length": r["policy_length"],
-                     "baseline_length": r["baseline_length"]})
+        rewards = (
+            (v["policy_reward"], v["baseline_reward"])
+            if "policy_reward" in v
+            else (PREFERENCE[v["outcome"]], 1 - PREFERENCE[v["outcome"]])
+        )
+        rows.append(
+            {
+                "index": r["index"],
+                "outcome": v["outcome"],
+                "policy_reward": rewards[0],
+                "baseline_reward": rewards[1],
+                "policy_length": r["policy_length"],
+                "baseline_length": r["baseline_length"],
+            }
+        )
     return rows
 
 
-def judge_metrics(records: Sequence[dict], tie_tolerance: float, length_match_ratio: float,
-                  self_judged: Optional[dict] = None, seed: int = 0) -> dict[str, float]:
+def judge_metrics(
+    records: Sequence[dict],
+    tie_tolerance: float,
+    length_match_ratio: float,
+    self_judged: Optional[dict] = None,
+    seed: int = 0,
+) -> dict[str, float]:
     """Metrics computed from the merged records (all processes'): for the primary judge the
     length-controlled win rate (and, with several answers per prompt, the clustered interval and
     sign test) under its usual names; with several judges, every judge's metrics as
@@ -110,7 +142,8 @@ def judge_metrics(records: Sequence[dict], tie_tolerance: float, length_match_ra
     self_judged = self_judged or {}
     primary = outcome_metrics(_judge_rows(records, None), tie_tolerance, length_match_ratio, seed)
     keep = ["length_controlled_win_rate", "n_prompts"] + (
-        ["win_rate_ci_low", "win_rate_ci_high", "sign_test_p", "clustered"] if "clustered" in primary else [])
+        ["win_rate_ci_low", "win_rate_ci_high", "sign_test_p", "clustered"] if "clustered" in primary else []
+    )
     out = {k: primary[k] for k in keep}
     labels = list(records[0].get("judges", {})) if records else []
     if self_judged:  # its first entry is the primary judge's
@@ -121,13 +154,18 @@ def judge_metrics(records: Sequence[dict], tie_tolerance: float, length_match_ra
         verdicts = [r["judges"][label] for r in records]
         if any("position_bias" in v for v in verdicts):
             parsed = [v for v in verdicts if v.get("outcome") is not None]
-            out[f"eval/{label}/position_bias_rate"] = sum(v["position_bias"] for v in parsed) / len(parsed) if parsed else float("nan")
+            out[f"eval/{label}/position_bias_rate"] = (
+                sum(v["position_bias"] for v in parsed) / len(parsed) if parsed else float("nan")
+            )
             out[f"eval/{label}/unparseable"] = float(len(verdicts) - len(parsed))
         if label in self_judged:
             out[f"eval/{label}/self_judged"] = float(self_judged[label])
     for a, b in combinations(labels, 2):
-        both = [(r["judges"][a]["outcome"], r["judges"][b]["outcome"]) for r in records
-                if r["judges"][a].get("outcome") is not None and r["judges"][b].get("outcome") is not None]
+        both = [
+            (r["judges"][a]["outcome"], r["judges"][b]["outcome"])
+            for r in records
+            if r["judges"][a].get("outcome") is not None and r["judges"][b].get("outcome") is not None
+        ]
         x, y = [p[0] for p in both], [p[1] for p in both]
         out[f"eval/agreement/{a}/{b}"] = agreement(x, y)
         out[f"eval/kappa/{a}/{b}"] = cohen_kappa(x, y)
@@ -170,10 +208,25 @@ def self_judged(judges: Sequence[Judge], labels: Sequence[str], labelled_by: Seq
     result = {label: getattr(j, "name", None) in set(labelled_by) for j, label in zip(judges, labels)}
     for label, same in result.items():
         if same:
-            log.warning("judge %s is the scorer that labelled the policy's training pairs: its win rate is "
-                        "SELF-JUDGED (the policy was trained to please it); read an independent judge", label)
+            log.warning(
+                "judge %s is the scorer that labelled the policy's training pairs: its win rate is "
+                "SELF-JUDGED (the policy was trained to please it); read an independent judge",
+                label,
+            )
     return result
 
 
-__all__ = ["Judge", "judge_labels", "judge_batch", "judge_metrics", "outcome_metrics", "labellers",
-           "read_provenance", "write_provenance", "self_judged", "WIN", "TIE", "LOSS"]
+__all__ = [
+    "Judge",
+    "judge_labels",
+    "judge_batch",
+    "judge_metrics",
+    "outcome_metrics",
+    "labellers",
+    "read_provenance",
+    "write_provenance",
+    "self_judged",
+    "WIN",
+    "TIE",
+    "LOSS",
+]

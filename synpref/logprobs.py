@@ -31,8 +31,11 @@ def plain_head(model: torch.nn.Module) -> bool:
     """Whether logits are exactly `lm_head(hidden)`: no soft-capping or scaling (Gemma 2, Cohere)."""
     config = model.config
     head = model.get_output_embeddings()
-    return (isinstance(head, torch.nn.Linear) and not getattr(config, "final_logit_softcapping", None)
-            and not getattr(config, "logit_scale", None))
+    return (
+        isinstance(head, torch.nn.Linear)
+        and not getattr(config, "final_logit_softcapping", None)
+        and not getattr(config, "logit_scale", None)
+    )
 
 
 def _upcast(logits: torch.Tensor) -> torch.Tensor:
@@ -100,8 +103,9 @@ class ChunkedTokenLogps(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None
 
 
-def head_token_logps(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor,
-                     chunk_size: Optional[int]) -> torch.Tensor:
+def head_token_logps(
+    hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, chunk_size: Optional[int]
+) -> torch.Tensor:
     """log p(target) per row of `hidden` under the LM head; chunked unless `chunk_size` is None or 0."""
     device = hidden.device.type
     if torch.is_autocast_enabled(device):
@@ -109,8 +113,13 @@ def head_token_logps(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch
     else:
         compute_dtype = head.weight.dtype
     if not chunk_size:
-        logits = _upcast(F.linear(hidden.to(compute_dtype), head.weight.to(compute_dtype),
-                                  None if head.bias is None else head.bias.to(compute_dtype)))
+        logits = _upcast(
+            F.linear(
+                hidden.to(compute_dtype),
+                head.weight.to(compute_dtype),
+                None if head.bias is None else head.bias.to(compute_dtype),
+            )
+        )
         return -F.cross_entropy(logits, targets, reduction="none")
     return ChunkedTokenLogps.apply(hidden, head.weight, head.bias, targets, int(chunk_size), compute_dtype)
 

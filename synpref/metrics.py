@@ -65,9 +65,21 @@ class WinRate(Metric):
 
     full_state_update = False
     higher_is_better = True
-    _SUMS = ("wins", "ties", "losses", "matched", "matched_wins", "matched_ties",
-             "reward_policy", "reward_baseline", "reward_sq_policy", "reward_sq_baseline",
-             "length_policy", "length_baseline", "with_lengths")
+    _SUMS = (
+        "wins",
+        "ties",
+        "losses",
+        "matched",
+        "matched_wins",
+        "matched_ties",
+        "reward_policy",
+        "reward_baseline",
+        "reward_sq_policy",
+        "reward_sq_baseline",
+        "length_policy",
+        "length_baseline",
+        "with_lengths",
+    )
 
     def __init__(self, tie_tolerance: float = 0.0, length_match_ratio: float = 0.1, confidence: float = 0.95, **kwargs):
         super().__init__(**kwargs)
@@ -78,8 +90,13 @@ class WinRate(Metric):
             # float64: reward sums over many prompts keep their precision; counts stay exact.
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, policy_rewards: Sequence[float], baseline_rewards: Sequence[float],
-               policy_lengths: Optional[Sequence[int]] = None, baseline_lengths: Optional[Sequence[int]] = None) -> None:
+    def update(
+        self,
+        policy_rewards: Sequence[float],
+        baseline_rewards: Sequence[float],
+        policy_lengths: Optional[Sequence[int]] = None,
+        baseline_lengths: Optional[Sequence[int]] = None,
+    ) -> None:
         p = torch.as_tensor(policy_rewards, dtype=torch.float64, device=self.device).flatten()
         b = torch.as_tensor(baseline_rewards, dtype=torch.float64, device=self.device).flatten()
         if p.shape != b.shape:
@@ -112,7 +129,7 @@ class WinRate(Metric):
     def compute(self) -> dict[str, float]:
         wins, ties, losses = int(self.wins), int(self.ties), int(self.losses)
         n = wins + ties + losses
-        rate = (lambda k, m: k / m if m else math.nan)
+        rate = lambda k, m: k / m if m else math.nan
         low, high = wilson_interval(wins, n, self.confidence)
         matched, with_lengths = int(self.matched), int(self.with_lengths)
         out = {
@@ -164,14 +181,17 @@ def plot_win_rates(rows: Sequence[tuple[str, dict]], path, baseline: str = "SFT"
         ax.bar(xs, values, width, label=key.split("_")[0], color=colour)
         tops = values
         if key == "win_rate":
-            err = [[100 * (m[key] - m["win_rate_ci_low"]) for _, m in rows],
-                   [100 * (m["win_rate_ci_high"] - m[key]) for _, m in rows]]
+            err = [
+                [100 * (m[key] - m["win_rate_ci_low"]) for _, m in rows],
+                [100 * (m["win_rate_ci_high"] - m[key]) for _, m in rows],
+            ]
             ax.errorbar(xs, values, yerr=err, fmt="none", ecolor="black", capsize=4)
             tops = [v + e for v, e in zip(values, err[1])]
         # Labels sit above the error bar's cap, not on it.
         for x, v, top in zip(xs, values, tops):
-            ax.annotate(f"{v:.0f}%", (x, top), xytext=(0, 3), textcoords="offset points", ha="center",
-                        va="bottom", fontsize=8)
+            ax.annotate(
+                f"{v:.0f}%", (x, top), xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=8
+            )
     ax.axhline(50, color="black", linestyle=":", linewidth=1)
     ax.set_xticks(range(len(rows)), [f"{label}\n(N={int(m['n'])})" for label, m in rows])
     ax.set_ylim(0, 112)  # room for a label above a 100 % interval
@@ -195,8 +215,15 @@ def plot_average_rewards(rows: Sequence[tuple[str, dict]], path, baseline: str =
     # Labels beyond the error bar's end (below it for a negative mean), not on it.
     for x, mean, err in zip(range(len(labels)), means, errs):
         up = mean >= 0
-        ax.annotate(f"{mean:.3g}", (x, mean + err if up else mean - err), xytext=(0, 3 if up else -3),
-                    textcoords="offset points", ha="center", va="bottom" if up else "top", fontsize=8)
+        ax.annotate(
+            f"{mean:.3g}",
+            (x, mean + err if up else mean - err),
+            xytext=(0, 3 if up else -3),
+            textcoords="offset points",
+            ha="center",
+            va="bottom" if up else "top",
+            fontsize=8,
+        )
     ax.margins(y=0.15)  # room for the labels
     ax.axhline(0, color="black", linewidth=0.5)
     ax.set_xticks(range(len(labels)), labels)

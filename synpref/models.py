@@ -67,8 +67,10 @@ def creator_hint(name_or_path: str) -> str:
             continue
         if exported and Path(exported).as_posix().rstrip("/") == target:
             return f"it is the export of `synpref fit --config {config.as_posix()}`: run that stage first"
-    return ("give an HF model directory or hub id; synpref writes one with `synpref fit` (its export.dirpath) "
-            "or `synpref build-tiny --out DIR`")
+    return (
+        "give an HF model directory or hub id; synpref writes one with `synpref fit` (its export.dirpath) "
+        "or `synpref build-tiny --out DIR`"
+    )
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -87,7 +89,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     return tok
 
 
-def check_same_tokenizer(tokenizer: PreTrainedTokenizerBase, path: str, other: PreTrainedTokenizerBase, other_path: str) -> None:
+def check_same_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, path: str, other: PreTrainedTokenizerBase, other_path: str
+) -> None:
     """ConfigError naming both paths unless the two tokenizers map the same text to the same ids
     (same vocabulary, same special tokens): a policy and its reference score the same token ids."""
     problems = []
@@ -99,9 +103,11 @@ def check_same_tokenizer(tokenizer: PreTrainedTokenizerBase, path: str, other: P
     if specials != other_specials:
         problems.append(f"special tokens differ ({specials} vs {other_specials})")
     if problems:
-        raise ConfigError("model.init_args.ref_model_name_or_path",
-                          f"the tokenizers of {path} and {other_path} differ: {'; '.join(problems)}; "
-                          "the reference must share the policy's tokenizer (usually: the SFT export it starts from)")
+        raise ConfigError(
+            "model.init_args.ref_model_name_or_path",
+            f"the tokenizers of {path} and {other_path} differ: {'; '.join(problems)}; "
+            "the reference must share the policy's tokenizer (usually: the SFT export it starts from)",
+        )
 
 
 def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -152,8 +158,13 @@ def _corpus_from_jsonl(paths: Iterable[str | Path]) -> Iterable[str]:
     for path in paths:
         local = Path(resolve(path))
         if not local.is_file():
-            raise DataError(str(path), None, "path", f"corpus file does not exist (resolved: {local.resolve()}); "
-                            "give jsonl files with messages, e.g. synpref://sample/sft_messages.jsonl")
+            raise DataError(
+                str(path),
+                None,
+                "path",
+                f"corpus file does not exist (resolved: {local.resolve()}); "
+                "give jsonl files with messages, e.g. synpref://sample/sft_messages.jsonl",
+            )
         check_json_file(local)
         with open(local, encoding="utf-8") as f:
             for line in filter(str.strip, f):
@@ -167,8 +178,9 @@ def _corpus_from_jsonl(paths: Iterable[str | Path]) -> Iterable[str]:
                     yield row["prompt"]
 
 
-def train_chat_tokenizer(corpus: Iterable[str | Path], bpe_size: int, total_size: Optional[int] = None,
-                         max_length: int = 2048) -> PreTrainedTokenizerBase:
+def train_chat_tokenizer(
+    corpus: Iterable[str | Path], bpe_size: int, total_size: Optional[int] = None, max_length: int = 2048
+) -> PreTrainedTokenizerBase:
     """A byte-level BPE trained on local jsonl text (ChatML specials, template), `bpe_size` tokens.
 
     With `total_size`, the vocabulary is filled up to that many ids with filler words (" a", " b", ...,
@@ -182,8 +194,12 @@ def train_chat_tokenizer(corpus: Iterable[str | Path], bpe_size: int, total_size
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=bpe_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=bpe_size,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     bpe.train_from_iterator(_corpus_from_jsonl(corpus), trainer=trainer)
     if total_size is not None and total_size > bpe.get_vocab_size():
         spec = json.loads(bpe.to_str())
@@ -197,22 +213,29 @@ def train_chat_tokenizer(corpus: Iterable[str | Path], bpe_size: int, total_size
             vocab.setdefault("\u0120" + word, len(vocab))  # \u0120 = byte-level space
             k += 1
         bpe = Tokenizer.from_str(json.dumps(spec))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                  additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-                                  model_max_length=max_length)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        model_max_length=max_length,
+    )
     tok.chat_template = CHATML_TEMPLATE
     return tok
 
 
-def save_random_qwen2(out: Path, tok: PreTrainedTokenizerBase, seed: int = 0, dtype: str = "float32",
-                      **config) -> Path:
+def save_random_qwen2(out: Path, tok: PreTrainedTokenizerBase, seed: int = 0, dtype: str = "float32", **config) -> Path:
     """A randomly initialised Qwen2ForCausalLM with `config` (and the tokenizer) saved as an HF directory."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    config = Qwen2Config(**{"tie_word_embeddings": True, **config}, bos_token_id=None, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
+    config = Qwen2Config(
+        **{"tie_word_embeddings": True, **config},
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     model = Qwen2ForCausalLM(config).to(resolve_dtype(dtype))
     model.generation_config.eos_token_id = end_of_turn_ids(tok)
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -249,10 +272,18 @@ def build_tiny_model(
         log.info("tiny model already at %s", out)
         return out
     tok = train_chat_tokenizer(corpus, vocab_size, max_length=max_position_embeddings)
-    return save_random_qwen2(out, tok, seed, vocab_size=len(tok), hidden_size=hidden_size,
-                             intermediate_size=intermediate_size, num_hidden_layers=num_layers,
-                             num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-                             max_position_embeddings=max_position_embeddings)
+    return save_random_qwen2(
+        out,
+        tok,
+        seed,
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+    )
 
 
 QWEN_VOCAB = 151_936
@@ -261,23 +292,55 @@ _QWEN = {"vocab_size": QWEN_VOCAB, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "max
 # step costs at this size; their tokenizer is the tiny BPE filled up to that many ids.
 PRESETS: dict[str, dict] = {
     "tiny": {},  # build_tiny_model's own defaults: 2,048-token vocabulary, 230k parameters
-    "qwen-vocab-small": {**_QWEN, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
-                         "num_attention_heads": 4, "num_key_value_heads": 2},  # 43M, 39M of them the embedding
-    "qwen-vocab-100m": {**_QWEN, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 6,
-                        "num_attention_heads": 8, "num_key_value_heads": 2},  # 100M
-    "qwen2.5-0.5b": {**_QWEN, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-                     "num_attention_heads": 14, "num_key_value_heads": 2},  # 494M, Qwen2.5-0.5B's config
+    "qwen-vocab-small": {
+        **_QWEN,
+        "hidden_size": 256,
+        "intermediate_size": 1024,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },  # 43M, 39M of them the embedding
+    "qwen-vocab-100m": {
+        **_QWEN,
+        "hidden_size": 512,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+    },  # 100M
+    "qwen2.5-0.5b": {
+        **_QWEN,
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+    },  # 494M, Qwen2.5-0.5B's config
     # The next two serve `synpref estimate` (building them writes 6 and 30 GB of random weights).
-    "qwen2.5-1.5b": {**_QWEN, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
-                     "num_attention_heads": 12, "num_key_value_heads": 2},  # 1.54B
-    "qwen2.5-7b": {**_QWEN, "vocab_size": 152_064, "hidden_size": 3584, "intermediate_size": 18944,
-                   "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
-                   "tie_word_embeddings": False},  # 7.62B
+    "qwen2.5-1.5b": {
+        **_QWEN,
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+    },  # 1.54B
+    "qwen2.5-7b": {
+        **_QWEN,
+        "vocab_size": 152_064,
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "tie_word_embeddings": False,
+    },  # 7.62B
 }
 
 
-def build_preset_model(preset: str, out_dir: str | Path, corpus: Iterable[str | Path] = (), seed: int = 0,
-                       dtype: str = "float32") -> Path:
+def build_preset_model(
+    preset: str, out_dir: str | Path, corpus: Iterable[str | Path] = (), seed: int = 0, dtype: str = "float32"
+) -> Path:
     """A randomly initialised model with a preset's config (see PRESETS) at `out_dir` (kept if present)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")

@@ -10,10 +10,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
 
+from synpref.errors import SynprefError
+
 log = logging.getLogger(__name__)
 
 
-class OutputError(ValueError):
+class OutputError(SynprefError, ValueError):
     """An output path that cannot be used; the message names the path and what to do about it."""
 
 
@@ -36,8 +38,10 @@ def check_writable(folder: str | Path) -> Path:
             os.fsync(f.fileno())
         probe.unlink()
     except OSError as e:
-        raise OutputError(f"{folder}: cannot write there ({e.strerror or e}); "
-                          f"fix its permissions or free space, or choose another path") from None
+        raise OutputError(
+            f"{folder}: cannot write there ({e.strerror or e}); "
+            f"fix its permissions or free space, or choose another path"
+        ) from None
     return folder
 
 
@@ -128,8 +132,10 @@ class OutputLock:
             except FileExistsError:
                 holder = self._holder()
                 if holder is not None and holder != me and (holder[1] != me[1] or _alive(holder[0])):
-                    raise OutputError(f"{self.path.parent} is in use by process {holder[0]} on {holder[1]} "
-                                      f"(lock file {self.path}); wait for it to end, or use another output_dir") from None
+                    raise OutputError(
+                        f"{self.path.parent} is in use by process {holder[0]} on {holder[1]} "
+                        f"(lock file {self.path}); wait for it to end, or use another output_dir"
+                    ) from None
                 log.warning("%s: taking over the lock of process %s, which is no longer running", self.path, holder)
                 self.path.unlink(missing_ok=True)
                 continue

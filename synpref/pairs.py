@@ -25,7 +25,9 @@ class Pair:
         return self.score_chosen - self.score_rejected
 
 
-def select_pair(texts: Sequence[str], scores: Sequence[float], threshold: float = 0.0) -> tuple[Optional[Pair], Optional[str], float]:
+def select_pair(
+    texts: Sequence[str], scores: Sequence[float], threshold: float = 0.0
+) -> tuple[Optional[Pair], Optional[str], float]:
     """(pair, None, gap) when the best-vs-worst gap is ≥ `threshold`, else (None, reason, gap).
 
     Ties (all scores equal, gap 0) are always dropped, whatever the threshold: a pair with no

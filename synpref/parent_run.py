@@ -22,14 +22,23 @@ def _reward_name(config: dict) -> Optional[str]:
     cls = config.get("model.init_args.reward.class_path")
     if not cls:
         return None
-    arg = next((config[f"model.init_args.reward.init_args.{k}"] for k in ("model", "model_name_or_path", "fn")
-                if config.get(f"model.init_args.reward.init_args.{k}")), None)
+    arg = next(
+        (
+            config[f"model.init_args.reward.init_args.{k}"]
+            for k in ("model", "model_name_or_path", "fn")
+            if config.get(f"model.init_args.reward.init_args.{k}")
+        ),
+        None,
+    )
     return cls.rsplit(".", 1)[-1] + (f"({arg})" if arg else "")
 
 
 def _config_paths(argv: list[str]) -> list[str]:
-    return [a.split("=", 1)[1] if a.startswith("--config=") else a for i, a in enumerate(argv)
-            if a.startswith("--config=") or (i and argv[i - 1] == "--config")]
+    return [
+        a.split("=", 1)[1] if a.startswith("--config=") else a
+        for i, a in enumerate(argv)
+        if a.startswith("--config=") or (i and argv[i - 1] == "--config")
+    ]
 
 
 def pipeline_params(configs: list[dict]) -> dict[str, str]:
@@ -70,8 +79,12 @@ def parent_run(client, experiment: str, state_dir: Path, run_name: str, params: 
     client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
     if old is not None:
         latest = {}
-        for run in client.search_runs([old.info.experiment_id], f"tags.mlflow.parentRunId = '{old.info.run_id}'",
-                                      order_by=["attributes.start_time ASC"], max_results=5000):
+        for run in client.search_runs(
+            [old.info.experiment_id],
+            f"tags.mlflow.parentRunId = '{old.info.run_id}'",
+            order_by=["attributes.start_time ASC"],
+            max_results=5000,
+        ):
             latest[run.data.tags.get(STAGE_TAG)] = run.info.run_id
         for name in kept:
             if name in latest:
@@ -85,8 +98,11 @@ def verdict(rows: list[dict]) -> str:
     arms = [Path(r["model"]).name for r in rows]
     common = os.path.commonprefix(arms) if len(arms) > 1 else ""
     common = common[: common.rfind("_") + 1]  # drop a shared whole-word prefix such as `dpo_`
-    parts = [f"{arm[len(common):]} {100 * r['win_rate']:.0f}% [{100 * r['win_rate_ci_low']:.0f}, "
-             f"{100 * r['win_rate_ci_high']:.0f}]" for arm, r in sorted(zip(arms, rows), key=lambda x: -x[1]["win_rate"])]
+    parts = [
+        f"{arm[len(common) :]} {100 * r['win_rate']:.0f}% [{100 * r['win_rate_ci_low']:.0f}, "
+        f"{100 * r['win_rate_ci_high']:.0f}]"
+        for arm, r in sorted(zip(arms, rows), key=lambda x: -x[1]["win_rate"])
+    ]
     baselines = " / ".join(dict.fromkeys(Path(r["baseline"]).name or "baseline" for r in rows))
     return " vs ".join(parts) + f" vs {baselines}, N = " + " / ".join(dict.fromkeys(str(r["n"]) for r in rows))
 
@@ -96,10 +112,17 @@ def log_headline(client, parent: str, rows: list[dict]) -> str:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    metrics = [Metric(f"{name}/{Path(r['model']).name}", r[key], now, 0) for r in rows
-               for name, key in (("win_rate", "win_rate"), ("win_rate_ci_low", "win_rate_ci_low"),
-                                 ("win_rate_ci_high", "win_rate_ci_high"), ("avg_reward", "avg_reward_policy"))
-               if r.get(key) is not None]
+    metrics = [
+        Metric(f"{name}/{Path(r['model']).name}", r[key], now, 0)
+        for r in rows
+        for name, key in (
+            ("win_rate", "win_rate"),
+            ("win_rate_ci_low", "win_rate_ci_low"),
+            ("win_rate_ci_high", "win_rate_ci_high"),
+            ("avg_reward", "avg_reward_policy"),
+        )
+        if r.get(key) is not None
+    ]
     client.log_batch(parent, metrics=metrics)
     line = verdict(rows)
     client.set_tag(parent, "mlflow.note.content", line)
@@ -110,8 +133,7 @@ def end_parent(client, parent: str, status: str, note: str, stage: str) -> None:
     """End the parent FAILED or KILLED, naming the stage; that stage's own run, if the stage died
     before closing it, gets the same status instead of staying "Running"."""
     exp_id = client.get_run(parent).info.experiment_id
-    query = (f"tags.mlflow.parentRunId = '{parent}' and tags.`{STAGE_TAG}` = '{stage}' "
-             "and attributes.status = 'RUNNING'")
+    query = f"tags.mlflow.parentRunId = '{parent}' and tags.`{STAGE_TAG}` = '{stage}' and attributes.status = 'RUNNING'"
     for run in client.search_runs([exp_id], query):
         client.set_terminated(run.info.run_id, status=status)
     client.set_tag(parent, "synpref.failed_stage", stage)

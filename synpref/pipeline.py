@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from synpref.cli import INVOCATION, register, tracking_uri as default_tracking_uri
-from synpref.services import Service, for_stages
+from synpref.cli import INVOCATION, register
+from synpref.cli import tracking_uri as default_tracking_uri
 from synpref.parent_run import STAGE_TAG, end_parent, log_headline, parent_run, pipeline_params
-from synpref.stages import (ContentHashes, Stage, fingerprint, input_paths, is_done, marker_path, plan,
-                            stage_argv)
+from synpref.services import Service, for_stages
+from synpref.stages import ContentHashes, Stage, fingerprint, input_paths, is_done, marker_path, plan, stage_argv
 
 __all__ = ["Stage", "is_done", "reproduce"]
 
@@ -75,13 +75,16 @@ def run_process(cmd: list[str], log_path: Path, env: dict) -> int:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "wb") as log_file:
             # Own session: a terminal's Ctrl-C reaches only us, so the stage gets it exactly once.
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True
+            )
             if received:
                 _signal_group(proc.pid, received[0])
             lock = threading.Lock()
-            pumps = [threading.Thread(target=_pump, args=(src, sink, log_file, lock), daemon=True)
-                     for src, sink in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
+            pumps = [
+                threading.Thread(target=_pump, args=(src, sink, log_file, lock), daemon=True)
+                for src, sink in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))
+            ]
             for t in pumps:
                 t.start()
             # Wait without reaping, so the group id stays ours while we clear what the stage left in it.
@@ -102,7 +105,7 @@ def run_process(cmd: list[str], log_path: Path, env: dict) -> int:
 
 def log_tail(path: Path, lines: int = 20) -> list[str]:
     """The last lines of a stage log, a progress bar's `\\r` updates reduced to their final state."""
-    text = path.read_bytes()[-(1 << 16):].decode("utf-8", "replace")
+    text = path.read_bytes()[-(1 << 16) :].decode("utf-8", "replace")
     shown = [line.rstrip("\r").rsplit("\r", 1)[-1].rstrip() for line in text.split("\n")]
     return [line for line in shown if line.strip()][-lines:]
 
@@ -110,11 +113,16 @@ def log_tail(path: Path, lines: int = 20) -> list[str]:
 def run_stage(stage: Stage, state: Path, client, parent: str, experiment: str, uri: str) -> float:
     """Run one stage as `python -m synpref ...`, a child of the parent run; seconds taken. A failure
     or a signal ends the parent run and exits with a message (no traceback)."""
-    cmd = [sys.executable, "-m", "synpref", *stage_argv(stage),
-           f"--trainer.logger.init_args.experiment_name={experiment}",
-           f"--trainer.logger.init_args.tracking_uri={uri}",
-           f"--trainer.logger.init_args.run_name={stage.name}",
-           "--trainer.logger.init_args.tags=" + json.dumps({"mlflow.parentRunId": parent, STAGE_TAG: stage.name})]
+    cmd = [
+        sys.executable,
+        "-m",
+        "synpref",
+        *stage_argv(stage),
+        f"--trainer.logger.init_args.experiment_name={experiment}",
+        f"--trainer.logger.init_args.tracking_uri={uri}",
+        f"--trainer.logger.init_args.run_name={stage.run_name or stage.name}",
+        "--trainer.logger.init_args.tags=" + json.dumps({"mlflow.parentRunId": parent, STAGE_TAG: stage.name}),
+    ]
     log_path = state / "logs" / f"{stage.name}.log"
     start = time.perf_counter()
     try:
@@ -122,18 +130,23 @@ def run_stage(stage: Stage, state: Path, client, parent: str, experiment: str, u
     except Interrupted as e:
         name, code = e.args
         end_parent(client, parent, "KILLED", f"interrupted by {name} in stage {stage.name!r}", stage.name)
-        print(f"synpref: interrupted by {name}: stage {stage.name!r} stopped (exit {code}) and is not marked "
-              f"done; run the same command again to redo it", file=sys.stderr)
-        raise SystemExit(128 + signal.Signals[name].value)
+        print(
+            f"synpref: interrupted by {name}: stage {stage.name!r} stopped (exit {code}) and is not marked "
+            f"done; run the same command again to redo it",
+            file=sys.stderr,
+        )
+        raise SystemExit(128 + signal.Signals[name].value) from None
     if code != 0:
         client.log_artifact(parent, str(log_path), "logs")
         end_parent(client, parent, "FAILED", f"stage {stage.name!r} failed (exit {code})", stage.name)
         tail = "\n".join("  " + line for line in log_tail(log_path))
         resume = shlex.join(["synpref", *INVOCATION]) if INVOCATION[:1] == ["reproduce"] else "synpref reproduce ..."
-        raise SystemExit(f"synpref: error: stage {stage.name!r} failed (exit {code})\n"
-                         f"last lines of {log_path}:\n{tail}\n"
-                         f"rerun it alone:  {shlex.join(['synpref', *stage_argv(stage)])}\n"
-                         f"or resume the pipeline (up-to-date stages are skipped):  {resume}")
+        raise SystemExit(
+            f"synpref: error: stage {stage.name!r} failed (exit {code})\n"
+            f"last lines of {log_path}:\n{tail}\n"
+            f"rerun it alone:  {shlex.join(['synpref', *stage_argv(stage)])}\n"
+            f"or resume the pipeline (up-to-date stages are skipped):  {resume}"
+        )
     return time.perf_counter() - start
 
 
@@ -183,7 +196,7 @@ def reproduce(
     try:
         steps = plan(stages, state, force, hashes)
     except ValueError as e:
-        raise SystemExit(f"synpref: error: {e}")
+        raise SystemExit(f"synpref: error: {e}") from None
     total = len(steps)
     if dry_run:
         for i, (stage, why, _) in enumerate(steps, 1):
@@ -208,8 +221,12 @@ def reproduce(
             record = fingerprint(current["config"], {p: hashes.digest(p) for p in input_paths(stage, by_name)})
             hashes.save()
             seconds = run_stage(stage, state, client, parent, experiment, uri)
-            record.update(stage=stage.name, command=shlex.join(["synpref", *stage_argv(stage)]),
-                          seconds=round(seconds, 1), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            record.update(
+                stage=stage.name,
+                command=shlex.join(["synpref", *stage_argv(stage)]),
+                seconds=round(seconds, 1),
+                finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            )
             tmp = marker_path(state, stage).with_suffix(".tmp")
             tmp.write_text(json.dumps(record, indent=1, default=str))
             tmp.replace(marker_path(state, stage))
@@ -219,11 +236,22 @@ def reproduce(
     table = None
     if rows:
         # compare() logs the table (win_rates.md), the CSV and the figures to the parent run.
-        table = compare(experiment, tracking_uri=uri, csv=comparison_csv or str(state / "comparison.csv"),
-                        parent_run_id=parent, figures_dir=str(state))
+        table = compare(
+            experiment,
+            tracking_uri=uri,
+            csv=comparison_csv or str(state / "comparison.csv"),
+            parent_run_id=parent,
+            figures_dir=str(state),
+        )
         print("verdict: " + log_headline(client, parent, rows))
-    figures = sorted({str(png) for s in stages for out in s.outputs
-                      for png in (Path(out) if Path(out).is_dir() else Path(out).parent).glob("*.png")})
+    figures = sorted(
+        {
+            str(png)
+            for s in stages
+            for out in s.outputs
+            for png in (Path(out) if Path(out).is_dir() else Path(out).parent).glob("*.png")
+        }
+    )
     figures += sorted(str(p) for p in state.glob("*.png"))
     print("figures:\n" + "\n".join(f"  {p}" for p in figures))
     if not rows:

@@ -68,17 +68,24 @@ def judges_table(rows: list[dict]) -> str:
         for label in labels:
             m = r.get("judges", {}).get(label, {})
             mark = f" {SELF_JUDGED}" if m.get("self_judged") else ""
-            cells.append(f"{_pct(m.get('win_rate'))} [{_pct(m.get('win_rate_ci_low'))}, {_pct(m.get('win_rate_ci_high'))}]{mark}"
-                         if m else "–")
+            cells.append(
+                f"{_pct(m.get('win_rate'))} [{_pct(m.get('win_rate_ci_low'))}, {_pct(m.get('win_rate_ci_high'))}]{mark}"
+                if m
+                else "–"
+            )
             cells.append(_pct(m.get("length_controlled_win_rate")))
         for p in pairs:
             a = r.get("agreement", {}).get(p, {})
             kappa = a.get("kappa")
             cells.append(f"{_pct(a.get('agreement'))} ({'–' if kappa is None else f'{kappa:.2f}'})")
         lines.append("| " + " | ".join(cells) + " |")
-    notes = [f"{r['model']}: {label} position bias {_pct(m['position_bias_rate'])} of prompts, "
-             f"{int(m.get('unparseable', 0))} without a valid verdict"
-             for r in rows for label, m in r.get("judges", {}).items() if "position_bias_rate" in m]
+    notes = [
+        f"{r['model']}: {label} position bias {_pct(m['position_bias_rate'])} of prompts, "
+        f"{int(m.get('unparseable', 0))} without a valid verdict"
+        for r in rows
+        for label, m in r.get("judges", {}).items()
+        if "position_bias_rate" in m
+    ]
     return "\n".join(lines + [""] + notes if notes else lines)
 
 
@@ -90,8 +97,10 @@ def self_judged_warnings(rows: list[dict]) -> list[str]:
         if not judged and r.get("self_judged"):
             judged = [r.get("reward_model") or "its judge"]
         for label in judged:
-            out.append(f"WARNING: {r['model']} is {SELF_JUDGED} by {label}, the scorer that labelled its training "
-                       f"pairs (it was trained to please this judge): trust an independent judge's win rate.")
+            out.append(
+                f"WARNING: {r['model']} is {SELF_JUDGED} by {label}, the scorer that labelled its training "
+                f"pairs (it was trained to please this judge): trust an independent judge's win rate."
+            )
     for line in out:
         log.warning(line)
     return out
@@ -103,11 +112,14 @@ def power_lines(rows: list[dict], alpha: float = 0.05, power: float = 0.8) -> li
     arms = [(Path(r["model"]).name or r["model"], r["win_rate"]) for r in rows if r.get("win_rate") is not None]
     if not arms:
         return []
-    fmt = (lambda n: "∞" if math.isinf(n) else f"{int(n):,}")
+    fmt = lambda n: "∞" if math.isinf(n) else f"{int(n):,}"
     lines = [f"Power ({100 * power:.0f}%, two-sided α = {alpha:g}; n = [z₁₋α/₂·σ₀ + z_power·σ₁]² / Δ²): prompts needed"]
     for name, p in arms:
-        others = "; ".join(f"from {o} ({_pct(q)}): {fmt(prompts_for_power(p, q, alpha, power))} per arm"
-                           for o, q in arms if o != name)
-        lines.append(f"- {name} ({_pct(p)}) from 50%: {fmt(prompts_for_power(p, None, alpha, power))}"
-                     + (f"; {others}" if others else ""))
+        others = "; ".join(
+            f"from {o} ({_pct(q)}): {fmt(prompts_for_power(p, q, alpha, power))} per arm" for o, q in arms if o != name
+        )
+        lines.append(
+            f"- {name} ({_pct(p)}) from 50%: {fmt(prompts_for_power(p, None, alpha, power))}"
+            + (f"; {others}" if others else "")
+        )
     return lines

@@ -14,7 +14,7 @@ def resolve(path: str | Path) -> str:
     path = str(path)
     if not path.startswith(SCHEME):
         return path
-    return str(Path(str(files("synpref"))) / path[len(SCHEME):])
+    return str(Path(str(files("synpref"))) / path[len(SCHEME) :])
 
 
 def sample(name: str) -> str:

@@ -72,15 +72,23 @@ def _die_with_parent() -> None:
 def running(service: Service, log_path: Union[str, Path]) -> Iterator[subprocess.Popen]:
     """Start `service`, wait until its health URL answers 200, yield the process; stop it on exit, whatever the exit."""
     if _healthy(service.health_url):
-        raise RuntimeError(f"service {service.name!r}: {service.health_url} already answers before it was started; "
-                           f"stop whatever listens there or give the service another port")
+        raise RuntimeError(
+            f"service {service.name!r}: {service.health_url} already answers before it was started; "
+            f"stop whatever listens there or give the service another port"
+        )
     argv = _argv(service.command)
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
         log.info("service %s: starting %s (log %s)", service.name, shlex.join(argv), log_path)
         # Its own session: a Ctrl-C in the terminal reaches us, and we stop it in order.
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, preexec_fn=_die_with_parent if os.name == "posix" else None)
+        proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if os.name == "posix" else None,
+        )
     try:
         _wait_healthy(service, proc, log_path)
         yield proc
@@ -93,11 +101,15 @@ def _wait_healthy(service: Service, proc: subprocess.Popen, log_path) -> None:
     while not _healthy(service.health_url):
         if proc.poll() is not None:
             tail = Path(log_path).read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"service {service.name!r} exited with code {proc.returncode} before "
-                               f"{service.health_url} answered; end of {log_path}:\n{tail}")
+            raise RuntimeError(
+                f"service {service.name!r} exited with code {proc.returncode} before "
+                f"{service.health_url} answered; end of {log_path}:\n{tail}"
+            )
         if time.monotonic() - start > service.startup_timeout:
-            raise RuntimeError(f"service {service.name!r}: {service.health_url} did not answer 200 within "
-                               f"{service.startup_timeout:g} s (log: {log_path})")
+            raise RuntimeError(
+                f"service {service.name!r}: {service.health_url} did not answer 200 within "
+                f"{service.startup_timeout:g} s (log: {log_path})"
+            )
         time.sleep(0.5)
     log.info("service %s: healthy after %.1f s", service.name, time.monotonic() - start)
 
@@ -147,7 +159,9 @@ class Services:
 
 
 @contextlib.contextmanager
-def for_stages(services: Sequence[Service], stage_names: Sequence[str], state_dir: Union[str, Path]) -> Iterator[Services]:
+def for_stages(
+    services: Sequence[Service], stage_names: Sequence[str], state_dir: Union[str, Path]
+) -> Iterator[Services]:
     """The pipeline's `Services`; every service still running is stopped on exit, including on an
     exception, Ctrl-C, or SIGTERM (turned into SystemExit(143) while this is active, unless a
     handler is already installed)."""

@@ -22,7 +22,7 @@ class Stage:
     """One `synpref <command> --config ...` run.
 
     Args:
-        name: stage name; also its MLflow run name.
+        name: stage name (markers, logs, `--force`, `needs`).
         command: the LightningCLI subcommand.
         config: config files, composed in order.
         args: extra command-line overrides (`--trainer.max_steps=10`).
@@ -32,6 +32,7 @@ class Stage:
             its fingerprint.
         outputs: files or folders the stage writes (e.g. the export folder); they must exist for the
             stage to count as done, and they are what a stage that `needs` it reads.
+        run_name: its MLflow run name, distinguishing part first (`synthetic·eval`); default `name`.
     """
 
     name: str
@@ -41,6 +42,7 @@ class Stage:
     needs: list[str] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
+    run_name: Optional[str] = None
 
 
 def check_graph(stages: list[Stage]) -> None:
@@ -94,7 +96,7 @@ def resolve_config(stage: Stage) -> dict:
     except _Resolved as done:
         flat = flatten(yaml.safe_load(done.args[0]))
     except SystemExit as e:  # jsonargparse has printed why
-        raise SystemExit(f"synpref: error: stage {stage.name!r}: its config does not parse (exit {e.code})")
+        raise SystemExit(f"synpref: error: stage {stage.name!r}: its config does not parse (exit {e.code})") from None
     return {k: v for k, v in flat.items() if not any(k == p or k.startswith(p + ".") for p in NOT_FINGERPRINTED)}
 
 
@@ -199,7 +201,9 @@ def why_stale(stage: Stage, marker: Optional[dict], current: dict, state_dir: Pa
     return None
 
 
-def plan(stages: list[Stage], state_dir: Path, force: list[str], hashes: ContentHashes) -> list[tuple[Stage, Optional[str], dict]]:
+def plan(
+    stages: list[Stage], state_dir: Path, force: list[str], hashes: ContentHashes
+) -> list[tuple[Stage, Optional[str], dict]]:
     """For each stage: (stage, why it runs or None if up to date, its current fingerprint).
 
     A stage runs when forced, when it has no marker, when its fingerprint differs from its

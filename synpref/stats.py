@@ -18,8 +18,9 @@ def _sigmoid(z):
     return 1.0 / (1.0 + np.exp(-z))
 
 
-def length_controlled_win_rate(outcomes: Sequence[str], policy_lengths: Sequence[float],
-                               baseline_lengths: Sequence[float], ridge: float = 1e-3) -> float:
+def length_controlled_win_rate(
+    outcomes: Sequence[str], policy_lengths: Sequence[float], baseline_lengths: Sequence[float], ridge: float = 1e-3
+) -> float:
     """AlpacaEval 2's length-controlled win rate for one policy against one baseline.
 
     Fit P(policy preferred) = σ(θ + φ·x) with x = tanh(Δ / sd(Δ)), Δ = policy length − baseline
@@ -66,8 +67,9 @@ def cohen_kappa(a: Sequence[str], b: Sequence[str]) -> float:
     return (p_o - p_e) / (1 - p_e) if p_e < 1 else math.nan
 
 
-def cluster_bootstrap_interval(clusters: Sequence[Sequence[float]], confidence: float = 0.95,
-                               n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+def cluster_bootstrap_interval(
+    clusters: Sequence[Sequence[float]], confidence: float = 0.95, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float]:
     """Percentile interval of the pooled mean (e.g. the win rate) when values come in clusters
     (the n answers to one prompt), resampling whole clusters: answers to the same prompt are
     correlated, so treating them as independent would make the interval too narrow. Fixed seed."""

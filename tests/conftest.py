@@ -97,8 +97,19 @@ RUN_PARAMS = {
     "sft": {"policy_name", "lr", "batch_size", "seed"},
     "dpo": {"policy_name", "lr", "batch_size", "seed", "pairs", "beta", "loss_type", "labelled_by"},
     "sample": {"policy_name", "reward", "num_samples", "threshold", "seed", "n_prompts"} | DECODING,
-    "eval": {"policy_name", "policy_path", "baseline_name", "baseline_path", "reward", "seed", "n_prompts",
-             "do_sample", "samples_per_prompt", "policy_labelled_by"} | DECODING,
+    "eval": {
+        "policy_name",
+        "policy_path",
+        "baseline_name",
+        "baseline_path",
+        "reward",
+        "seed",
+        "n_prompts",
+        "do_sample",
+        "samples_per_prompt",
+        "policy_labelled_by",
+    }
+    | DECODING,
 }
 # DPO with WinRateCallback(every_n_steps=...): its settings, once.
 TRAINING_EVAL_PARAMS = {"eval/baseline_name", "eval/reward", "eval/seed", "eval/every_n_steps", "eval/n_prompts"}

@@ -88,8 +88,10 @@ def test_truncated_away_conversations_are_dropped_and_counted(tok, rows, tmp_pat
     rows = rows[:60]
     # Independent count: a conversation loses every assistant token when its prompt (the user
     # turn plus the assistant header) already fills max_length.
-    prompt_lens = [len(tok.apply_chat_template(r["messages"][:1], add_generation_prompt=True, tokenize=True,
-                                               return_dict=False)) for r in rows]
+    prompt_lens = [
+        len(tok.apply_chat_template(r["messages"][:1], add_generation_prompt=True, tokenize=True, return_dict=False))
+        for r in rows
+    ]
     max_length = sorted(prompt_lens)[len(rows) // 2]
     expected_dropped = sum(n >= max_length for n in prompt_lens)
     assert 0 < expected_dropped < len(rows)

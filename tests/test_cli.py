@@ -13,8 +13,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from synpref.cli import main
 from tests.conftest import assert_run_params, read_jsonl
 
-FAST = ["--trainer.max_epochs=1", "--data.init_args.max_rows=64", "--trainer.log_every_n_steps=1",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+FAST = [
+    "--trainer.max_epochs=1",
+    "--data.init_args.max_rows=64",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
 
 
 def print_config(capsys, *args) -> dict:
@@ -58,8 +63,9 @@ def test_fit_logs_to_mlflow_and_exports(in_tmp, sample_dir, tiny_model):
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     assert not torch.equal(model.model.norm.weight, base.model.norm.weight), "weights were not trained"
     prompt = read_jsonl(sample_dir / "test_prefs.jsonl")[0]["prompt"]
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > ids["input_ids"].shape[1]
     assert tok.convert_tokens_to_ids("<|im_end|>") in model.generation_config.eos_token_id
@@ -76,10 +82,18 @@ def test_print_config_does_not_run(in_tmp, capsys):
 
 def test_configs_compose_and_dotted_overrides_win(in_tmp, capsys, tmp_path):
     extra = tmp_path / "extra.yaml"
-    extra.write_text("model:\n  init_args:\n    lr: 1.0e-2\ntrainer:\n  max_steps: 7\n"
-                     "data:\n  init_args:\n    batch_size: 5\n")
-    config = print_config(capsys, "--config", "configs/tiny/sft.yaml", "--config", str(extra),
-                          "--data.init_args.batch_size=3", "--model.init_args.scheduler=linear")
+    extra.write_text(
+        "model:\n  init_args:\n    lr: 1.0e-2\ntrainer:\n  max_steps: 7\ndata:\n  init_args:\n    batch_size: 5\n"
+    )
+    config = print_config(
+        capsys,
+        "--config",
+        "configs/tiny/sft.yaml",
+        "--config",
+        str(extra),
+        "--data.init_args.batch_size=3",
+        "--model.init_args.scheduler=linear",
+    )
     model, data = config["model"]["init_args"], config["data"]["init_args"]
     assert model["lr"] == 1.0e-2 and config["trainer"]["max_steps"] == 7  # second file
     assert data["batch_size"] == 3 and model["scheduler"] == "linear"  # command line, after both files

@@ -12,8 +12,13 @@ from synpref.compare import compare
 def log_eval_run(client, exp_id, policy, metrics, parent=None, name="eval"):
     tags = {"mlflow.parentRunId": parent} if parent else {}
     run = client.create_run(exp_id, run_name=name, tags=tags)
-    params = {"policy_name": policy.rsplit("/", 1)[-1], "policy_path": policy, "baseline_name": "sft",
-              "reward": "nemotron", "seed": 0}
+    params = {
+        "policy_name": policy.rsplit("/", 1)[-1],
+        "policy_path": policy,
+        "baseline_name": "sft",
+        "reward": "nemotron",
+        "seed": 0,
+    }
     for k, v in params.items():
         client.log_param(run.info.run_id, k, v)
     for k, v in metrics.items():
@@ -23,9 +28,18 @@ def log_eval_run(client, exp_id, policy, metrics, parent=None, name="eval"):
 
 
 def metrics(win, tie, low, high, reward, base, p, n=100):
-    return {"win_rate": win, "tie_rate": tie, "loss_rate": 1 - win - tie, "win_rate_ci_low": low,
-            "win_rate_ci_high": high, "avg_reward_policy": reward, "avg_reward_baseline": base,
-            "sign_test_p": p, "n": n, "length_matched_win_rate": 0.5}
+    return {
+        "win_rate": win,
+        "tie_rate": tie,
+        "loss_rate": 1 - win - tie,
+        "win_rate_ci_low": low,
+        "win_rate_ci_high": high,
+        "avg_reward_policy": reward,
+        "avg_reward_baseline": base,
+        "sign_test_p": p,
+        "n": n,
+        "length_matched_win_rate": 0.5,
+    }
 
 
 def test_table_from_two_runs(tmp_path, capsys):
@@ -34,8 +48,12 @@ def test_table_from_two_runs(tmp_path, capsys):
     exp = client.create_experiment("paper")
     parent = client.create_run(exp, run_name="pipeline").info.run_id
     log_eval_run(client, exp, "artifacts/dpo_synthetic", metrics(0.5, 0, 0.4, 0.6, -1.0, -2.0, 1.0), name="old")
-    log_eval_run(client, exp, "artifacts/dpo_ultrafeedback", metrics(0.64, 0.02, 0.542, 0.727, -3.25, -6.5, 0.004), parent)
-    log_eval_run(client, exp, "artifacts/dpo_synthetic", metrics(0.63, 0.0, 0.5322, 0.7182, -4.125, -6.5, 0.012), parent)
+    log_eval_run(
+        client, exp, "artifacts/dpo_ultrafeedback", metrics(0.64, 0.02, 0.542, 0.727, -3.25, -6.5, 0.004), parent
+    )
+    log_eval_run(
+        client, exp, "artifacts/dpo_synthetic", metrics(0.63, 0.0, 0.5322, 0.7182, -4.125, -6.5, 0.012), parent
+    )
     dpo = client.create_run(exp, run_name="synthetic·dpo").info.run_id  # not an eval run: in-training evaluation
     client.log_metric(dpo, "eval/win_rate", 0.9)
     client.log_param(dpo, "eval/baseline_name", "sft")
@@ -65,7 +83,10 @@ def test_table_from_two_runs(tmp_path, capsys):
     # ... logged to the parent run with Figures 1 and 2 of both models.
     logged = {a.path for a in client.list_artifacts(parent)}
     assert logged == {"win_rates.md", "win_rates.png", "avg_rewards.png"}
-    assert client.download_artifacts(parent, "win_rates.md", str(tmp_path)) and (tmp_path / "win_rates.md").read_text() == only + "\n"
+    assert (
+        client.download_artifacts(parent, "win_rates.md", str(tmp_path))
+        and (tmp_path / "win_rates.md").read_text() == only + "\n"
+    )
     for name in ("win_rates.png", "avg_rewards.png"):
         header = (tmp_path / "fig" / name).read_bytes()[:24]
         assert header[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", header[16:24]) == (640, 400)

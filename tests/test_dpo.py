@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import copy
 import json
 import logging
+import os
 
 import lightning as L
 import pytest
@@ -23,8 +23,15 @@ UF = {"format": "ultrafeedback_binarized"}
 
 def data(sample_dir, n=None, max_length=128, batch_size=8, val_fraction=0.0, tiny_model=None, **kw):
     src = PreferenceSource(str(sample_dir / "train_prefs.jsonl"), max_rows=n, **UF)
-    return PreferenceDataModule(tiny_model, [src], max_length=max_length, batch_size=batch_size,
-                                val_fraction=val_fraction, on_bad_row="skip", **kw)
+    return PreferenceDataModule(
+        tiny_model,
+        [src],
+        max_length=max_length,
+        batch_size=batch_size,
+        val_fraction=val_fraction,
+        on_bad_row="skip",
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +56,9 @@ def exact_log_probs(model):
         out = fused(*args, fused_lm_head=fused_lm_head, labels=labels, **kw)
         if fused_lm_head:
             with torch.no_grad() if not torch.is_grad_enabled() else torch.enable_grad():
-                hidden = model.base_model(input_ids=kw["input_ids"], attention_mask=kw["attention_mask"]).last_hidden_state
+                hidden = model.base_model(
+                    input_ids=kw["input_ids"], attention_mask=kw["attention_mask"]
+                ).last_hidden_state
                 logp = torch.log_softmax(model.get_output_embeddings()(hidden[:, :-1]).double(), -1)
                 target = labels[:, 1:]
                 out.log_probs = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0].masked_fill(target == -100, 0)
@@ -63,11 +72,19 @@ def trl_metrics(policy, ref, tok, items, loss_type, exact=True):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(output_dir="unused", report_to="none", beta=0.1, loss_type=[loss_type], use_cpu=True,
-                     per_device_train_batch_size=len(items), max_length=None)
+    args = DPOConfig(
+        output_dir="unused",
+        report_to="none",
+        beta=0.1,
+        loss_type=[loss_type],
+        use_cpu=True,
+        per_device_train_batch_size=len(items),
+        max_length=None,
+    )
     dummy = Dataset.from_list([{"prompt": "q", "chosen": "a", "rejected": "b"}])
-    trainer = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(ref), args=args,
-                         train_dataset=dummy, processing_class=tok)
+    trainer = DPOTrainer(
+        model=copy.deepcopy(policy), ref_model=copy.deepcopy(ref), args=args, train_dataset=dummy, processing_class=tok
+    )
     if exact:
         for model in (trainer.model, trainer.ref_model):
             exact_log_probs(model)
@@ -89,15 +106,24 @@ def test_matches_trl(small, tiny_model, loss_type, label_smoothing):
     batch = small.collate(items)
     logps, lengths = sequence_logps(policy, batch)
     ref_logps, _ = sequence_logps(ref, batch)
-    losses, rc, rr = dpo_loss(logps[:6], logps[6:], ref_logps[:6], ref_logps[6:], 0.1, loss_type, label_smoothing,
-                              lengths[:6], lengths[6:])
-    ours = {"loss": losses.mean().item(), "rewards/chosen": rc.mean().item(), "rewards/rejected": rr.mean().item(),
-            "rewards/accuracies": (rc > rr).float().mean().item(), "rewards/margins": (rc - rr).mean().item(),
-            "logps/chosen": logps[:6].mean().item(), "logps/rejected": logps[6:].mean().item()}
+    losses, rc, rr = dpo_loss(
+        logps[:6], logps[6:], ref_logps[:6], ref_logps[6:], 0.1, loss_type, label_smoothing, lengths[:6], lengths[6:]
+    )
+    ours = {
+        "loss": losses.mean().item(),
+        "rewards/chosen": rc.mean().item(),
+        "rewards/rejected": rr.mean().item(),
+        "rewards/accuracies": (rc > rr).float().mean().item(),
+        "rewards/margins": (rc - rr).mean().item(),
+        "logps/chosen": logps[:6].mean().item(),
+        "logps/rejected": logps[6:].mean().item(),
+    }
     tok = small.tokenizer
     trl = trl_metrics(policy, ref, tok, items, loss_type)
     # Unpatched TRL (its fp32 tiled head) agrees to ~1e-4: the difference is its rounding, not ours.
-    assert label_smoothing or ours["loss"] == pytest.approx(trl_metrics(policy, ref, tok, items, loss_type, exact=False)["loss"], rel=1e-3)
+    assert label_smoothing or ours["loss"] == pytest.approx(
+        trl_metrics(policy, ref, tok, items, loss_type, exact=False)["loss"], rel=1e-3
+    )
     if label_smoothing:
         # TRL 1.16 dropped cDPO from its sigmoid loss; cDPO = (1-ε)·DPO(pairs) + ε·DPO(swapped pairs).
         swapped = [{**r, "chosen_ids": r["rejected_ids"], "rejected_ids": r["chosen_ids"]} for r in items]
@@ -119,9 +145,18 @@ class Record(L.Callback):
 
 def fit(module, dm, tmp_path, max_epochs=2, ckpt=None, **trainer_kw):
     rec = Record()
-    trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[rec, *trainer_kw.pop("callbacks", [])],
-                        num_sanity_val_steps=0, **trainer_kw)
+    trainer = L.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[rec, *trainer_kw.pop("callbacks", [])],
+        num_sanity_val_steps=0,
+        **trainer_kw,
+    )
     trainer.fit(module, dm, ckpt_path=ckpt)
     return rec.steps
 
@@ -146,8 +181,12 @@ def test_frozen_reference_checkpoint_and_exact_resume(sample_dir, tiny_model, tm
     per_epoch = len(steps) // 2
 
     L.seed_everything(0)
-    resumed = fit(DPOModule(tiny_model, lr=1e-3, warmup_steps=0), data(sample_dir, 40, tiny_model=tiny_model),
-                  tmp_path / "resume", ckpt=str(first))
+    resumed = fit(
+        DPOModule(tiny_model, lr=1e-3, warmup_steps=0),
+        data(sample_dir, 40, tiny_model=tiny_model),
+        tmp_path / "resume",
+        ckpt=str(first),
+    )
     assert len(resumed) == per_epoch
     for a, b in zip(resumed, steps[per_epoch:]):
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-6, abs=1e-7)
@@ -160,7 +199,7 @@ def test_dpo_learns_the_preferences(sample_dir, tiny_model, tmp_path):
     dm = data(sample_dir, None, max_length=128, batch_size=16, tiny_model=tiny_model)
     module = DPOModule(tiny_model, beta=0.1, lr=5e-3, warmup_steps=2, scheduler="constant")
     steps = fit(module, dm, tmp_path, max_epochs=3)
-    last = steps[-len(steps) // 3:]
+    last = steps[-len(steps) // 3 :]
     acc = sum(s["train/rewards/accuracies"] for s in last) / len(last)
     assert len(dm.train_set) > 150 and acc > 0.9, acc
     assert steps[-1]["train/rewards/margins"] > steps[0]["train/rewards/margins"]
@@ -223,13 +262,33 @@ def test_tiny_synthetic_config_runs_and_exports(in_tmp, tiny_model, sample_dir):
     rows = read_jsonl(sample_dir / "train_prefs.jsonl")[:40]
     pairs = in_tmp / "artifacts" / "tiny" / "samples" / "pairs.jsonl"
     pairs.parent.mkdir(parents=True)
-    pairs.write_text("".join(json.dumps({
-        "prompt": r["chosen"][:-1], "chosen": r["chosen"][-1:], "rejected": r["rejected"][-1:],
-        "score_chosen": r["score_chosen"], "score_rejected": r["score_rejected"], "prompt_id": r["prompt_id"],
-    }) + "\n" for r in rows))
-    main(["fit", "--config", "configs/tiny/dpo_synthetic.yaml", "--trainer.max_steps=3",
-          "--trainer.enable_progress_bar=false", "--data.init_args.max_length=128",
-          "--trainer.log_every_n_steps=1"])
+    pairs.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "prompt": r["chosen"][:-1],
+                    "chosen": r["chosen"][-1:],
+                    "rejected": r["rejected"][-1:],
+                    "score_chosen": r["score_chosen"],
+                    "score_rejected": r["score_rejected"],
+                    "prompt_id": r["prompt_id"],
+                }
+            )
+            + "\n"
+            for r in rows
+        )
+    )
+    main(
+        [
+            "fit",
+            "--config",
+            "configs/tiny/dpo_synthetic.yaml",
+            "--trainer.max_steps=3",
+            "--trainer.enable_progress_bar=false",
+            "--data.init_args.max_length=128",
+            "--trainer.log_every_n_steps=1",
+        ]
+    )
     export = in_tmp / "artifacts" / "tiny" / "dpo_synthetic"
     assert (export / "config.json").exists() and load_tokenizer(str(export)) is not None
     client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
@@ -237,7 +296,14 @@ def test_tiny_synthetic_config_runs_and_exports(in_tmp, tiny_model, sample_dir):
     assert run.info.run_name == "synthetic·dpo" and run.data.params["pairs"] == "synthetic"
     assert_run_params(run.data.params, "dpo")
     metrics = run.data.metrics
-    for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                 "logps/chosen", "logps/rejected"):
+    for name in (
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+    ):
         assert f"train/{name}" in metrics and f"val/{name}" in metrics
     assert metrics["zz_data/dropped/train/tie"] == sum(r["score_chosen"] == r["score_rejected"] for r in rows)

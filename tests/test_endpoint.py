@@ -93,8 +93,17 @@ class FakeNemotron(BaseHTTPRequestHandler):
                 return self._send(200, {"choices": [{"message": {"role": "assistant", "content": "hello"}}]})
             time.sleep(0.02)  # lets concurrent requests overlap
             reward = float(value) if value else float(len(request["messages"]))
-            self._send(200, {"choices": [{"message": {"role": "assistant", "content": f"reward:{reward}"},
-                                          "logprobs": {"content": [{"token": "reward", "logprob": reward - 100}]}}]})
+            self._send(
+                200,
+                {
+                    "choices": [
+                        {
+                            "message": {"role": "assistant", "content": f"reward:{reward}"},
+                            "logprobs": {"content": [{"token": "reward", "logprob": reward - 100}]},
+                        }
+                    ]
+                },
+            )
         finally:
             self._done()
 

@@ -19,13 +19,33 @@ from tests.conftest import ROOT, http_server
 
 NO_MLFLOW = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 SFT = ["fit", "--config", "configs/tiny/sft.yaml", *NO_MLFLOW]
-DPO = ["fit", "--config", "configs/tiny/dpo_ultrafeedback.yaml", "--model.init_args.model_name_or_path=artifacts/tiny/base",
-       *NO_MLFLOW]
-SAMPLE = ["predict", "--config", "configs/tiny/sample.yaml", "--model.init_args.model_name_or_path=artifacts/tiny/base",
-          "--data.init_args.max_prompts=2", "--model.init_args.max_new_tokens=4", *NO_MLFLOW]
-EVAL = ["predict", "--config", "configs/tiny/eval.yaml", "--model.init_args.model_name_or_path=artifacts/tiny/base",
-        "--model.init_args.baseline_name_or_path=artifacts/tiny/base", "--data.init_args.max_prompts=2",
-        "--model.init_args.max_new_tokens=4", "--model.init_args.figures=false", *NO_MLFLOW]
+DPO = [
+    "fit",
+    "--config",
+    "configs/tiny/dpo_ultrafeedback.yaml",
+    "--model.init_args.model_name_or_path=artifacts/tiny/base",
+    *NO_MLFLOW,
+]
+SAMPLE = [
+    "predict",
+    "--config",
+    "configs/tiny/sample.yaml",
+    "--model.init_args.model_name_or_path=artifacts/tiny/base",
+    "--data.init_args.max_prompts=2",
+    "--model.init_args.max_new_tokens=4",
+    *NO_MLFLOW,
+]
+EVAL = [
+    "predict",
+    "--config",
+    "configs/tiny/eval.yaml",
+    "--model.init_args.model_name_or_path=artifacts/tiny/base",
+    "--model.init_args.baseline_name_or_path=artifacts/tiny/base",
+    "--data.init_args.max_prompts=2",
+    "--model.init_args.max_new_tokens=4",
+    "--model.init_args.figures=false",
+    *NO_MLFLOW,
+]
 CHAT = {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]}
 PAIR = {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Cheese."}
 
@@ -64,20 +84,36 @@ def test_missing_tiny_base_names_build_tiny(bare, capsys):
 
 
 def test_missing_export_names_the_stage_that_writes_it(bare, capsys):
-    fails(capsys, ["fit", "--config", "configs/tiny/dpo_ultrafeedback.yaml", *NO_MLFLOW], "artifacts/tiny/sft does not exist",
-          "`synpref fit --config configs/tiny/sft.yaml`")
-    fails(capsys, ["predict", "--config", "configs/tiny/eval.yaml", *NO_MLFLOW], "artifacts/tiny/dpo_synthetic does not exist",
-          "configs/tiny/dpo_synthetic.yaml")
+    fails(
+        capsys,
+        ["fit", "--config", "configs/tiny/dpo_ultrafeedback.yaml", *NO_MLFLOW],
+        "artifacts/tiny/sft does not exist",
+        "`synpref fit --config configs/tiny/sft.yaml`",
+    )
+    fails(
+        capsys,
+        ["predict", "--config", "configs/tiny/eval.yaml", *NO_MLFLOW],
+        "artifacts/tiny/dpo_synthetic does not exist",
+        "configs/tiny/dpo_synthetic.yaml",
+    )
 
 
 def test_missing_reference_fails_at_construction(in_tmp, capsys):
-    fails(capsys, [*DPO, "--model.init_args.ref_model_name_or_path=artifacts/tiny/ref"], "artifacts/tiny/ref does not exist")
+    fails(
+        capsys,
+        [*DPO, "--model.init_args.ref_model_name_or_path=artifacts/tiny/ref"],
+        "artifacts/tiny/ref does not exist",
+    )
     assert not (in_tmp / "artifacts/tiny/dpo_ultrafeedback").exists()
 
 
 def test_missing_eval_baseline(in_tmp, capsys):
-    fails(capsys, [*EVAL, "--model.init_args.baseline_name_or_path=artifacts/tiny/sft"], "artifacts/tiny/sft does not exist",
-          "configs/tiny/sft.yaml")
+    fails(
+        capsys,
+        [*EVAL, "--model.init_args.baseline_name_or_path=artifacts/tiny/sft"],
+        "artifacts/tiny/sft does not exist",
+        "configs/tiny/sft.yaml",
+    )
 
 
 def test_reference_with_another_tokenizer_names_both_paths(in_tmp, tiny_model, capsys):
@@ -88,20 +124,31 @@ def test_reference_with_another_tokenizer_names_both_paths(in_tmp, tiny_model, c
     tok = AutoTokenizer.from_pretrained(other)
     tok.add_tokens(["<extra>"])
     tok.save_pretrained(other)
-    fails(capsys, [*DPO, f"--model.init_args.ref_model_name_or_path={other}"], "tokenizers of artifacts/tiny/base and",
-          str(other), "vocabularies differ")
+    fails(
+        capsys,
+        [*DPO, f"--model.init_args.ref_model_name_or_path={other}"],
+        "tokenizers of artifacts/tiny/base and",
+        str(other),
+        "vocabularies differ",
+    )
 
 
 # -- bad data files, each stage ----------------------------------------------------------------
 BAD_CHATS = {
-    "non-UTF-8": (json.dumps(CHAT).encode() + b"\n" + json.dumps(CHAT).encode().replace(b"Blue", b"Bl\xe9u") + b"\n",
-                  "row 1: not valid UTF-8 (byte 0xe9"),
+    "non-UTF-8": (
+        json.dumps(CHAT).encode() + b"\n" + json.dumps(CHAT).encode().replace(b"Blue", b"Bl\xe9u") + b"\n",
+        "row 1: not valid UTF-8 (byte 0xe9",
+    ),
     "empty": (b"", "the file is empty"),
-    "integer content": ([CHAT, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}]}],
-                        "row 1: field 'messages[1].content': expected a string, got int"),
+    "integer content": (
+        [CHAT, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}]}],
+        "row 1: field 'messages[1].content': expected a string, got int",
+    ),
     "cut JSON": (json.dumps(CHAT).encode() + b"\n" + json.dumps(CHAT).encode()[:-9] + b"\n", "row 1: not valid JSON"),
-    "unknown sharegpt from": ([CHAT, {"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}]}],
-                              "row 1: field 'conversations[1].from': unknown sharegpt role 'bot'"),
+    "unknown sharegpt from": (
+        [CHAT, {"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}]}],
+        "row 1: field 'conversations[1].from': unknown sharegpt role 'bot'",
+    ),
     "no assistant turn": ([{"messages": CHAT["messages"][:1]}], "row 0: field 'messages': no assistant turn"),
 }
 
@@ -115,8 +162,13 @@ def test_bad_sft_file(in_tmp, capsys, case):
 
 def test_one_row_sft_file_with_val_fraction(in_tmp, capsys):
     path = write(in_tmp / "one.jsonl", [CHAT])
-    fails(capsys, [*SFT, f"--data.init_args.path={path}"], "'data.init_args.val_fraction'", "0.05 of 1 usable rows",
-          "val_fraction: 0")
+    fails(
+        capsys,
+        [*SFT, f"--data.init_args.path={path}"],
+        "'data.init_args.val_fraction'",
+        "0.05 of 1 usable rows",
+        "val_fraction: 0",
+    )
 
 
 def test_missing_data_file(in_tmp, capsys):
@@ -125,8 +177,10 @@ def test_missing_data_file(in_tmp, capsys):
 
 BAD_PAIRS = {
     "integer chosen": ([{**PAIR, "chosen": 7}], "row 0: field 'chosen': expected a non-empty list"),
-    "unknown sharegpt from": ([{**PAIR, "rejected": [{"from": "robot", "value": "Cheese."}]}],
-                              "row 0: field 'rejected[0].from': unknown sharegpt role 'robot'"),
+    "unknown sharegpt from": (
+        [{**PAIR, "rejected": [{"from": "robot", "value": "Cheese."}]}],
+        "row 0: field 'rejected[0].from': unknown sharegpt role 'robot'",
+    ),
     "identical replies": ([{**PAIR, "rejected": "Blue."}], "row 0: field 'rejected': identical to chosen"),
 }
 
@@ -135,33 +189,62 @@ BAD_PAIRS = {
 def test_bad_preference_file(in_tmp, capsys, case):
     rows, expected = BAD_PAIRS[case]
     path = write(in_tmp / "pairs.jsonl", rows)
-    fails(capsys, [*DPO, f"--data.init_args.sources=[{{path: {path}, format: trl}}]", "--data.init_args.on_bad_row=error"],
-          path, expected)
+    fails(
+        capsys,
+        [*DPO, f"--data.init_args.sources=[{{path: {path}, format: trl}}]", "--data.init_args.on_bad_row=error"],
+        path,
+        expected,
+    )
 
 
 def test_bad_prompt_file(in_tmp, capsys):
     path = write(in_tmp / "prompts.jsonl", [{"prompt": "Name a colour."}, {"prompt": ["not a message"]}])
-    fails(capsys, [*SAMPLE, f"--data.init_args.path={path}"], path, "row 1: field 'prompt[0]': expected a {role, content} object")
+    fails(
+        capsys,
+        [*SAMPLE, f"--data.init_args.path={path}"],
+        path,
+        "row 1: field 'prompt[0]': expected a {role, content} object",
+    )
 
 
 def test_no_prompts_left_names_the_filters(in_tmp, capsys):
-    fails(capsys, [*SAMPLE, "--data.init_args.path=synpref://sample/test_prefs.jsonl", "--data.init_args.max_prompts=null"],
-          "no prompts left", "'excluded': 92", "'too_long': 8", "synpref://sample/test_prefs.jsonl")
+    fails(
+        capsys,
+        [*SAMPLE, "--data.init_args.path=synpref://sample/test_prefs.jsonl", "--data.init_args.max_prompts=null"],
+        "no prompts left",
+        "'excluded': 92",
+        "'too_long': 8",
+        "synpref://sample/test_prefs.jsonl",
+    )
     assert not (in_tmp / "artifacts/tiny/samples/samples.jsonl").exists()
 
 
 # -- bad values, caught when the modules are built ---------------------------------------------
-@pytest.mark.parametrize("args, expected", [
-    ([*DPO, "--model.init_args.beta=0"], "'model.init_args.beta': must be > 0, got 0.0"),
-    ([*DPO, "--model.init_args.beta=-1"], "'model.init_args.beta': must be > 0, got -1.0"),
-    ([*DPO, "--model.init_args.label_smoothing=0.5"], "'model.init_args.label_smoothing': must lie in [0, 0.5)"),
-    ([*SAMPLE, "--model.init_args.max_new_tokens=0"], "'model.init_args.max_new_tokens': must be ≥ 1, got 0"),
-    ([*SAMPLE, "--model.init_args.temperature=0"], "'model.init_args.temperature': must be > 0 when sampling"),
-    ([*SAMPLE, "--model.init_args.num_samples=1"], "'model.init_args.num_samples': must be ≥ 2"),
-    ([*EVAL, "--model.init_args.max_new_tokens=0"], "'model.init_args.max_new_tokens': must be ≥ 1, got 0"),
-    ([*EVAL, "--model.init_args.temperature=0"], "do_sample: false"),
-    ([*SFT, "--data.init_args.val_fraction=1.5"], "'data.init_args.val_fraction': must lie in [0, 1)"),
-], ids=["beta0", "beta-1", "smoothing", "sample-tokens", "sample-temp", "samples1", "eval-tokens", "eval-temp", "val1.5"])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        ([*DPO, "--model.init_args.beta=0"], "'model.init_args.beta': must be > 0, got 0.0"),
+        ([*DPO, "--model.init_args.beta=-1"], "'model.init_args.beta': must be > 0, got -1.0"),
+        ([*DPO, "--model.init_args.label_smoothing=0.5"], "'model.init_args.label_smoothing': must lie in [0, 0.5)"),
+        ([*SAMPLE, "--model.init_args.max_new_tokens=0"], "'model.init_args.max_new_tokens': must be ≥ 1, got 0"),
+        ([*SAMPLE, "--model.init_args.temperature=0"], "'model.init_args.temperature': must be > 0 when sampling"),
+        ([*SAMPLE, "--model.init_args.num_samples=1"], "'model.init_args.num_samples': must be ≥ 2"),
+        ([*EVAL, "--model.init_args.max_new_tokens=0"], "'model.init_args.max_new_tokens': must be ≥ 1, got 0"),
+        ([*EVAL, "--model.init_args.temperature=0"], "do_sample: false"),
+        ([*SFT, "--data.init_args.val_fraction=1.5"], "'data.init_args.val_fraction': must lie in [0, 1)"),
+    ],
+    ids=[
+        "beta0",
+        "beta-1",
+        "smoothing",
+        "sample-tokens",
+        "sample-temp",
+        "samples1",
+        "eval-tokens",
+        "eval-temp",
+        "val1.5",
+    ],
+)
 def test_bad_value(in_tmp, capsys, args, expected):
     fails(capsys, args, expected)
 
@@ -174,25 +257,35 @@ def test_greedy_evaluation_ignores_temperature(tiny_model):
 
 
 # -- config errors: the key and the problem, not 45 lines of usage -----------------------------
-@pytest.mark.parametrize("args, expected", [
-    ([*SFT, "--trainer.max_epochs=x"], "config key 'trainer.max_epochs': expected int, got 'x'"),
-    ([*SFT, "--model.class_path=synpref.modules.Nope"], "unknown class_path 'synpref.modules.Nope'"),
-    ([*SFT, "--model.init_args.lrr=3"], "'model.init_args.lrr': synpref.modules.SFTModule has no argument 'lrr'"),
-    ([*SFT, "--model.init_args.scheduler=steep"], "'model.init_args.scheduler': expected one of ['cosine'"),
-    (["fit", "--config", "configs/tiny/nope.yaml"], "configs/tiny/nope.yaml"),
-    (["fitt"], "invalid choice: 'fitt'"),
-    (["build-tiny", "--vocab_size=x"], "config key 'vocab_size': expected int, got 'x'"),
-], ids=["type", "class_path", "option", "literal", "config-file", "subcommand", "build-tiny-type"])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        ([*SFT, "--trainer.max_epochs=x"], "config key 'trainer.max_epochs': expected int, got 'x'"),
+        ([*SFT, "--model.class_path=synpref.modules.Nope"], "unknown class_path 'synpref.modules.Nope'"),
+        ([*SFT, "--model.init_args.lrr=3"], "'model.init_args.lrr': synpref.modules.SFTModule has no argument 'lrr'"),
+        ([*SFT, "--model.init_args.scheduler=steep"], "'model.init_args.scheduler': expected one of ['cosine'"),
+        (["fit", "--config", "configs/tiny/nope.yaml"], "configs/tiny/nope.yaml"),
+        (["fitt"], "invalid choice: 'fitt'"),
+        (["build-tiny", "--vocab_size=x"], "config key 'vocab_size': expected int, got 'x'"),
+    ],
+    ids=["type", "class_path", "option", "literal", "config-file", "subcommand", "build-tiny-type"],
+)
 def test_config_error(in_tmp, capsys, args, expected):
     fails(capsys, args, expected)
 
 
 # -- build-tiny --------------------------------------------------------------------------------
 def test_build_tiny_bad_corpus_and_sizes(in_tmp, capsys):
-    fails(capsys, ["build-tiny", "--out=x", "--corpus=[data/none.jsonl]"], "data/none.jsonl", "corpus file does not exist")
+    fails(
+        capsys, ["build-tiny", "--out=x", "--corpus=[data/none.jsonl]"], "data/none.jsonl", "corpus file does not exist"
+    )
     bad = write(in_tmp / "corpus.jsonl", b'{"messages": []}\n[1, 2]\n')
     fails(capsys, ["build-tiny", "--out=x", f"--corpus=[{bad}]"], bad, "row 1: not a JSON object")
-    fails(capsys, ["build-tiny", "--out=x", "--hidden_size=30"], "'hidden_size': must be a multiple of the 4 attention heads")
+    fails(
+        capsys,
+        ["build-tiny", "--out=x", "--hidden_size=30"],
+        "'hidden_size': must be a multiple of the 4 attention heads",
+    )
     assert not (in_tmp / "x").exists()
 
 
@@ -209,10 +302,14 @@ def nan_for_colour(prompt: str, response: str):
     return math.nan if "colour" in prompt else 1.0
 
 
-@pytest.mark.parametrize("fn, shown", [("none_reward", "returned None (NoneType)"), ("text_reward", "returned 'good' (str)")])
+@pytest.mark.parametrize(
+    "fn, shown", [("none_reward", "returned None (NoneType)"), ("text_reward", "returned 'good' (str)")]
+)
 def test_function_reward_not_a_float_names_the_reward(in_tmp, capsys, fn, shown):
     reward = f"--model.init_args.reward={{class_path: synpref.rewards.FunctionReward, init_args: {{fn: 'tests.test_errors:{fn}'}}}}"
-    line = fails(capsys, [*SAMPLE, reward], f"reward 'tests.test_errors:{fn}' {shown}", "for the prompt '", "on_bad_score: skip")
+    line = fails(
+        capsys, [*SAMPLE, reward], f"reward 'tests.test_errors:{fn}' {shown}", "for the prompt '", "on_bad_score: skip"
+    )
     assert not (in_tmp / "artifacts/tiny/samples/samples.jsonl").exists(), line
 
 
@@ -231,7 +328,13 @@ def test_nan_reward_in_evaluation(in_tmp, capsys):
 def test_nan_reward_in_sampling_and_skip(in_tmp, capsys):
     prompts = write(in_tmp / "p.jsonl", [{"prompt": "Name a colour."}, {"prompt": "Name a fruit."}])
     reward = "--model.init_args.reward={class_path: synpref.rewards.FunctionReward, init_args: {fn: 'tests.test_errors:nan_for_colour'}}"
-    args = [*SAMPLE, f"--data.init_args.path={prompts}", reward, "--model.init_args.output_dir=out", "--model.init_args.threshold=-1"]
+    args = [
+        *SAMPLE,
+        f"--data.init_args.path={prompts}",
+        reward,
+        "--model.init_args.output_dir=out",
+        "--model.init_args.threshold=-1",
+    ]
     fails(capsys, args, "returned nan (float), not a finite float", "for the prompt 'Name a colour.'")
     assert not Path("out/samples.jsonl").exists()
     main([*args, "--model.init_args.on_bad_score=skip"])  # the NaN samples are dropped and counted
@@ -255,8 +358,10 @@ class RefusesKey(BaseHTTPRequestHandler):
 def test_endpoint_refusing_the_key_names_the_variable(in_tmp, capsys, monkeypatch):
     key = "sk-secret-do-not-print"
     with http_server(RefusesKey, monkeypatch, "SYNPREF_TEST_KEY", key) as url:
-        reward = ("--model.init_args.reward={class_path: synpref.rewards.EndpointReward, init_args: "
-                  f"{{base_url: '{url}', api_key_env: SYNPREF_TEST_KEY, max_retries: 0}}}}")
+        reward = (
+            "--model.init_args.reward={class_path: synpref.rewards.EndpointReward, init_args: "
+            f"{{base_url: '{url}', api_key_env: SYNPREF_TEST_KEY, max_retries: 0}}}}"
+        )
         line = fails(capsys, [*SAMPLE, reward], "refused the API key from $SYNPREF_TEST_KEY (HTTP 401", code=1)
     assert key not in line and "***" in line
 
@@ -275,8 +380,17 @@ def test_debug_raises_with_traceback(in_tmp, monkeypatch):
 
 def test_console_prints_one_line(bare):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-m", "synpref", "fit", "--config", "configs/tiny/sft.yaml"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "synpref", "fit", "--config", "configs/tiny/sft.yaml"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert run.returncode == 2
     assert "Traceback" not in run.stderr
-    assert run.stderr.strip().splitlines()[-1].startswith("synpref: error: model directory artifacts/tiny/base does not exist")
+    assert (
+        run.stderr.strip()
+        .splitlines()[-1]
+        .startswith("synpref: error: model directory artifacts/tiny/base does not exist")
+    )

@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader
 
 from synpref.modules import WinRateModule
 from synpref.rewards.base import RewardScorer
-
 from tests.conftest import TRAINING_EVAL_PARAMS, assert_run_params, read_jsonl
 
 
@@ -54,16 +53,23 @@ def baseline_model(tiny_model, tmp_path_factory) -> str:
 
 def prompt_batches(sample_dir, n: int, batch_size: int) -> list[dict]:
     rows = [r for r in read_jsonl(sample_dir / "test_prefs.jsonl") if len(r["prompt"]) < 400][:n]
-    return [{"prompt": [[{"role": "user", "content": r["prompt"]}] for r in rows[i:i + batch_size]],
-             "prompt_id": [r["prompt_id"] for r in rows[i:i + batch_size]],
-             "index": list(range(i, min(i + batch_size, n)))} for i in range(0, n, batch_size)]
+    return [
+        {
+            "prompt": [[{"role": "user", "content": r["prompt"]}] for r in rows[i : i + batch_size]],
+            "prompt_id": [r["prompt_id"] for r in rows[i : i + batch_size]],
+            "index": list(range(i, min(i + batch_size, n))),
+        }
+        for i in range(0, n, batch_size)
+    ]
 
 
 def outcome_fractions(rows: list[dict]) -> tuple[float, float, float]:
     n = len(rows)
-    return (sum(r["policy_reward"] > r["baseline_reward"] for r in rows) / n,
-            sum(r["policy_reward"] == r["baseline_reward"] for r in rows) / n,
-            sum(r["policy_reward"] < r["baseline_reward"] for r in rows) / n)
+    return (
+        sum(r["policy_reward"] > r["baseline_reward"] for r in rows) / n,
+        sum(r["policy_reward"] == r["baseline_reward"] for r in rows) / n,
+        sum(r["policy_reward"] < r["baseline_reward"] for r in rows) / n,
+    )
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -83,11 +89,28 @@ def mlflow_server(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art")],
-        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "wb"), start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "art"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "server.log", "wb"),
+        start_new_session=True,
         # No background job runners (huey consumers): this test needs the REST API only.
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )
     try:
         for _ in range(240):
             if proc.poll() is not None:
@@ -112,8 +135,9 @@ def get_json(url: str, path: str, **query) -> dict:
 
 def test_predict_logs_to_a_real_mlflow_server(mlflow_server, tiny_model, baseline_model, sample_dir, tmp_path):
     out = tmp_path / "eval"
-    module = WinRateModule(tiny_model, baseline_model, reward=DistinctWords(), output_dir=str(out),
-                           max_new_tokens=24, seed=3)
+    module = WinRateModule(
+        tiny_model, baseline_model, reward=DistinctWords(), output_dir=str(out), max_new_tokens=24, seed=3
+    )
     logger = MLFlowLogger(experiment_name="server-test", tracking_uri=mlflow_server, run_name="eval")
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=logger, enable_progress_bar=False)
     trainer.predict(module, DataLoader(prompt_batches(sample_dir, 12, 5), batch_size=None))
@@ -125,8 +149,19 @@ def test_predict_logs_to_a_real_mlflow_server(mlflow_server, tiny_model, baselin
     assert params["policy_path"] == tiny_model and params["baseline_path"] == baseline_model
     assert params["reward"] == "distinct-words" and params["n_prompts"] == "12" and params["seed"] == "3"
     assert_run_params(params, "eval")
-    for key in ("win_rate", "tie_rate", "loss_rate", "win_rate_ci_low", "win_rate_ci_high", "avg_reward_policy",
-                "avg_reward_baseline", "sign_test_p", "avg_length_policy", "avg_length_baseline", "length_matched_n"):
+    for key in (
+        "win_rate",
+        "tie_rate",
+        "loss_rate",
+        "win_rate_ci_low",
+        "win_rate_ci_high",
+        "avg_reward_policy",
+        "avg_reward_baseline",
+        "sign_test_p",
+        "avg_length_policy",
+        "avg_length_baseline",
+        "length_matched_n",
+    ):
         assert f"eval/{key}" in metrics, key
     metrics = {k.removeprefix("eval/"): v for k, v in metrics.items()}
     # ... and the artifacts, downloaded through the server's artifact proxy.
@@ -165,7 +200,11 @@ def test_cli_predict_logged_win_rate_matches_the_artifact(in_tmp, tiny_model, ba
     (tiny / "sft").symlink_to(baseline_model)
     (tiny / "dpo_synthetic").symlink_to(tiny_model)
     (tiny / "dpo_ultrafeedback").symlink_to(baseline_model)  # the baseline itself: a tie with SFT
-    fast = ["--data.init_args.max_prompts=10", "--data.init_args.max_prompt_length=160", "--model.init_args.max_new_tokens=16"]
+    fast = [
+        "--data.init_args.max_prompts=10",
+        "--data.init_args.max_prompt_length=160",
+        "--model.init_args.max_new_tokens=16",
+    ]
     main(["predict", "--config", "configs/tiny/eval.yaml", *fast])
     client, runs = eval_run("synpref-tiny")
     run = runs[0]
@@ -184,8 +223,15 @@ def test_cli_predict_logged_win_rate_matches_the_artifact(in_tmp, tiny_model, ba
     assert run.info.run_name == "synthetic·eval"
     assert_run_params(p, "eval")
     # Outcome, rewards and lengths come before the texts; the same rows are an MLflow table.
-    assert list(artifact[0])[:7] == ["index", "outcome", "policy_reward", "baseline_reward", "policy_length",
-                                     "baseline_length", "length_matched"]
+    assert list(artifact[0])[:7] == [
+        "index",
+        "outcome",
+        "policy_reward",
+        "baseline_reward",
+        "policy_length",
+        "baseline_length",
+        "length_matched",
+    ]
     assert list(artifact[0])[-3:] == ["prompt", "policy_response", "baseline_response"]
     table = json.loads(open(client.download_artifacts(run.info.run_id, "eval_table.json", str(in_tmp))).read())
     assert table["columns"][:2] == ["index", "outcome"]
@@ -194,12 +240,20 @@ def test_cli_predict_logged_win_rate_matches_the_artifact(in_tmp, tiny_model, ba
     from synpref.rewards import RuleReward
 
     assert [r["baseline_reward"] for r in artifact] == pytest.approx(
-        RuleReward().score([r["prompt"] for r in artifact], [r["baseline_response"] for r in artifact]))
+        RuleReward().score([r["prompt"] for r in artifact], [r["baseline_response"] for r in artifact])
+    )
 
     # The second policy is the SFT export itself: same seed, same prompts -> identical responses.
-    main(["predict", "--config", "configs/tiny/eval.yaml", *fast,
-          "--model.init_args.model_name_or_path=artifacts/tiny/dpo_ultrafeedback",
-          "--model.init_args.output_dir=artifacts/tiny/eval/dpo_ultrafeedback"])
+    main(
+        [
+            "predict",
+            "--config",
+            "configs/tiny/eval.yaml",
+            *fast,
+            "--model.init_args.model_name_or_path=artifacts/tiny/dpo_ultrafeedback",
+            "--model.init_args.output_dir=artifacts/tiny/eval/dpo_ultrafeedback",
+        ]
+    )
     same = read_jsonl(tiny / "eval" / "dpo_ultrafeedback" / "eval.jsonl")
     assert all(r["policy_response"] == r["baseline_response"] and r["outcome"] == "tie" for r in same)
     assert [r["baseline_response"] for r in same] == [r["baseline_response"] for r in local]
@@ -209,9 +263,13 @@ def test_cli_predict_logged_win_rate_matches_the_artifact(in_tmp, tiny_model, ba
     first, judges = table.split("\n\n")[:2]  # Table 1, then one column group per judge
     rows = [line for line in first.splitlines() if line.startswith("| dpo_")]
     assert len(rows) == 2
-    assert judges.startswith("| model | RuleReward win rate [95% CI] | RuleReward LC win rate | clarity win rate [95% CI] ")
+    assert judges.startswith(
+        "| model | RuleReward win rate [95% CI] | RuleReward LC win rate | clarity win rate [95% CI] "
+    )
     assert f"| dpo_synthetic | {100 * win:.1f}% [" in judges and "Power (80%" in table
-    assert rows[0].startswith(f"| dpo_synthetic | {100 * win:.1f}% [") and rows[0].endswith("| artifacts/tiny/dpo_synthetic |")
+    assert rows[0].startswith(f"| dpo_synthetic | {100 * win:.1f}% [") and rows[0].endswith(
+        "| artifacts/tiny/dpo_synthetic |"
+    )
     assert rows[1].startswith("| dpo_ultrafeedback | 0.0% [0.0%, ") and "| 100.0% |" in rows[1]
     assert len(read_csv(in_tmp / "table.csv")) == 2
 
@@ -228,16 +286,35 @@ def test_periodic_win_rate_during_dpo(in_tmp, baseline_model):
     from synpref.cli import main
 
     (in_tmp / "artifacts" / "tiny" / "sft").symlink_to(baseline_model)
-    callback = {"class_path": "synpref.callbacks.WinRateCallback", "init_args": {
-        "every_n_steps": 2, "prompts_path": "synpref://sample/test_prefs.jsonl",
-        "max_prompts": 4, "max_prompt_length": 128, "batch_size": 2, "baseline": "artifacts/tiny/sft", "max_new_tokens": 12,
-        "reward": {"class_path": "synpref.rewards.RuleReward"}, "output_dir": "artifacts/tiny/dpo_eval"}}
-    pairs = [{"path": "synpref://sample/train_prefs.jsonl", "format": "ultrafeedback_binarized",
-              "max_rows": 24}]
-    main(["fit", "--config", "configs/tiny/dpo_ultrafeedback.yaml", "--trainer.max_steps=4",
-          f"--data.init_args.sources={json.dumps(pairs)}", "--data.init_args.val_sources=[]",
-          "--data.init_args.batch_size=4", "--data.init_args.max_length=128", "--trainer.limit_val_batches=0",
-          f"--trainer.callbacks+={json.dumps(callback)}"])
+    callback = {
+        "class_path": "synpref.callbacks.WinRateCallback",
+        "init_args": {
+            "every_n_steps": 2,
+            "prompts_path": "synpref://sample/test_prefs.jsonl",
+            "max_prompts": 4,
+            "max_prompt_length": 128,
+            "batch_size": 2,
+            "baseline": "artifacts/tiny/sft",
+            "max_new_tokens": 12,
+            "reward": {"class_path": "synpref.rewards.RuleReward"},
+            "output_dir": "artifacts/tiny/dpo_eval",
+        },
+    }
+    pairs = [{"path": "synpref://sample/train_prefs.jsonl", "format": "ultrafeedback_binarized", "max_rows": 24}]
+    main(
+        [
+            "fit",
+            "--config",
+            "configs/tiny/dpo_ultrafeedback.yaml",
+            "--trainer.max_steps=4",
+            f"--data.init_args.sources={json.dumps(pairs)}",
+            "--data.init_args.val_sources=[]",
+            "--data.init_args.batch_size=4",
+            "--data.init_args.max_length=128",
+            "--trainer.limit_val_batches=0",
+            f"--trainer.callbacks+={json.dumps(callback)}",
+        ]
+    )
     client, runs = eval_run("synpref-tiny", "ultrafeedback·dpo")
     run_id = runs[0].info.run_id
     history = client.get_metric_history(run_id, "eval/win_rate")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,6 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from synpref.outputs import OutputError, ResumeMismatchError
 from tests.conftest import ROOT, read_jsonl
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -39,9 +39,17 @@ def dpo_fit(tiny_model, sample_dir, root: Path, ckpt_path=None, callbacks=()):
 
     L.seed_everything(0)
     module = DPOModule(tiny_model, lr=1e-3, warmup_ratio=0.2)
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=root, num_sanity_val_steps=0,
-                        callbacks=list(callbacks))
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        num_sanity_val_steps=0,
+        callbacks=list(callbacks),
+    )
     trainer.fit(module, data(sample_dir, 40, batch_size=4, tiny_model=tiny_model), ckpt_path=ckpt_path)
     return trainer, {k: v.detach().clone() for k, v in module.model.state_dict().items()}
 
@@ -70,10 +78,32 @@ def write_jsonl(path: Path, rows) -> str:
 
 
 def sample_args(out, prompts="prompts.jsonl", model="artifacts/tiny/base", n=8):
-    return ["predict", "--config", "configs/tiny/sample.yaml", f"--model.init_args.model_name_or_path={model}",
-            "--model.init_args.max_new_tokens=8", f"--model.init_args.output_dir={out}", f"--data.init_args.path={prompts}",
-            f"--data.init_args.max_prompts={n}", "--data.init_args.batch_size=2", "--data.init_args.max_prompt_length=128",
-            "--data.init_args.exclude=[]", "--trainer.enable_progress_bar=false"]
+    return [
+        "predict",
+        "--config",
+        "configs/tiny/sample.yaml",
+        f"--model.init_args.model_name_or_path={model}",
+        "--model.init_args.max_new_tokens=8",
+        f"--model.init_args.output_dir={out}",
+        f"--data.init_args.path={prompts}",
+        f"--data.init_args.max_prompts={n}",
+        "--data.init_args.batch_size=2",
+        "--data.init_args.max_prompt_length=128",
+        "--data.init_args.exclude=[]",
+        "--trainer.enable_progress_bar=false",
+    ]
+
+
+def user_error(capsys, args: list[str]) -> str:
+    """What `synpref` prints for a user error: one `synpref: error:` line, exit 2, no traceback."""
+    from synpref.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "synpref: error: " in err and "Traceback" not in err, err
+    return err
 
 
 def lines(path: Path) -> list[bytes]:
@@ -102,7 +132,7 @@ def prompts(in_tmp, sample_dir):
     return rows
 
 
-def test_prompts_changed_before_resume_is_a_named_error(in_tmp, prompts):
+def test_prompts_changed_before_resume_is_a_named_error(in_tmp, prompts, capsys):
     from synpref.cli import main
 
     main(sample_args("run"))
@@ -112,8 +142,7 @@ def test_prompts_changed_before_resume_is_a_named_error(in_tmp, prompts):
     for name in ("samples.jsonl", "pairs.jsonl"):
         (in_tmp / "run" / name).unlink()
     write_jsonl(in_tmp / "prompts.jsonl", prompts[::-1])  # same path, lines reordered
-    with pytest.raises(ResumeMismatchError, match=r"prompts_sha256.*overwrite: true"):
-        main(sample_args("run"))
+    assert re.search(r"prompts_sha256.*overwrite: true", user_error(capsys, sample_args("run")))
     assert len(lines(part)) == 3  # nothing appended to the old records
     main([*sample_args("run"), "--model.init_args.overwrite=true"])
     rows = read_jsonl(in_tmp / "run" / "samples.jsonl")
@@ -129,32 +158,40 @@ def test_failed_first_run_leaves_nothing_that_blocks_the_fixed_rerun(in_tmp, pro
     for f in Path(tiny_model).iterdir():
         if not f.name.endswith(".safetensors"):
             (broken / f.name).symlink_to(f)
-    with pytest.raises(OSError):
+    with pytest.raises(SystemExit) as exit_:  # a user error: the weights are missing
         main(sample_args("run", model="broken"))
+    assert exit_.value.code == 2
     assert not (in_tmp / "run" / "run.json").exists() and not (in_tmp / "run" / ".lock").exists()
     main(sample_args("run"))  # other settings (the model), nothing on disk: starts afresh
     assert_each_once([r for r in read_jsonl(in_tmp / "run" / "samples.jsonl") if r["sample"] == 0], 8)
-    assert json.loads((in_tmp / "run" / "run.json").read_text())["module"]["model_name_or_path"] == "artifacts/tiny/base"
+    assert (
+        json.loads((in_tmp / "run" / "run.json").read_text())["module"]["model_name_or_path"] == "artifacts/tiny/base"
+    )
 
 
-def test_second_sampler_on_a_folder_fails_and_a_dead_holders_lock_is_taken_over(in_tmp, prompts):
+def test_second_sampler_on_a_folder_fails_and_a_dead_holders_lock_is_taken_over(in_tmp, prompts, capsys):
     from synpref.cli import main
 
-    proc = subprocess.Popen([sys.executable, "-m", "synpref", *sample_args("run", n=24)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Long replies: the first sampler is still sampling when the second one starts.
+    slow = [*sample_args("run", n=24), "--model.init_args.max_new_tokens=256"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "synpref", *slow],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     part, lock = in_tmp / "run" / "parts" / "part-001-000.jsonl", in_tmp / "run" / ".lock"
     wait_for_lines(proc, part, 1)
     try:
         assert proc.poll() is None, "the first sampler ended before the second started"
-        with pytest.raises(OutputError, match=rf"in use by process {proc.pid}\b"):
-            main(sample_args("run", n=24))
+        assert re.search(rf"in use by process {proc.pid}\b", user_error(capsys, slow))
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     assert lock.read_text().split()[0] == str(proc.pid)  # the dead holder's lock is still there
     done = len(lines(part))
     assert 1 <= done < 24
-    main(sample_args("run", n=24))  # takes the stale lock over and resumes
+    main(slow)  # takes the stale lock over and resumes
     assert not lock.exists()
     assert_each_once([r for r in read_jsonl(in_tmp / "run" / "samples.jsonl") if r["sample"] == 0], 24)
     assert len(read_jsonl(part)) == 24  # the resumed run appended only what was missing
@@ -170,18 +207,31 @@ def eval_models(in_tmp, tiny_model, tmp_path_factory):
 
 
 def eval_args(out):
-    return ["predict", "--config", "configs/tiny/eval.yaml", "--data.init_args.max_prompts=10",
-            "--data.init_args.batch_size=2", "--data.init_args.max_prompt_length=160", "--model.init_args.max_new_tokens=8",
-            f"--model.init_args.output_dir={out}", "--model.init_args.figures=false", "--trainer.enable_progress_bar=false"]
+    return [
+        "predict",
+        "--config",
+        "configs/tiny/eval.yaml",
+        "--data.init_args.max_prompts=10",
+        "--data.init_args.batch_size=2",
+        "--data.init_args.max_prompt_length=160",
+        "--model.init_args.max_new_tokens=8",
+        f"--model.init_args.output_dir={out}",
+        "--model.init_args.figures=false",
+        "--trainer.enable_progress_bar=false",
+    ]
 
 
 def test_evaluation_killed_and_rerun_gives_the_uninterrupted_file(in_tmp, eval_models, caplog):
-    from tests.test_evaluation import eval_run
     from synpref.cli import main
+    from tests.test_evaluation import eval_run
 
     main(eval_args("ref"))
-    proc = subprocess.Popen([sys.executable, "-m", "synpref", *eval_args("run")], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "synpref", *eval_args("run")],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     part = in_tmp / "run" / "parts" / "part-001-000.jsonl"
     wait_for_lines(proc, part, 1)
     os.kill(proc.pid, signal.SIGKILL)
@@ -196,14 +246,27 @@ def test_evaluation_killed_and_rerun_gives_the_uninterrupted_file(in_tmp, eval_m
     assert len(read_jsonl(part)) == 10
     runs = eval_run("synpref-tiny")[1]  # newest first: the resumed run, the killed one, the reference
     resumed, ref = runs[0], runs[-1]
-    for key in ("win_rate", "tie_rate", "n", "avg_reward_policy"):  # the metric counts the prompts from disk too
+    for key in (
+        "eval/win_rate",
+        "eval/tie_rate",
+        "eval/n",
+        "eval/avg_reward_policy",
+    ):  # the metric counts the prompts from disk too
         assert resumed.data.metrics[key] == ref.data.metrics[key], key
 
 
 # -- training outputs: checked before the first step, exported whole or not at all -----------------
 def sft_args(export, *extra):
-    return ["fit", "--config", "configs/tiny/sft.yaml", f"--export.dirpath={export}", "--trainer.max_steps=1",
-            "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", *extra]
+    return [
+        "fit",
+        "--config",
+        "configs/tiny/sft.yaml",
+        f"--export.dirpath={export}",
+        "--trainer.max_steps=1",
+        "--trainer.limit_val_batches=0",
+        "--trainer.enable_progress_bar=false",
+        *extra,
+    ]
 
 
 def unwritable_folder(tmp_path: Path) -> Path:
@@ -216,8 +279,7 @@ def unwritable_folder(tmp_path: Path) -> Path:
     return ro
 
 
-def test_unwritable_export_folder_fails_before_training(in_tmp, tmp_path, monkeypatch):
-    from synpref.cli import main
+def test_unwritable_export_folder_fails_before_training(in_tmp, tmp_path, monkeypatch, capsys):
     from synpref.modules import SFTModule
 
     steps = []
@@ -225,20 +287,23 @@ def test_unwritable_export_folder_fails_before_training(in_tmp, tmp_path, monkey
     monkeypatch.setattr(SFTModule, "training_step", lambda self, *a: steps.append(1) or step(self, *a))
     ro = unwritable_folder(tmp_path)
     start = time.time()
-    with pytest.raises(OutputError, match=rf"{ro}: cannot write there"):
-        main(sft_args(ro / "sft"))
+    assert re.search(rf"{ro}: cannot write there", user_error(capsys, sft_args(ro / "sft")))
     assert steps == [] and time.time() - start < 120
     assert not (ro / "sft").exists()
 
 
 def test_full_disk_during_export_keeps_the_old_model_whole(in_tmp, tiny_model, monkeypatch):
     import transformers.modeling_utils
+
     from synpref.cli import main
 
     export = in_tmp / "artifacts" / "tiny" / "sft"
     # As configs/tiny/sft.yaml says to make a run resumable.
-    resumable = ["--trainer.enable_checkpointing=true", "--trainer.callbacks+=ModelCheckpoint",
-                 "--trainer.callbacks.save_last=true"]
+    resumable = [
+        "--trainer.enable_checkpointing=true",
+        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.save_last=true",
+    ]
     main(sft_args(export, *resumable))  # an earlier, complete export
     before = {f.name: f.read_bytes() for f in export.iterdir()}
     assert "model.safetensors" in before and "config.json" in before

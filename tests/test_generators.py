@@ -63,9 +63,18 @@ class StubServer(BaseHTTPRequestHandler):
         n = body.get("n", 1) if kind != "ignores-n" else 1
         n = 3 if kind == "wrong-n" else n
         text = lambda i: f"seed={body['seed']} choice={i}"  # noqa: E731
-        choices = [{"index": i, "finish_reason": "length" if kind == "length" else "stop",
-                    **({"message": {"role": "assistant", "content": text(i)}} if self.path.endswith("chat/completions")
-                       else {"text": text(i)})} for i in reversed(range(n))]
+        choices = [
+            {
+                "index": i,
+                "finish_reason": "length" if kind == "length" else "stop",
+                **(
+                    {"message": {"role": "assistant", "content": text(i)}}
+                    if self.path.endswith("chat/completions")
+                    else {"text": text(i)}
+                ),
+            }
+            for i in reversed(range(n))
+        ]
         self._send(200, {"choices": choices, "usage": {"completion_tokens": 5 * n}})
 
 
@@ -116,8 +125,14 @@ def test_transformers_server_gets_a_generation_config_and_text_completions_the_t
     path, body = StubServer.requests[0]
     assert path == "/v1/completions" and "top_k" not in body and body["max_tokens"] == 7
     assert json.loads(body["generation_config"]) == {
-        "do_sample": True, "max_new_tokens": 7, "temperature": 0.7, "top_k": 50, "top_p": 0.9,
-        "eos_token_id": end_of_turn_ids(tokenizer), "pad_token_id": tokenizer.pad_token_id}
+        "do_sample": True,
+        "max_new_tokens": 7,
+        "temperature": 0.7,
+        "top_k": 50,
+        "top_p": 0.9,
+        "eos_token_id": end_of_turn_ids(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     assert body["prompt"] in {render(tokenizer, p, add_generation_prompt=True) for p in PROMPTS}
 
 
@@ -139,8 +154,10 @@ def test_429_retry_after_and_dripping_reply_are_retried(server, tokenizer, caplo
     assert StubServer.auth == {"Bearer sk-gen"} and "sk-gen" not in caplog.text + repr(gen)
 
 
-@pytest.mark.parametrize("model, error", [("bad-choices", r"expected choices\[\]\.message\.content.*KeyError"),
-                                          ("wrong-n", "asked for n=2 choices, got 3")])
+@pytest.mark.parametrize(
+    "model, error",
+    [("bad-choices", r"expected choices\[\]\.message\.content.*KeyError"), ("wrong-n", "asked for n=2 choices, got 3")],
+)
 def test_malformed_choices_are_named_errors(server, tokenizer, model, error):
     with pytest.raises(MalformedReply, match=error):
         sample(server, tokenizer, model)

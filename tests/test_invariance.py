@@ -9,22 +9,25 @@ import pytest
 from transformers import AutoConfig, AutoTokenizer
 
 from synpref.rewards import FunctionReward, HFRewardModel, NemotronReward, RuleReward
-
 from tests.conftest import read_jsonl
 from tests.test_rewards import tiny_classifier  # noqa: F401  (fixture)
 
-WORDS = ("the light of the sun reaches plants which store it as sugar while water rises through roots and "
-         "leaves open small pores to take in air").split()
+WORDS = (
+    "the light of the sun reaches plants which store it as sugar while water rises through roots and "
+    "leaves open small pores to take in air"
+).split()
 
 
 @pytest.fixture(scope="module")
 def pool(sample_dir):
     """64 conversations of varied lengths; the target (index 0) shares its prompt with five others."""
     # Short conversations (the first 60 characters of sample prompts) keep the 64-row batches cheap.
-    questions = [[{"role": "user", "content": r["prompt"][:60]}] for r in read_jsonl(sample_dir / "test_prefs.jsonl")[:20]]
+    questions = [
+        [{"role": "user", "content": r["prompt"][:60]}] for r in read_jsonl(sample_dir / "test_prefs.jsonl")[:20]
+    ]
     convs = [(questions[0], "Sugar, made from light, water and air.")]
     convs += [(questions[0], " ".join(WORDS[: 3 + 4 * k]) + ".") for k in range(5)]
-    convs += [(questions[1 + i % 19], " ".join(WORDS[i % 7: i % 7 + 2 + (5 * i) % 19])) for i in range(58)]
+    convs += [(questions[1 + i % 19], " ".join(WORDS[i % 7 : i % 7 + 2 + (5 * i) % 19])) for i in range(58)]
     return convs
 
 
@@ -48,7 +51,7 @@ def batches(pool, full: bool):
     target, others = pool[0], pool[1:]
     yield [target], 0
     for start, at in ((0, 3), (20, 0), (40, 6)):
-        batch = others[start:start + 6]
+        batch = others[start : start + 6]
         yield batch[:at] + [target] + batch[at:], at
     if full:
         yield others + [target], 63

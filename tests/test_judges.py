@@ -16,9 +16,14 @@ from synpref.judges import judge_labels, judge_metrics, labellers, read_provenan
 from synpref.report import judge_columns, judges_table, power_lines, self_judged_warnings
 from synpref.rewards import FunctionReward, RuleReward
 from synpref.rewards.heuristics import clarity
-from synpref.stats import (agreement, cluster_bootstrap_interval, clustered_sign_test_p, cohen_kappa,
-                           length_controlled_win_rate, prompts_for_power)
-
+from synpref.stats import (
+    agreement,
+    cluster_bootstrap_interval,
+    clustered_sign_test_p,
+    cohen_kappa,
+    length_controlled_win_rate,
+    prompts_for_power,
+)
 from tests.conftest import read_jsonl
 from tests.test_evaluation import DistinctWords, baseline_model, prompt_batches  # noqa: F401  (fixture)
 
@@ -84,23 +89,39 @@ def test_cluster_bootstrap_is_not_fooled_by_repeated_answers():
     rng = np.random.default_rng(0)
     one = [[float(rng.random() < 0.6)] for _ in range(100)]
     eight = [[float(rng.random() < 0.6) for _ in range(8)] for _ in range(100)]
-    width = (lambda ci: ci[1] - ci[0])
+    width = lambda ci: ci[1] - ci[0]
     assert width(cluster_bootstrap_interval(eight)) < 0.5 * width(cluster_bootstrap_interval(one))
 
 
 def test_clustered_sign_test_counts_prompts():
     # means 2/3 (won), 1/3 (lost), 3/4 (won), 1/2 (left out): 2 wins, 1 loss -> p = 1
-    assert clustered_sign_test_p([["win", "win", "loss"], ["loss", "loss", "win"], ["win", "tie"], ["tie", "tie"]]) == 1.0
+    assert (
+        clustered_sign_test_p([["win", "win", "loss"], ["loss", "loss", "win"], ["win", "tie"], ["tie", "tie"]]) == 1.0
+    )
     # six prompts won (each by 2 of 3 answers): 2 / 2^6
     assert clustered_sign_test_p([["win", "win", "loss"]] * 6) == pytest.approx(2 / 64)
 
 
 def _record(index, lp, lb, rule, clar, pair=None, sample=None):
-    r = {"index": index, "policy_length": lp, "baseline_length": lb, "policy_reward": rule[0], "baseline_reward": rule[1],
-         "judges": {"RuleReward": {"policy_reward": rule[0], "baseline_reward": rule[1],
-                                   "outcome": "win" if rule[0] > rule[1] else "loss" if rule[0] < rule[1] else "tie"},
-                    "clarity": {"policy_reward": clar[0], "baseline_reward": clar[1],
-                                "outcome": "win" if clar[0] > clar[1] else "loss" if clar[0] < clar[1] else "tie"}}}
+    r = {
+        "index": index,
+        "policy_length": lp,
+        "baseline_length": lb,
+        "policy_reward": rule[0],
+        "baseline_reward": rule[1],
+        "judges": {
+            "RuleReward": {
+                "policy_reward": rule[0],
+                "baseline_reward": rule[1],
+                "outcome": "win" if rule[0] > rule[1] else "loss" if rule[0] < rule[1] else "tie",
+            },
+            "clarity": {
+                "policy_reward": clar[0],
+                "baseline_reward": clar[1],
+                "outcome": "win" if clar[0] > clar[1] else "loss" if clar[0] < clar[1] else "tie",
+            },
+        },
+    }
     if pair is not None:
         r["judges"]["judge"] = pair
     if sample is not None:
@@ -110,17 +131,23 @@ def _record(index, lp, lb, rule, clar, pair=None, sample=None):
 
 def test_judge_metrics_per_judge_agreement_and_self_judged():
     pair = lambda o, bias: {"outcome": o, "position_bias": bias, "verdicts": ["A", "A" if bias else "B"]}  # noqa: E731
-    records = [_record(0, 10, 10, (2, 1), (1, 0), pair("tie", True)),
-               _record(1, 12, 10, (2, 1), (0, 1), pair("win", False)),
-               _record(2, 10, 12, (0, 1), (0, 1), pair("loss", False)),
-               _record(3, 10, 10, (3, 1), (2, 1), {"outcome": None, "verdicts": [None, "A"], "unparseable": ["?"]})]
+    records = [
+        _record(0, 10, 10, (2, 1), (1, 0), pair("tie", True)),
+        _record(1, 12, 10, (2, 1), (0, 1), pair("win", False)),
+        _record(2, 10, 12, (0, 1), (0, 1), pair("loss", False)),
+        _record(3, 10, 10, (3, 1), (2, 1), {"outcome": None, "verdicts": [None, "A"], "unparseable": ["?"]}),
+    ]
     m = judge_metrics(records, 0.0, 0.1, self_judged={"RuleReward": True, "clarity": False, "judge": False})
     assert m["eval/RuleReward/win_rate"] == 0.75 and m["eval/clarity/win_rate"] == 0.5
     assert m["eval/RuleReward/self_judged"] == 1.0 and m["self_judged"] == 1.0 and m["eval/clarity/self_judged"] == 0.0
     # RuleReward W W L W vs clarity W L L W: agree on 3 of 4; p_e = .75·.5 + .25·.5 = .5 -> κ = .5
     assert m["eval/agreement/RuleReward/clarity"] == 0.75 and m["eval/kappa/RuleReward/clarity"] == pytest.approx(0.5)
     # The pairwise judge: prompt 3 has no verdict (not counted); 1 of the 3 others followed the position.
-    assert m["eval/judge/n"] == 3 and m["eval/judge/unparseable"] == 1 and m["eval/judge/position_bias_rate"] == pytest.approx(1 / 3)
+    assert (
+        m["eval/judge/n"] == 3
+        and m["eval/judge/unparseable"] == 1
+        and m["eval/judge/position_bias_rate"] == pytest.approx(1 / 3)
+    )
     assert m["eval/judge/win_rate"] == pytest.approx(1 / 3) and m["eval/judge/tie_rate"] == pytest.approx(1 / 3)
     assert m["eval/agreement/RuleReward/judge"] == pytest.approx(2 / 3)  # over the 3 prompts both judged
     assert "clustered" not in m and m["n_prompts"] == 4
@@ -158,18 +185,41 @@ def test_clarity_is_a_different_judge_than_rule_reward():
 
 
 def test_report_groups_judges_marks_self_judged_and_prints_power():
-    rows = [{"model": "artifacts/dpo_synthetic", "win_rate": 0.63, "self_judged": 1.0, "reward_model": "rule",
-             "judges": {"RuleReward": {"win_rate": 0.63, "win_rate_ci_low": 0.532, "win_rate_ci_high": 0.718,
-                                       "length_controlled_win_rate": 0.55, "self_judged": 1.0},
-                        "clarity": {"win_rate": 0.48, "win_rate_ci_low": 0.38, "win_rate_ci_high": 0.58,
-                                    "length_controlled_win_rate": 0.47, "self_judged": 0.0}},
-             "agreement": {"RuleReward~clarity": {"agreement": 0.6, "kappa": 0.21}}},
-            {"model": "artifacts/dpo_ultrafeedback", "win_rate": 0.64, "judges": {}, "agreement": {}}]
+    rows = [
+        {
+            "model": "artifacts/dpo_synthetic",
+            "win_rate": 0.63,
+            "self_judged": 1.0,
+            "reward_model": "rule",
+            "judges": {
+                "RuleReward": {
+                    "win_rate": 0.63,
+                    "win_rate_ci_low": 0.532,
+                    "win_rate_ci_high": 0.718,
+                    "length_controlled_win_rate": 0.55,
+                    "self_judged": 1.0,
+                },
+                "clarity": {
+                    "win_rate": 0.48,
+                    "win_rate_ci_low": 0.38,
+                    "win_rate_ci_high": 0.58,
+                    "length_controlled_win_rate": 0.47,
+                    "self_judged": 0.0,
+                },
+            },
+            "agreement": {"RuleReward~clarity": {"agreement": 0.6, "kappa": 0.21}},
+        },
+        {"model": "artifacts/dpo_ultrafeedback", "win_rate": 0.64, "judges": {}, "agreement": {}},
+    ]
     table = judges_table(rows).splitlines()
-    assert table[0] == ("| model | RuleReward win rate [95% CI] | RuleReward LC win rate | clarity win rate [95% CI] "
-                        "| clarity LC win rate | agreement RuleReward~clarity (κ) |")
-    assert table[2] == ("| artifacts/dpo_synthetic | 63.0% [53.2%, 71.8%] **self-judged** | 55.0% | 48.0% [38.0%, 58.0%] "
-                        "| 47.0% | 60.0% (0.21) |")
+    assert table[0] == (
+        "| model | RuleReward win rate [95% CI] | RuleReward LC win rate | clarity win rate [95% CI] "
+        "| clarity LC win rate | agreement RuleReward~clarity (κ) |"
+    )
+    assert table[2] == (
+        "| artifacts/dpo_synthetic | 63.0% [53.2%, 71.8%] **self-judged** | 55.0% | 48.0% [38.0%, 58.0%] "
+        "| 47.0% | 60.0% (0.21) |"
+    )
     assert table[3] == "| artifacts/dpo_ultrafeedback | – | – | – | – | – (–) |"
     warnings = self_judged_warnings(rows)
     assert len(warnings) == 1 and "dpo_synthetic is **self-judged** by RuleReward" in warnings[0]
@@ -178,7 +228,9 @@ def test_report_groups_judges_marks_self_judged_and_prints_power():
     assert lines[2].startswith("- dpo_ultrafeedback (64.0%) from 50%: 98;")
     assert judges_table([{"model": "m", "judges": {}}]) == ""
     columns, flat = judge_columns(rows)
-    assert columns[:2] == ["RuleReward/win_rate", "RuleReward/win_rate_ci_low"] and "kappa/RuleReward~clarity" in columns
+    assert (
+        columns[:2] == ["RuleReward/win_rate", "RuleReward/win_rate_ci_low"] and "kappa/RuleReward~clarity" in columns
+    )
     assert flat[0]["clarity/win_rate"] == 0.48 and "clarity/win_rate" not in flat[1]
 
 
@@ -189,8 +241,16 @@ def test_two_judges_and_several_answers_per_prompt(tiny_model, baseline_model, s
     policy = tmp_path / "policy"
     shutil.copytree(tiny_model, policy)
     write_provenance(policy, ["distinct-words"])  # as if DistinctWords had labelled its training pairs
-    module = WinRateModule(str(policy), baseline_model, reward=DistinctWords(), output_dir=str(out),
-                           judges=[RuleReward()], samples_per_prompt=3, max_new_tokens=12, seed=1)
+    module = WinRateModule(
+        str(policy),
+        baseline_model,
+        reward=DistinctWords(),
+        output_dir=str(out),
+        judges=[RuleReward()],
+        samples_per_prompt=3,
+        max_new_tokens=12,
+        seed=1,
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     logger = MLFlowLogger(experiment_name="judges", tracking_uri=uri, run_name="eval")
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=logger, enable_progress_bar=False)
@@ -199,15 +259,31 @@ def test_two_judges_and_several_answers_per_prompt(tiny_model, baseline_model, s
     assert [(r["index"], r["sample"]) for r in rows] == [(i, k) for i in range(4) for k in range(3)]
     # Both judges' verdicts are in each record; the rule judge's scores are its scores of the texts.
     assert [r["judges"]["RuleReward"]["policy_reward"] for r in rows] == pytest.approx(
-        RuleReward().score([r["prompt"] for r in rows], [r["policy_response"] for r in rows]))
+        RuleReward().score([r["prompt"] for r in rows], [r["policy_response"] for r in rows])
+    )
     assert all(r["judges"]["distinct-words"]["policy_reward"] == r["policy_reward"] for r in rows)
     run = MlflowClient(uri).get_run(logger.run_id)
     m, p = run.data.metrics, run.data.params
-    assert m["n"] == 12 and m["n_prompts"] == 4 and m["clustered"] == 1.0 and p["n_prompts"] == "4"
-    assert m["self_judged"] == 1.0 and m["eval/distinct-words/self_judged"] == 1.0 and m["eval/RuleReward/self_judged"] == 0.0
+    assert m["eval/n"] == 12 and m["eval/n_prompts"] == 4 and m["eval/clustered"] == 1.0 and p["n_prompts"] == "4"
+    assert (
+        m["eval/self_judged"] == 1.0
+        and m["eval/distinct-words/self_judged"] == 1.0
+        and m["eval/RuleReward/self_judged"] == 0.0
+    )
     expected = judge_metrics(rows, 0.0, 0.1, self_judged={"distinct-words": True, "RuleReward": False}, seed=1)
-    for key in ("win_rate_ci_low", "win_rate_ci_high", "eval/RuleReward/win_rate", "eval/agreement/distinct-words/RuleReward",
-                "length_controlled_win_rate"):
-        assert m[key] == pytest.approx(expected[key]), key
-    assert m["eval/RuleReward/win_rate"] == pytest.approx(sum(r["judges"]["RuleReward"]["outcome"] == "win" for r in rows) / 12)
-    assert p["samples_per_prompt"] == "3" and p["policy_labelled_by"] == "distinct-words" and p["judge.RuleReward"] == RuleReward().name
+    for key in (
+        "win_rate_ci_low",
+        "win_rate_ci_high",
+        "eval/RuleReward/win_rate",
+        "eval/agreement/distinct-words/RuleReward",
+        "length_controlled_win_rate",
+    ):
+        assert m[key if key.startswith("eval/") else "eval/" + key] == pytest.approx(expected[key]), key
+    assert m["eval/RuleReward/win_rate"] == pytest.approx(
+        sum(r["judges"]["RuleReward"]["outcome"] == "win" for r in rows) / 12
+    )
+    assert (
+        p["samples_per_prompt"] == "3"
+        and p["policy_labelled_by"] == "distinct-words"
+        and p["judge.RuleReward"] == RuleReward().name
+    )

@@ -6,8 +6,15 @@ from fractions import Fraction
 
 import pytest
 
-from synpref.metrics import (WinRate, length_matched, outcome, plot_average_rewards, plot_win_rates, sign_test_p,
-                             wilson_interval)
+from synpref.metrics import (
+    WinRate,
+    length_matched,
+    outcome,
+    plot_average_rewards,
+    plot_win_rates,
+    sign_test_p,
+    wilson_interval,
+)
 
 
 def compute(policy, baseline, pl=None, bl=None, **kw):

@@ -28,8 +28,15 @@ def test_fit_failing_before_training_ends_failed_with_its_config(in_tmp):
 
     # The data module's setup fails: before any step, before Lightning's config-saving hook.
     with pytest.raises((DataError, SystemExit)):
-        main(["fit", "--config", "configs/tiny/sft.yaml", "--data.init_args.path=missing.jsonl",
-              "--trainer.enable_progress_bar=false"])
+        main(
+            [
+                "fit",
+                "--config",
+                "configs/tiny/sft.yaml",
+                "--data.init_args.path=missing.jsonl",
+                "--trainer.enable_progress_bar=false",
+            ]
+        )
     client = MlflowClient(f"sqlite:///{in_tmp / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("synpref-tiny")
     (run,) = client.search_runs([experiment.experiment_id])

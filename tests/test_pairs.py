@@ -31,9 +31,15 @@ def test_k_greater_than_two_takes_extremes_first_on_equal_scores():
     pair, reason, gap = select_pair(texts, scores, threshold=1.0)
     assert (pair.chosen, pair.rejected) == (1, 2) and gap == 5.0 and reason is None
     row = pair_row("pid", [{"role": "user", "content": "q"}], texts, pair)
-    assert row == {"prompt_id": "pid", "prompt": [{"role": "user", "content": "q"}],
-                   "chosen": [{"role": "assistant", "content": "b"}], "rejected": [{"role": "assistant", "content": "c"}],
-                   "score_chosen": 3.0, "score_rejected": -2.0, "gap": 5.0}
+    assert row == {
+        "prompt_id": "pid",
+        "prompt": [{"role": "user", "content": "q"}],
+        "chosen": [{"role": "assistant", "content": "b"}],
+        "rejected": [{"role": "assistant", "content": "c"}],
+        "score_chosen": 3.0,
+        "score_rejected": -2.0,
+        "gap": 5.0,
+    }
 
 
 def test_k_greater_than_two_partial_ties_still_pair():
@@ -57,6 +63,13 @@ def test_bad_input_is_an_error():
 def test_kept_vs_threshold_counts_by_hand():
     gaps = [0.1, 0.5, 0.5, 2.0]
     assert kept_vs_threshold(gaps, [0.0, 0.1, 0.2, 0.5, 0.6, 2.0, 3.0]) == [
-        (0.0, 4), (0.1, 4), (0.2, 3), (0.5, 3), (0.6, 1), (2.0, 1), (3.0, 0)]
+        (0.0, 4),
+        (0.1, 4),
+        (0.2, 3),
+        (0.5, 3),
+        (0.6, 1),
+        (2.0, 1),
+        (3.0, 0),
+    ]
     grid = threshold_grid(gaps, threshold=0.25, steps=4)
     assert grid == [0.0, 0.25, 0.5, 1.0, 1.5, 2.0]

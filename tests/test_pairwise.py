@@ -10,7 +10,6 @@ import pytest
 
 from synpref.http import EndpointError
 from synpref.rewards.pairwise import PairwiseLLMJudge, parse_verdict
-
 from tests.conftest import http_server
 
 KEY = "sk-judge-test"

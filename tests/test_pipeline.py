@@ -73,7 +73,9 @@ def test_reproduce_runs_every_stage_once_and_reruns_only_what_is_stale(reduced_p
 
     client, runs = _runs(config["experiment"])
     parent_id = json.loads((state / "parent_run.json").read_text())["run_id"]
-    children = {r.data.tags.get("mlflow.runName"): r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id}
+    children = {
+        r.data.tags.get("synpref.pipeline_stage"): r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id
+    }
     assert set(children) == set(REDUCED)
     assert "train/loss" in children["sft"].data.metrics
     assert "train/rewards/accuracies" in children["dpo_synthetic"].data.metrics
@@ -82,7 +84,10 @@ def test_reproduce_runs_every_stage_once_and_reruns_only_what_is_stale(reduced_p
     # RuleReward labelled the synthetic pairs (sampling's run.json -> DPO param and export -> eval):
     # judging dpo_synthetic with it is self-judged; dpo_ultrafeedback's pairs came from UltraFeedback.
     assert children["dpo_synthetic"].data.params["labelled_by"] == "synpref.rewards.RuleReward"
-    synthetic, ultrafeedback = children["eval_dpo_synthetic"].data.metrics, children["eval_dpo_ultrafeedback"].data.metrics
+    synthetic, ultrafeedback = (
+        children["eval_dpo_synthetic"].data.metrics,
+        children["eval_dpo_ultrafeedback"].data.metrics,
+    )
     assert synthetic["eval/RuleReward/self_judged"] == 1.0 and synthetic["eval/clarity/self_judged"] == 0.0
     assert ultrafeedback["eval/self_judged"] == 0.0 and "eval/agreement/RuleReward/clarity" in ultrafeedback
     artifacts = {a.path for a in client.list_artifacts(parent_id)}
@@ -92,16 +97,23 @@ def test_reproduce_runs_every_stage_once_and_reruns_only_what_is_stale(reduced_p
     # The parent run alone answers the question: status, params, per-arm metrics, the verdict.
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"
-    assert parent.data.params == {"pipeline_config": str(path), "seed": "0", "base_model": "artifacts/tiny/base",
-                                  "reward": "RuleReward", "n_prompts": "6"}
+    assert parent.data.params == {
+        "pipeline_config": str(path),
+        "seed": "0",
+        "base_model": "artifacts/tiny/base",
+        "reward": "RuleReward",
+        "n_prompts": "6",
+    }
     parts = []
     for arm in ("dpo_synthetic", "dpo_ultrafeedback"):
         child = children[f"eval_{arm}"].data.metrics
         for name in ("win_rate", "win_rate_ci_low", "win_rate_ci_high"):
-            assert parent.data.metrics[f"{name}/{arm}"] == pytest.approx(child[name])
-        assert parent.data.metrics[f"avg_reward/{arm}"] == pytest.approx(child["avg_reward_policy"])
-        low, high = 100 * child["win_rate_ci_low"], 100 * child["win_rate_ci_high"]
-        parts.append((-child["win_rate"], f"{arm[4:]} {100 * child['win_rate']:.0f}% [{low:.0f}, {high:.0f}]"))
+            assert parent.data.metrics[f"{name}/{arm}"] == pytest.approx(child[f"eval/{name}"])
+        assert parent.data.metrics[f"avg_reward/{arm}"] == pytest.approx(child["eval/avg_reward_policy"])
+        low, high = 100 * child["eval/win_rate_ci_low"], 100 * child["eval/win_rate_ci_high"]
+        parts.append(
+            (-child["eval/win_rate"], f"{arm[4:]} {100 * child['eval/win_rate']:.0f}% [{low:.0f}, {high:.0f}]")
+        )
     assert parent.data.tags["mlflow.note.content"] == " vs ".join(p for _, p in sorted(parts)) + " vs sft, N = 6"
 
     # Second run: every stage is up to date, nothing is redone, no new MLflow runs appear.
@@ -113,9 +125,13 @@ def test_reproduce_runs_every_stage_once_and_reruns_only_what_is_stale(reduced_p
     assert markers == _markers(state)
 
     # SIGTERM to reproduce while a forced stage runs: forwarded, waited for, no orphan, no marker.
-    proc = subprocess.Popen([sys.executable, "-m", "synpref", "reproduce", "--config", str(path),
-                             "--force", "[dpo_ultrafeedback]"], env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "synpref", "reproduce", "--config", str(path), "--force", "[dpo_ultrafeedback]"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while not (stage_pids := _children(proc.pid)) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -137,11 +153,14 @@ def test_reproduce_runs_every_stage_once_and_reruns_only_what_is_stale(reduced_p
     path.write_text(yaml.safe_dump(config))
     main(["reproduce", "--config", str(path), "--dry_run", "true"])
     assert capsys.readouterr().out.splitlines()[-7:] == [
-        "[1/6] sft … up to date", "[2/6] sample … up to date",
+        "[1/6] sft … up to date",
+        "[2/6] sample … up to date",
         "[3/6] dpo_ultrafeedback … would run (last run did not finish)",
         "[4/6] dpo_synthetic … would run (config changed: trainer.max_steps: 3 → 2)",
         "[5/6] eval_dpo_ultrafeedback … would run (last run did not finish; downstream of dpo_ultrafeedback)",
-        "[6/6] eval_dpo_synthetic … would run (downstream of dpo_synthetic)", "dry run: 4 of 6 stages would run"]
+        "[6/6] eval_dpo_synthetic … would run (downstream of dpo_synthetic)",
+        "dry run: 4 of 6 stages would run",
+    ]
 
     # For real: a forced DPO arm that completes reruns its evaluation, and nothing of the other arm
     # (listed after it).
@@ -153,15 +172,20 @@ def test_reproduce_runs_every_stage_once_and_reruns_only_what_is_stale(reduced_p
     assert "[5/6] eval_dpo_ultrafeedback … running (last run did not finish; downstream of dpo_ultrafeedback)" in out
     assert "[4/6] dpo_synthetic … skipped (up to date)" in out and "[6/6] eval_dpo_synthetic … skipped" in out
     after = _markers(state)
-    assert {name for name in after if after[name] != markers[name]} == {"dpo_ultrafeedback.done.json",
-                                                                        "eval_dpo_ultrafeedback.done.json"}
+    assert {name for name in after if after[name] != markers[name]} == {
+        "dpo_ultrafeedback.done.json",
+        "eval_dpo_ultrafeedback.done.json",
+    }
     _, runs_third = _runs(config["experiment"])
-    latest = {r.data.tags.get("mlflow.runName"): r for r in sorted(runs_third, key=lambda r: r.info.start_time)}
+    latest = {r.data.tags.get("synpref.pipeline_stage"): r for r in sorted(runs_third, key=lambda r: r.info.start_time)}
     assert latest["eval_dpo_ultrafeedback"].info.run_id != children["eval_dpo_ultrafeedback"].info.run_id
     assert latest["eval_dpo_synthetic"].info.run_id == children["eval_dpo_synthetic"].info.run_id
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and "synpref.failed_stage" not in parent.data.tags
-    assert parent.data.metrics["win_rate/dpo_ultrafeedback"] == latest["eval_dpo_ultrafeedback"].data.metrics["win_rate"]
+    assert (
+        parent.data.metrics["win_rate/dpo_ultrafeedback"]
+        == latest["eval_dpo_ultrafeedback"].data.metrics["eval/win_rate"]
+    )
 
 
 def _children(pid: int) -> list[int]:

@@ -32,7 +32,9 @@ def test_why_stale_names_the_changed_key_input_version_or_output(tmp_path):
     assert why_stale(stage, old, added, tmp_path) == "config changed: trainer.max_steps: <absent> → 3"
     moved = fingerprint(old["config"], {"artifacts/sft": "bbb"})
     assert why_stale(stage, old, moved, tmp_path) == "input changed: artifacts/sft"
-    assert why_stale(stage, {**old, "synpref_version": "0.0.1"}, old, tmp_path).startswith("synpref version changed: 0.0.1 → ")
+    assert why_stale(stage, {**old, "synpref_version": "0.0.1"}, old, tmp_path).startswith(
+        "synpref version changed: 0.0.1 → "
+    )
     assert why_stale(stage, {"stage": "dpo", "seconds": 3.0}, old, tmp_path).startswith("marker has no fingerprint")
     assert why_stale(stage, None, old, tmp_path) == "new"
     (tmp_path / "logs").mkdir()
@@ -80,14 +82,27 @@ def test_pipeline_config_stages_resolve_and_form_a_graph(name, tmp_path, monkeyp
 
 
 # One real stage; it fails at its model path, after the CLI has started.
-SFT_ONE_STEP = {"name": "sft", "command": "fit", "config": ["configs/tiny/sft.yaml"],
-                "args": ["--trainer.max_steps=1", "--trainer.limit_val_batches=0"], "outputs": ["artifacts/tiny/sft"]}
+SFT_ONE_STEP = {
+    "name": "sft",
+    "command": "fit",
+    "config": ["configs/tiny/sft.yaml"],
+    "args": ["--trainer.max_steps=1", "--trainer.limit_val_batches=0"],
+    "outputs": ["artifacts/tiny/sft"],
+}
 
 
 def _pipeline(in_tmp: Path, stages: list[dict]) -> Path:
     path = in_tmp / "one_stage.yaml"
-    path.write_text(yaml.safe_dump({"experiment": "synpref-state", "state_dir": "artifacts/tiny/pipeline",
-                                    "run_name": "one-stage", "stages": stages}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "experiment": "synpref-state",
+                "state_dir": "artifacts/tiny/pipeline",
+                "run_name": "one-stage",
+                "stages": stages,
+            }
+        )
+    )
     return path
 
 
@@ -98,23 +113,28 @@ def _parent(in_tmp: Path):
 
 
 def test_failed_stage_names_itself_shows_its_log_and_fails_the_parent(in_tmp, capsys):
-    bad = {**SFT_ONE_STEP, "args": SFT_ONE_STEP["args"] + ["--model.init_args.model_name_or_path=artifacts/tiny/absent"]}
+    bad = {
+        **SFT_ONE_STEP,
+        "args": SFT_ONE_STEP["args"] + ["--model.init_args.model_name_or_path=artifacts/tiny/absent"],
+    }
     path = _pipeline(in_tmp, [bad])
     with pytest.raises(SystemExit) as failed:
         main(["reproduce", "--config", str(path)])
     message = str(failed.value.code)
-    assert message.startswith("synpref: error: stage 'sft' failed (exit 1)\n")
+    assert message.startswith("synpref: error: stage 'sft' failed (exit 2)\n")
     log = in_tmp / "artifacts/tiny/pipeline/logs/sft.log"
     tail = [line for line in log.read_text().splitlines() if line.strip()][-3:]
     assert all(line.rstrip() in message for line in tail), message
     assert "artifacts/tiny/absent" in message
-    assert ("rerun it alone:  synpref fit --config configs/tiny/sft.yaml --trainer.max_steps=1 "
-            "--trainer.limit_val_batches=0 --model.init_args.model_name_or_path=artifacts/tiny/absent") in message
+    assert (
+        "rerun it alone:  synpref fit --config configs/tiny/sft.yaml --trainer.max_steps=1 "
+        "--trainer.limit_val_batches=0 --model.init_args.model_name_or_path=artifacts/tiny/absent"
+    ) in message
     assert f"synpref reproduce --config {path}" in message
     assert "Traceback" not in message
     assert not (in_tmp / "artifacts/tiny/pipeline/sft.done.json").exists()
     parent = _parent(in_tmp)
     assert parent.info.status == "FAILED"
     assert parent.data.tags["synpref.failed_stage"] == "sft"
-    assert parent.data.tags["mlflow.note.content"] == "stage 'sft' failed (exit 1)"
+    assert parent.data.tags["mlflow.note.content"] == "stage 'sft' failed (exit 2)"
     assert "[1/1] sft … running (new)" in capsys.readouterr().out

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from tests.conftest import read_jsonl
 from synpref.chat import IGNORE_INDEX, DataError, encode_prompt_response
 from synpref.data.preferences import PreferenceDataModule, PreferenceSource
 from synpref.models import load_tokenizer
+from tests.conftest import read_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +31,14 @@ def module(tiny_model, *sources, **kw):
 
 def clean(rows):
     """Rows with a real preference: distinct non-empty replies and unequal scores."""
-    return [r for r in rows if r["score_chosen"] != r["score_rejected"]
-            and r["chosen"][-1]["content"] != r["rejected"][-1]["content"]
-            and r["chosen"][-1]["content"].strip() and r["rejected"][-1]["content"].strip()]
+    return [
+        r
+        for r in rows
+        if r["score_chosen"] != r["score_rejected"]
+        and r["chosen"][-1]["content"] != r["rejected"][-1]["content"]
+        and r["chosen"][-1]["content"].strip()
+        and r["rejected"][-1]["content"].strip()
+    ]
 
 
 def test_ultrafeedback_tokens_ties_and_ids(tiny_model, sample_dir, rows, tmp_path):
@@ -58,13 +63,29 @@ def test_ultrafeedback_tokens_ties_and_ids(tiny_model, sample_dir, rows, tmp_pat
 
 def test_synpref_and_trl_formats_match_ultrafeedback(tiny_model, rows, tmp_path):
     good = clean(rows)[:12]
-    synpref = [{"prompt": r["chosen"][:-1], "chosen": r["chosen"][-1:], "rejected": r["rejected"][-1:],
-                "score_chosen": r["score_chosen"], "score_rejected": r["score_rejected"], "prompt_id": r["prompt_id"]}
-               for r in good]
-    strings = [{"prompt": r["chosen"][0]["content"], "chosen": r["chosen"][-1]["content"],
-                "rejected": r["rejected"][-1]["content"]} for r in good]
+    synpref = [
+        {
+            "prompt": r["chosen"][:-1],
+            "chosen": r["chosen"][-1:],
+            "rejected": r["rejected"][-1:],
+            "score_chosen": r["score_chosen"],
+            "score_rejected": r["score_rejected"],
+            "prompt_id": r["prompt_id"],
+        }
+        for r in good
+    ]
+    strings = [
+        {
+            "prompt": r["chosen"][0]["content"],
+            "chosen": r["chosen"][-1]["content"],
+            "rejected": r["rejected"][-1]["content"],
+        }
+        for r in good
+    ]
     implicit = [{"chosen": r["chosen"], "rejected": r["rejected"]} for r in good]
-    ref = module(tiny_model, {"path": write(tmp_path / "uf.jsonl", good), "format": "ultrafeedback_binarized"}).train_set
+    ref = module(
+        tiny_model, {"path": write(tmp_path / "uf.jsonl", good), "format": "ultrafeedback_binarized"}
+    ).train_set
     for name, data, fmt in [("syn", synpref, "synpref"), ("str", strings, "trl"), ("imp", implicit, "trl")]:
         got = module(tiny_model, {"path": write(tmp_path / f"{name}.jsonl", data), "format": fmt}).train_set
         for col in ("prompt_ids", "chosen_ids", "rejected_ids"):
@@ -73,11 +94,18 @@ def test_synpref_and_trl_formats_match_ultrafeedback(tiny_model, rows, tmp_path)
 
 def test_openbmb_binarization(tiny_model, rows, tmp_path):
     good = clean(rows)[:6]
-    bmb = [{"instruction": r["chosen"][0]["content"], "completions": [
-        {"response": r["rejected"][-1]["content"], "overall_score": 2.0},
-        {"response": r["chosen"][-1]["content"], "overall_score": 9.0},
-        {"response": good[(i + 1) % 6]["chosen"][-1]["content"], "overall_score": 1.0},
-        {"response": good[(i + 2) % 6]["chosen"][-1]["content"], "overall_score": 5.0}]} for i, r in enumerate(good)]
+    bmb = [
+        {
+            "instruction": r["chosen"][0]["content"],
+            "completions": [
+                {"response": r["rejected"][-1]["content"], "overall_score": 2.0},
+                {"response": r["chosen"][-1]["content"], "overall_score": 9.0},
+                {"response": good[(i + 1) % 6]["chosen"][-1]["content"], "overall_score": 1.0},
+                {"response": good[(i + 2) % 6]["chosen"][-1]["content"], "overall_score": 5.0},
+            ],
+        }
+        for i, r in enumerate(good)
+    ]
     path = write(tmp_path / "bmb.jsonl", bmb)
     lowest = module(tiny_model, {"path": path, "format": "openbmb", "binarize": "lowest"}).train_set
     rand = module(tiny_model, {"path": path, "format": "openbmb"}).train_set
@@ -87,7 +115,11 @@ def test_openbmb_binarization(tiny_model, rows, tmp_path):
         assert lowest[i]["chosen_ids"] == encode_prompt_response(tok, prompt, r["chosen"][-1]["content"])[1]
         worst = encode_prompt_response(tok, prompt, good[(i + 1) % 6]["chosen"][-1]["content"])[1]
         assert lowest[i]["rejected_ids"] == worst
-        others = [encode_prompt_response(tok, prompt, c["response"])[1] for c in bmb[i]["completions"] if c["overall_score"] != 9.0]
+        others = [
+            encode_prompt_response(tok, prompt, c["response"])[1]
+            for c in bmb[i]["completions"]
+            if c["overall_score"] != 9.0
+        ]
         assert rand[i]["chosen_ids"] == lowest[i]["chosen_ids"] and rand[i]["rejected_ids"] in others
     # Seeded: the same draw every time, and not always the lowest.
     assert rand["rejected_ids"] != lowest["rejected_ids"]
@@ -97,8 +129,22 @@ def test_openbmb_binarization(tiny_model, rows, tmp_path):
 def test_mixture_is_one_config_line(tiny_model, rows, tmp_path):
     good = clean(rows)
     uf = {"path": write(tmp_path / "uf.jsonl", good[:20]), "format": "ultrafeedback_binarized"}
-    syn = {"path": write(tmp_path / "syn.jsonl", [{"prompt": r["chosen"][:-1], "chosen": r["chosen"][-1:],
-           "rejected": r["rejected"][-1:], "score_chosen": 1, "score_rejected": 0} for r in good[20:30]]), "format": "synpref"}
+    syn = {
+        "path": write(
+            tmp_path / "syn.jsonl",
+            [
+                {
+                    "prompt": r["chosen"][:-1],
+                    "chosen": r["chosen"][-1:],
+                    "rejected": r["rejected"][-1:],
+                    "score_chosen": 1,
+                    "score_rejected": 0,
+                }
+                for r in good[20:30]
+            ],
+        ),
+        "format": "synpref",
+    }
     assert len(module(tiny_model, syn).train_set) == 10
     both = module(tiny_model, uf, syn).train_set
     assert len(both) == 30 and both["index"] == list(range(30))
@@ -108,7 +154,9 @@ def test_mixture_is_one_config_line(tiny_model, rows, tmp_path):
 
 
 def test_collate_concatenates_chosen_then_rejected(tiny_model, rows, tmp_path):
-    dm = module(tiny_model, {"path": write(tmp_path / "uf.jsonl", clean(rows)[:3]), "format": "ultrafeedback_binarized"})
+    dm = module(
+        tiny_model, {"path": write(tmp_path / "uf.jsonl", clean(rows)[:3]), "format": "ultrafeedback_binarized"}
+    )
     items = [dm.train_set[i] for i in range(3)]
     batch = dm.collate(items)
     assert batch["input_ids"].shape[0] == 6 and batch["index"].tolist() == [0, 1, 2]
@@ -127,7 +175,10 @@ def _bad(r):
         "missing chosen": ({"prompt": r["prompt"], "rejected": rj}, "chosen"),
         "identical": ({"chosen": c, "rejected": c[:-1] + [dict(c[-1])]}, "rejected"),
         "different prompts": ({"chosen": c, "rejected": other}, "rejected"),
-        "empty response": ({"chosen": c[:-1] + [{"role": "assistant", "content": " "}], "rejected": rj}, "chosen[1].content"),
+        "empty response": (
+            {"chosen": c[:-1] + [{"role": "assistant", "content": " "}], "rejected": rj},
+            "chosen[1].content",
+        ),
     }
 
 
@@ -145,7 +196,9 @@ def test_bad_rows_error_or_counted_skip(tiny_model, rows, tmp_path, case):
 
 def test_truncated_away_is_counted(tiny_model, rows, tmp_path):
     good = clean(rows)[:8]
-    dm = module(tiny_model, {"path": write(tmp_path / "uf.jsonl", good), "format": "ultrafeedback_binarized"}, max_length=64)
+    dm = module(
+        tiny_model, {"path": write(tmp_path / "uf.jsonl", good), "format": "ultrafeedback_binarized"}, max_length=64
+    )
     tok = dm.tokenizer
     prompt_lens = [len(encode_prompt_response(tok, r["chosen"][:-1], "x")[0]) for r in good]
     assert dm.drop_counts.get("train/truncated", 0) == sum(n >= 64 for n in prompt_lens) > 0

@@ -43,20 +43,45 @@ def test_every_stage_runs_on_the_real_vocabulary(in_tmp, qwen_small_model, sampl
     with the tiny configs and one override of the model path."""
     tok = load_tokenizer(qwen_small_model)
     assert len(tok) == QWEN_VOCAB and tok.decode([QWEN_VOCAB - 1]).strip()  # every id decodes to text
-    short = ["--trainer.max_steps=1", "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=0", "--data.init_args.batch_size=2",
-             "--data.init_args.max_length=128", "--model.init_args.logits_chunk_size=64"]
-    main(["fit", "--config", "configs/tiny/sft.yaml", f"--model.init_args.model_name_or_path={qwen_small_model}",
-          "--trainer.logger.init_args.run_name=sft", "--export.dirpath=artifacts/q/sft", *short])
+    short = [
+        "--trainer.max_steps=1",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.limit_val_batches=0",
+        "--data.init_args.batch_size=2",
+        "--data.init_args.max_length=128",
+        "--model.init_args.logits_chunk_size=64",
+    ]
+    main(
+        [
+            "fit",
+            "--config",
+            "configs/tiny/sft.yaml",
+            f"--model.init_args.model_name_or_path={qwen_small_model}",
+            "--trainer.logger.init_args.run_name=sft",
+            "--export.dirpath=artifacts/q/sft",
+            *short,
+        ]
+    )
     # A random model is uniform over the vocabulary: its first loss is ln(151,936) = 11.93.
     assert abs(_metric("synpref-tiny", "sft", "train/loss") - math.log(QWEN_VOCAB)) < 0.1
 
     pairs = lambda f, n: json.dumps([{"path": str(sample_dir / f), "format": "ultrafeedback_binarized", "max_rows": n}])
     for mode in ("live", "precomputed"):
-        main(["fit", "--config", "configs/tiny/dpo_ultrafeedback.yaml", "--model.init_args.model_name_or_path=artifacts/q/sft",
-              f"--data.init_args.sources={pairs('train_prefs.jsonl', 6)}",
-              f"--data.init_args.val_sources={pairs('test_prefs.jsonl', 2)}",
-              f"--model.init_args.precompute_ref_logps={mode == 'precomputed'}", "--model.init_args.ref_cache_dir=ref",
-              f"--trainer.logger.init_args.run_name=dpo_{mode}", f"--export.dirpath=artifacts/q/dpo_{mode}", *short])
+        main(
+            [
+                "fit",
+                "--config",
+                "configs/tiny/dpo_ultrafeedback.yaml",
+                "--model.init_args.model_name_or_path=artifacts/q/sft",
+                f"--data.init_args.sources={pairs('train_prefs.jsonl', 6)}",
+                f"--data.init_args.val_sources={pairs('test_prefs.jsonl', 2)}",
+                f"--model.init_args.precompute_ref_logps={mode == 'precomputed'}",
+                "--model.init_args.ref_cache_dir=ref",
+                f"--trainer.logger.init_args.run_name=dpo_{mode}",
+                f"--export.dirpath=artifacts/q/dpo_{mode}",
+                *short,
+            ]
+        )
         # Policy = reference at the first step: the DPO loss is ln 2 whatever the reference source.
         assert abs(_metric("synpref-tiny", f"dpo_{mode}", "train/loss") - math.log(2)) < 1e-4
     assert len(list((in_tmp / "ref").glob("ref_logps-*.pt"))) == 1
@@ -65,15 +90,30 @@ def test_every_stage_runs_on_the_real_vocabulary(in_tmp, qwen_small_model, sampl
     assert not torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
 
     decode = ["--data.init_args.max_prompts=2", "--model.init_args.max_new_tokens=4"]
-    main(["predict", "--config", "configs/tiny/sample.yaml", "--model.init_args.model_name_or_path=artifacts/q/sft",
-          "--model.init_args.output_dir=artifacts/q/samples", *decode])
+    main(
+        [
+            "predict",
+            "--config",
+            "configs/tiny/sample.yaml",
+            "--model.init_args.model_name_or_path=artifacts/q/sft",
+            "--model.init_args.output_dir=artifacts/q/samples",
+            *decode,
+        ]
+    )
     samples = read_jsonl(in_tmp / "artifacts/q/samples/samples.jsonl")
     assert len(samples) == 4 and len({s["prompt_id"] for s in samples}) == 2  # K = 2 samples per prompt
-    main(["predict", "--config", "configs/tiny/eval.yaml", "--model.init_args.model_name_or_path=artifacts/q/dpo_live",
-          "--model.init_args.baseline_name_or_path=artifacts/q/sft", "--model.init_args.output_dir=artifacts/q/eval",
-          *decode])
+    main(
+        [
+            "predict",
+            "--config",
+            "configs/tiny/eval.yaml",
+            "--model.init_args.model_name_or_path=artifacts/q/dpo_live",
+            "--model.init_args.baseline_name_or_path=artifacts/q/sft",
+            "--model.init_args.output_dir=artifacts/q/eval",
+            *decode,
+        ]
+    )
     assert len(read_jsonl(in_tmp / "artifacts/q/eval/eval.jsonl")) == 2
-
 
 
 def test_estimate_adds_the_documented_terms(capsys):

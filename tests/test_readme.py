@@ -24,8 +24,10 @@ def test_readme_is_short_and_has_the_two_commands():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     assert len(text.splitlines()) <= 150
     quick = text.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0].strip().splitlines()
-    assert quick == ['pip install torch==2.13.0 && pip install -e ".[dev]" && synpref reproduce --config configs/tiny/paper.yaml',
-                     "python -m pytest -q"]
+    assert quick == [
+        'pip install torch==2.13.0 && pip install -e ".[dev]" && synpref reproduce --config configs/tiny/paper.yaml',
+        "python -m pytest -q",
+    ]
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert "python -m pytest -q" in ci  # CI runs the README's test command
 
@@ -33,9 +35,14 @@ def test_readme_is_short_and_has_the_two_commands():
 @pytest.mark.parametrize("doc", DOCS, ids=doc_id)
 def test_named_paths_exist(doc):
     text = doc.read_text(encoding="utf-8")
-    named = set(re.findall(r"(?<![\w/.])((?:configs|benchmarks|docs|tests|synpref|callbacks)/[\w./-]+\.(?:ya?ml|py|md|jsonl))", text))
-    named |= {(doc.parent / link).resolve().relative_to(ROOT).as_posix()
-              for link in re.findall(r"\]\(([^)#:]+)\)", text)}
+    named = set(
+        re.findall(
+            r"(?<![\w/.])((?:configs|benchmarks|docs|tests|synpref|callbacks)/[\w./-]+\.(?:ya?ml|py|md|jsonl))", text
+        )
+    )
+    named |= {
+        (doc.parent / link).resolve().relative_to(ROOT).as_posix() for link in re.findall(r"\]\(([^)#:]+)\)", text)
+    }
     missing = sorted(p for p in named if not (ROOT / p).exists())
     assert not missing, f"{doc_id(doc)} names paths that do not exist: {missing}"
 

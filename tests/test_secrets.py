@@ -39,16 +39,20 @@ def server(monkeypatch):
 
 
 def test_endpoint_key_stays_out_of_mlflow_and_logs(in_tmp, server, capfd, caplog):
-    main([
-        "predict", "--config", "configs/tiny/sample.yaml",
-        "--model.init_args.model_name_or_path=artifacts/tiny/base",
-        "--model.init_args.reward=synpref.rewards.EndpointReward",
-        f"--model.init_args.reward.init_args.base_url={server}",
-        "--model.init_args.reward.init_args.api_key_env=SYNPREF_TEST_KEY",
-        "--model.init_args.max_new_tokens=8",
-        "--data.init_args.max_prompts=4",
-        "--trainer.enable_progress_bar=false",
-    ])
+    main(
+        [
+            "predict",
+            "--config",
+            "configs/tiny/sample.yaml",
+            "--model.init_args.model_name_or_path=artifacts/tiny/base",
+            "--model.init_args.reward=synpref.rewards.EndpointReward",
+            f"--model.init_args.reward.init_args.base_url={server}",
+            "--model.init_args.reward.init_args.api_key_env=SYNPREF_TEST_KEY",
+            "--model.init_args.max_new_tokens=8",
+            "--data.init_args.max_prompts=4",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
     output = capfd.readouterr()
     assert (in_tmp / "artifacts/tiny/samples/samples.jsonl").exists()
 
@@ -57,10 +61,15 @@ def test_endpoint_key_stays_out_of_mlflow_and_logs(in_tmp, server, capfd, caplog
     (run,) = client.search_runs([exp.experiment_id])
     # The run did record which variable holds the key, so the check below can fail for real.
     texts = [str(run.data.params), str(run.data.tags)]
-    assert "SYNPREF_TEST_KEY" in "".join(texts) + open(client.download_artifacts(run.info.run_id, "config.yaml", str(in_tmp))).read()
+    assert (
+        "SYNPREF_TEST_KEY"
+        in "".join(texts) + open(client.download_artifacts(run.info.run_id, "config.yaml", str(in_tmp))).read()
+    )
     for artifact in client.list_artifacts(run.info.run_id):
         if not artifact.is_dir:
-            texts.append(open(client.download_artifacts(run.info.run_id, artifact.path, str(in_tmp)), errors="replace").read())
+            texts.append(
+                open(client.download_artifacts(run.info.run_id, artifact.path, str(in_tmp)), errors="replace").read()
+            )
     texts += [output.out, output.err, caplog.text]
     for text in texts:
         assert KEY not in text

@@ -70,12 +70,21 @@ def test_served_samples_equal_in_process_generate_at_the_same_seed(server, tiny_
 
 def predict_args(server_url, model, out, extra=()):
     # The server was started elsewhere: it is asked for the model by its absolute path.
-    return ["predict", "--config", "configs/tiny/sample.yaml", "--config", "configs/tiny/sample_served.yaml",
-            f"--model.init_args.model_name_or_path={model}",
-            f"--model.init_args.generator.init_args.base_url={server_url}",
-            f"--model.init_args.output_dir={out}", "--model.init_args.max_new_tokens=8",
-            "--data.init_args.max_prompts=6", "--data.init_args.batch_size=2",
-            "--trainer.enable_progress_bar=false", *extra]
+    return [
+        "predict",
+        "--config",
+        "configs/tiny/sample.yaml",
+        "--config",
+        "configs/tiny/sample_served.yaml",
+        f"--model.init_args.model_name_or_path={model}",
+        f"--model.init_args.generator.init_args.base_url={server_url}",
+        f"--model.init_args.output_dir={out}",
+        "--model.init_args.max_new_tokens=8",
+        "--data.init_args.max_prompts=6",
+        "--data.init_args.batch_size=2",
+        "--trainer.enable_progress_bar=false",
+        *extra,
+    ]
 
 
 def test_predict_through_the_server_then_kill_and_resume_gives_the_same_bytes(server, in_tmp, tiny_model):
@@ -86,8 +95,12 @@ def test_predict_through_the_server_then_kill_and_resume_gives_the_same_bytes(se
     assert all(0 < s["num_tokens"] <= 8 for s in samples)
     assert pairs and all(p["score_chosen"] - p["score_rejected"] >= 0.1 for p in pairs)
 
-    proc = subprocess.Popen([sys.executable, "-m", "synpref", *predict_args(url, tiny_model, "run")],
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "synpref", *predict_args(url, tiny_model, "run")],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     part = in_tmp / "run/parts/part-001-000.jsonl"
     deadline = time.time() + 120
     while (not part.exists() or part.read_bytes().count(b"\n") < 1) and proc.poll() is None and time.time() < deadline:
@@ -101,10 +114,22 @@ def test_predict_through_the_server_then_kill_and_resume_gives_the_same_bytes(se
 
 
 def test_evaluation_serves_policy_and_baseline_by_their_paths(server, in_tmp, tiny_model, baseline, sample_dir):
-    main(["predict", "--config", "configs/tiny/eval.yaml", "--config", "configs/tiny/eval_served.yaml",
-          f"--model.init_args.model_name_or_path={tiny_model}", f"--model.init_args.baseline_name_or_path={baseline}",
-          f"--model.init_args.generator.init_args.base_url={server[0]}", "--model.init_args.output_dir=eval",
-          "--model.init_args.max_new_tokens=8", "--data.init_args.max_prompts=3", "--trainer.enable_progress_bar=false"])
+    main(
+        [
+            "predict",
+            "--config",
+            "configs/tiny/eval.yaml",
+            "--config",
+            "configs/tiny/eval_served.yaml",
+            f"--model.init_args.model_name_or_path={tiny_model}",
+            f"--model.init_args.baseline_name_or_path={baseline}",
+            f"--model.init_args.generator.init_args.base_url={server[0]}",
+            "--model.init_args.output_dir=eval",
+            "--model.init_args.max_new_tokens=8",
+            "--data.init_args.max_prompts=3",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
     rows = sorted(read_jsonl(in_tmp / "eval/eval.jsonl"), key=lambda r: r["index"])
     assert len(rows) == 3
     # Each model answered as itself, at the prompt's seed (independent reference: in-process generate).
@@ -124,11 +149,21 @@ def test_reproduce_starts_the_server_for_served_stages_and_stops_it(in_tmp, tiny
     svc = serve_service(port).__dict__
     config["services"] = [{**svc, "stages": ["sample", "eval_dpo_synthetic"]}]
     config["build_tiny_model"] = None
-    keep = {"sample": ["--data.init_args.max_prompts=4", "--model.init_args.max_new_tokens=6"],
-            "eval_dpo_synthetic": ["--data.init_args.max_prompts=3", "--model.init_args.max_new_tokens=6"]}
-    config["stages"] = [{**s, "needs": [], "args": s.get("args", []) + keep[s["name"]] +
-                         [f"--model.init_args.generator.init_args.base_url=http://127.0.0.1:{port}/v1"]}
-                        for s in config["stages"] if s["name"] in keep]
+    keep = {
+        "sample": ["--data.init_args.max_prompts=4", "--model.init_args.max_new_tokens=6"],
+        "eval_dpo_synthetic": ["--data.init_args.max_prompts=3", "--model.init_args.max_new_tokens=6"],
+    }
+    config["stages"] = [
+        {
+            **s,
+            "needs": [],
+            "args": s.get("args", [])
+            + keep[s["name"]]
+            + [f"--model.init_args.generator.init_args.base_url=http://127.0.0.1:{port}/v1"],
+        }
+        for s in config["stages"]
+        if s["name"] in keep
+    ]
     (in_tmp / "artifacts/tiny/sft").symlink_to(baseline)
     (in_tmp / "artifacts/tiny/dpo_synthetic").symlink_to(tiny_model)
     (in_tmp / "served.yaml").write_text(yaml.safe_dump(config))

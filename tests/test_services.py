@@ -16,8 +16,13 @@ STAGES = ["sft", "sample", "dpo", "eval"]
 
 def http_service(stages=("sample", "eval"), command=None) -> Service:
     port = free_port()
-    return Service(name="web", command=command or [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
-                   health_url=f"http://127.0.0.1:{port}/", stages=list(stages), startup_timeout=60)
+    return Service(
+        name="web",
+        command=command or [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        health_url=f"http://127.0.0.1:{port}/",
+        stages=list(stages),
+        startup_timeout=60,
+    )
 
 
 def alive(proc) -> bool:

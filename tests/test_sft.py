@@ -82,8 +82,17 @@ def trl_trainer(sharp_model, conversations, tmp_path):
 
     tok = load_tokenizer(sharp_model)
     rows = [{"prompt": m[:-1], "completion": m[-1:]} for m in conversations]
-    args = SFTConfig(output_dir=str(tmp_path), completion_only_loss=True, max_length=MAX_LENGTH, report_to=[],
-                     use_cpu=True, bf16=False, fp16=False, per_device_train_batch_size=4, seed=0)
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        completion_only_loss=True,
+        max_length=MAX_LENGTH,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        per_device_train_batch_size=4,
+        seed=0,
+    )
     model = AutoModelForCausalLM.from_pretrained(sharp_model, dtype=torch.float32)
     return SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
 

@@ -9,13 +9,21 @@ import pytest
 from synpref.chat import DataError, chat_messages
 from synpref.data import PreferenceDataModule, PreferenceSource, PromptDataModule, SmolTalkDataModule
 
-OPENAI = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
-          {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another?"},
-          {"role": "assistant", "content": "Red."}]
+OPENAI = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "Blue."},
+    {"role": "user", "content": "Another?"},
+    {"role": "assistant", "content": "Red."},
+]
 # The same conversation as argilla/axolotl/LLaMA-Factory write it: both spellings of each role.
-SHAREGPT = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Name a colour."},
-            {"from": "gpt", "value": "Blue."}, {"from": "user", "value": "Another?"},
-            {"from": "assistant", "value": "Red."}]
+SHAREGPT = [
+    {"from": "system", "value": "Be brief."},
+    {"from": "human", "value": "Name a colour."},
+    {"from": "gpt", "value": "Blue."},
+    {"from": "user", "value": "Another?"},
+    {"from": "assistant", "value": "Red."},
+]
 
 
 def write(path, rows) -> str:
@@ -65,9 +73,13 @@ def test_preference_pairs(tiny_model, tmp_path):
         dm.setup("fit")
         return {k: dm.train_set[0][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
 
-    openai = pairs({"prompt": OPENAI[:4], "chosen": [OPENAI[4]], "rejected": [{"role": "assistant", "content": "Cheese."}]})
+    openai = pairs(
+        {"prompt": OPENAI[:4], "chosen": [OPENAI[4]], "rejected": [{"role": "assistant", "content": "Cheese."}]}
+    )
     # chosen/rejected as sharegpt lists, with an explicit prompt or as full conversations (implicit prompt).
-    explicit = pairs({"prompt": SHAREGPT[:4], "chosen": [SHAREGPT[4]], "rejected": [{"from": "gpt", "value": "Cheese."}]})
+    explicit = pairs(
+        {"prompt": SHAREGPT[:4], "chosen": [SHAREGPT[4]], "rejected": [{"from": "gpt", "value": "Cheese."}]}
+    )
     implicit = pairs({"chosen": SHAREGPT, "rejected": SHAREGPT[:4] + [{"from": "gpt", "value": "Cheese."}]})
     assert openai == explicit == implicit
     with pytest.raises(DataError) as e:

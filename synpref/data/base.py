@@ -102,8 +102,11 @@ class TokenizedDataModule(L.LightningDataModule):
         if val is None and self.val_fraction > 0:
             n_val = math.ceil(self.val_fraction * len(train))
             if len(train) - n_val < 1:
-                raise ConfigError("data.init_args.val_fraction", f"{self.val_fraction} of {len(train)} usable rows leaves "
-                                  f"none to train on; give more rows, or set val_fraction: 0")
+                raise ConfigError(
+                    "data.init_args.val_fraction",
+                    f"{self.val_fraction} of {len(train)} usable rows leaves "
+                    f"none to train on; give more rows, or set val_fraction: 0",
+                )
             parts = train.train_test_split(test_size=self.val_fraction, seed=self.seed, shuffle=True)
             train, val = parts["train"], parts["test"]
         self.train_set, self.val_set = train, val
@@ -121,7 +124,9 @@ class TokenizedDataModule(L.LightningDataModule):
                 # wrapper would reshuffle it, mixing lengths and changing which rows share a step.
                 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 
-                sampler = DistributedSamplerWrapper(sampler, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)
+                sampler = DistributedSamplerWrapper(
+                    sampler, num_replicas=world, rank=self.trainer.global_rank, shuffle=False
+                )
         # Resumable: a mid-epoch checkpoint restores the position in the epoch, not only its start.
         return ResumableDataLoader(
             ds.with_format(None),

@@ -17,7 +17,7 @@ def pad(seqs: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.
     for i, s in enumerate(seqs):
         if len(s):
             if left:
-                out[i, width - len(s):] = torch.as_tensor(s)
+                out[i, width - len(s) :] = torch.as_tensor(s)
             else:
                 out[i, : len(s)] = torch.as_tensor(s)
     return out
@@ -27,7 +27,11 @@ def collate_sft(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     ids = [r["input_ids"] for r in rows]
     input_ids = pad(ids, pad_token_id)
     attention_mask = pad([[1] * len(s) for s in ids], 0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": pad([r["labels"] for r in rows], IGNORE_INDEX)}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": pad([r["labels"] for r in rows], IGNORE_INDEX),
+    }
 
 
 class LengthGroupedSampler(Sampler[int]):
@@ -38,7 +42,13 @@ class LengthGroupedSampler(Sampler[int]):
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, group: int = 50, seed: int = 0, shuffle: bool = True):
-        self.lengths, self.batch_size, self.group, self.seed, self.shuffle = list(lengths), batch_size, group, seed, shuffle
+        self.lengths, self.batch_size, self.group, self.seed, self.shuffle = (
+            list(lengths),
+            batch_size,
+            group,
+            seed,
+            shuffle,
+        )
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

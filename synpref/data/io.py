@@ -57,8 +57,13 @@ def load_rows(
         try:
             ds = datasets.load_dataset(path, config_name, split=split)
         except Exception as e:  # offline, a typo, a missing split: name it, not 30 frames of datasets
-            raise DataError(path, None, "path", f"not a local file and cannot be loaded from the hub ({type(e).__name__}: "
-                            f"{e}); for a local file give its path with its .jsonl/.json/.parquet suffix") from e
+            raise DataError(
+                path,
+                None,
+                "path",
+                f"not a local file and cannot be loaded from the hub ({type(e).__name__}: "
+                f"{e}); for a local file give its path with its .jsonl/.json/.parquet suffix",
+            ) from e
     if max_rows is not None:
         ds = ds.select(range(min(max_rows, len(ds))))
     return ds
@@ -78,8 +83,13 @@ def check_text(path: Path, chunk: int = 1 << 24) -> None:
                     before = f.read(offset + e.start)
                     line_start = before.rfind(b"\n") + 1
                     row = sum(1 for line in before[:line_start].split(b"\n") if line.strip())
-                    raise DataError(str(path), row, "*", f"not valid UTF-8 (byte 0x{block[e.start]:02x} at column "
-                                    f"{len(before) - line_start + 1}); re-save the file as UTF-8") from None
+                    raise DataError(
+                        str(path),
+                        row,
+                        "*",
+                        f"not valid UTF-8 (byte 0x{block[e.start]:02x} at column "
+                        f"{len(before) - line_start + 1}); re-save the file as UTF-8",
+                    ) from None
                 offset += len(block)
             decoder.decode(b"", final=True)
     except OSError as e:
@@ -144,8 +154,7 @@ def map_rows(
             reason, why = "bad/" + re.sub(r"\[\d+\]", "", e.field), str(error)
         return {**{c: None for c in columns}, "_drop": reason, "_why": why}
 
-    out = ds.map(apply, with_indices=True, remove_columns=ds.column_names, num_proc=num_proc,
-                 desc=f"preparing {what}")
+    out = ds.map(apply, with_indices=True, remove_columns=ds.column_names, num_proc=num_proc, desc=f"preparing {what}")
     counts = dict(Counter(r for r in out["_drop"] if r))
     examples = [w for w in out["_why"] if w]
     kept = out.filter(lambda r: not r, input_columns="_drop").remove_columns(["_drop", "_why"])

@@ -87,7 +87,11 @@ def _split_pair(prompt, chosen: list[dict], rejected: list[dict]) -> tuple[list[
 
 def _binarize_openbmb(row: dict, rule: str, seed: int) -> dict:
     require(row, ["instruction", "completions"])
-    done = [c for c in row["completions"] if isinstance(c, dict) and c.get("response") and c.get("overall_score") is not None]
+    done = [
+        c
+        for c in row["completions"]
+        if isinstance(c, dict) and c.get("response") and c.get("overall_score") is not None
+    ]
     if len(done) < 2:
         raise FieldError("completions", "fewer than two scored completions")
     best = max(range(len(done)), key=lambda i: (done[i]["overall_score"], -i))
@@ -96,8 +100,13 @@ def _binarize_openbmb(row: dict, rule: str, seed: int) -> dict:
         worst = min(others, key=lambda c: c["overall_score"])
     else:
         worst = random.Random(f"{seed}:{row['instruction']}").choice(others)
-    return {"prompt": row["instruction"], "chosen": done[best]["response"], "rejected": worst["response"],
-            "score_chosen": done[best]["overall_score"], "score_rejected": worst["overall_score"]}
+    return {
+        "prompt": row["instruction"],
+        "chosen": done[best]["response"],
+        "rejected": worst["response"],
+        "score_chosen": done[best]["overall_score"],
+        "score_rejected": worst["overall_score"],
+    }
 
 
 class PreferenceDataModule(TokenizedDataModule):
@@ -128,8 +137,16 @@ class PreferenceDataModule(TokenizedDataModule):
         seed: int = 0,
         trust_remote_code: bool = False,
     ):
-        super().__init__(tokenizer_name_or_path, batch_size, eval_batch_size, val_fraction,
-                         group_by_length, num_workers, seed, trust_remote_code)
+        super().__init__(
+            tokenizer_name_or_path,
+            batch_size,
+            eval_batch_size,
+            val_fraction,
+            group_by_length,
+            num_workers,
+            seed,
+            trust_remote_code,
+        )
         if not sources:
             raise ValueError("PreferenceDataModule needs at least one source")
         self.sources = [s if isinstance(s, PreferenceSource) else PreferenceSource(**s) for s in sources]
@@ -141,7 +158,9 @@ class PreferenceDataModule(TokenizedDataModule):
         self.max_length, self.drop_ties, self.on_bad_row, self.num_proc = max_length, drop_ties, on_bad_row, num_proc
 
     # -- one row -------------------------------------------------------------------------------
-    def to_pair(self, row: dict, fmt: str, binarize: str = "random") -> tuple[list[dict], str, str, Optional[float], Optional[float]]:
+    def to_pair(
+        self, row: dict, fmt: str, binarize: str = "random"
+    ) -> tuple[list[dict], str, str, Optional[float], Optional[float]]:
         """(prompt messages, chosen text, rejected text, score_chosen, score_rejected) of a raw row."""
         if fmt == "openbmb":
             row = _binarize_openbmb(row, binarize, self.seed)
@@ -168,8 +187,12 @@ class PreferenceDataModule(TokenizedDataModule):
         if room <= 0:
             raise Dropped("truncated")
         chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
-        return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids,
-                "length": len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))}
+        return {
+            "prompt_ids": prompt_ids,
+            "chosen_ids": chosen_ids,
+            "rejected_ids": rejected_ids,
+            "length": len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)),
+        }
 
     # -- data sets -----------------------------------------------------------------------------
     def _load(self, sources: list[PreferenceSource], split: str) -> datasets.Dataset:
@@ -177,8 +200,15 @@ class PreferenceDataModule(TokenizedDataModule):
         for k, src in enumerate(sources):
             rows = load_rows(src.path, src.split, src.config_name, src.max_rows)
             name = source_name(src.path, src.split, src.config_name)
-            ds, counts = map_rows(rows, lambda r, s=src: self.encode(r, s.format, s.binarize), name,
-                                  COLUMNS, self.on_bad_row, "preference pairs", self.num_proc)
+            ds, counts = map_rows(
+                rows,
+                lambda r, s=src: self.encode(r, s.format, s.binarize),
+                name,
+                COLUMNS,
+                self.on_bad_row,
+                "preference pairs",
+                self.num_proc,
+            )
             for reason, n in counts.items():
                 key = f"{split}/{reason}" if len(sources) == 1 else f"{split}/source{k}/{reason}"
                 self.drop_counts[key] = self.drop_counts.get(key, 0) + n

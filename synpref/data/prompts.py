@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 
 from synpref.chat import DataError, FieldError, chat_messages, conversation_field, encode_prompt
 from synpref.data.base import TokenizedDataModule
-from synpref.errors import ConfigError
 from synpref.data.io import Dropped, OnBadRow, load_rows, map_rows, source_name
+from synpref.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,9 @@ class PromptDataModule(TokenizedDataModule):
         num_proc: Optional[int] = None,
         trust_remote_code: bool = False,
     ):
-        super().__init__(tokenizer_name_or_path, batch_size, None, 0.0, group_by_length, num_workers, 0, trust_remote_code)
+        super().__init__(
+            tokenizer_name_or_path, batch_size, None, 0.0, group_by_length, num_workers, 0, trust_remote_code
+        )
         if max_prompts is not None and max_prompts < 1:
             raise ConfigError("data.init_args.max_prompts", f"must be ≥ 1 or null (all), got {max_prompts}")
         self.save_hyperparameters(logger=False)  # MLflow params: the module's run_params()
@@ -109,11 +111,23 @@ class PromptDataModule(TokenizedDataModule):
             length = len(encode_prompt(self.tokenizer, prompt))
             if self.max_prompt_length and length > self.max_prompt_length:
                 raise Dropped("too_long")
-            return {"prompt": prompt, "prompt_id": row_prompt_id(row, prompt), "text_key": text_key(prompt), "length": length}
+            return {
+                "prompt": prompt,
+                "prompt_id": row_prompt_id(row, prompt),
+                "text_key": text_key(prompt),
+                "length": length,
+            }
 
         rows = load_rows(path, split, self.config_name)
-        ds, counts = map_rows(rows, encode, source_name(path, split, self.config_name),
-                              ["prompt", "prompt_id", "text_key", "length"], self.on_bad_row, "prompts", self.num_proc)
+        ds, counts = map_rows(
+            rows,
+            encode,
+            source_name(path, split, self.config_name),
+            ["prompt", "prompt_id", "text_key", "length"],
+            self.on_bad_row,
+            "prompts",
+            self.num_proc,
+        )
         for reason, n in counts.items():
             self.drop_counts[f"{reason}"] = self.drop_counts.get(reason, 0) + n
         return ds
@@ -126,7 +140,9 @@ class PromptDataModule(TokenizedDataModule):
                 try:
                     prompt = row_prompt(row)
                 except FieldError as e:
-                    raise DataError(source_name(path, self.exclude_split, self.config_name), i, e.field, e.problem) from None
+                    raise DataError(
+                        source_name(path, self.exclude_split, self.config_name), i, e.field, e.problem
+                    ) from None
                 keys.update((row_prompt_id(row, prompt), text_key(prompt)))
         return keys
 
@@ -152,9 +168,13 @@ class PromptDataModule(TokenizedDataModule):
             log.info("%s: %d prompts kept; dropped %s", self.path, len(keep), dict(dropped))
         if not keep:
             removed = {**self.drop_counts, **dropped}
-            raise DataError(source_name(self.path, self.split, self.config_name), None, "*",
-                            f"no prompts left to use: every usable prompt was removed ({removed}); "
-                            f"check `exclude` ({', '.join(self.exclude) or 'none'}), `max_prompts` and `max_prompt_length`")
+            raise DataError(
+                source_name(self.path, self.split, self.config_name),
+                None,
+                "*",
+                f"no prompts left to use: every usable prompt was removed ({removed}); "
+                f"check `exclude` ({', '.join(self.exclude) or 'none'}), `max_prompts` and `max_prompt_length`",
+            )
         self.prompts = ds.select(keep)
 
     def fingerprint(self) -> str:
@@ -188,8 +208,9 @@ class PromptDataModule(TokenizedDataModule):
     def predict_dataloader(self) -> DataLoader:
         # Each item is a whole planned batch (batch_size=None), so Lightning's distributed sampler
         # deals out batches, not prompts: rank r gets batches r, r+W, ... of the same plan.
-        return DataLoader(self.batches(), batch_size=None, shuffle=False, collate_fn=self.collate,
-                          num_workers=self.num_workers)
+        return DataLoader(
+            self.batches(), batch_size=None, shuffle=False, collate_fn=self.collate, num_workers=self.num_workers
+        )
 
     def test_dataloader(self) -> DataLoader:
         return self.predict_dataloader()

@@ -40,8 +40,16 @@ class SmolTalkDataModule(TokenizedDataModule):
         seed: int = 0,
         trust_remote_code: bool = False,
     ):
-        super().__init__(tokenizer_name_or_path, batch_size, eval_batch_size, val_fraction,
-                         group_by_length, num_workers, seed, trust_remote_code)
+        super().__init__(
+            tokenizer_name_or_path,
+            batch_size,
+            eval_batch_size,
+            val_fraction,
+            group_by_length,
+            num_workers,
+            seed,
+            trust_remote_code,
+        )
         self.save_hyperparameters(logger=False)  # MLflow params: the module's run_params()
         self.path, self.config_name, self.split, self.val_split = path, config_name, split, val_split
         self.max_length, self.max_rows, self.on_bad_row, self.num_proc = max_length, max_rows, on_bad_row, num_proc
@@ -61,8 +69,15 @@ class SmolTalkDataModule(TokenizedDataModule):
         # A local source's validation split may be another file: `val_split: path/to/val.jsonl`.
         path = name if split == "val" and is_local(name) else self.path
         rows = load_rows(path, name, self.config_name, self.max_rows)
-        ds, counts = map_rows(rows, self._encode, source_name(path, name, self.config_name),
-                              ["input_ids", "labels", "length"], self.on_bad_row, "conversations", self.num_proc)
+        ds, counts = map_rows(
+            rows,
+            self._encode,
+            source_name(path, name, self.config_name),
+            ["input_ids", "labels", "length"],
+            self.on_bad_row,
+            "conversations",
+            self.num_proc,
+        )
         for reason, n in counts.items():
             self.drop_counts[f"{split}/{reason}"] = n
         return ds

@@ -1,9 +1,9 @@
 """LightningModules: SFT, DPO, sampling, evaluation."""
 
 from synpref.modules.base import CausalLMModule
-from synpref.modules.sft import SFTModule
 from synpref.modules.dpo import DPOModule
 from synpref.modules.evaluation import WinRateModule
 from synpref.modules.sampling import SamplingModule
+from synpref.modules.sft import SFTModule
 
 __all__ = ["CausalLMModule", "SFTModule", "DPOModule", "WinRateModule", "SamplingModule"]

@@ -13,7 +13,6 @@ import torch
 
 from synpref.models import end_of_turn_ids, load_causal_lm, load_tokenizer
 
-
 # Drop counts sort after every other metric section in the MLflow UI (the results come first).
 DROPPED_PREFIX = "zz_data/dropped/"
 
@@ -29,8 +28,11 @@ def log_data_drops(module: L.LightningModule) -> None:
 def model_name(name_or_path: str) -> str:
     """The short name of a model: its folder (`artifacts/tiny/dpo_synthetic` -> `dpo_synthetic`) or hub id."""
     path = Path(name_or_path)
-    return path.name if path.exists() or name_or_path.startswith((".", "/")) or name_or_path.count("/") != 1 \
+    return (
+        path.name
+        if path.exists() or name_or_path.startswith((".", "/")) or name_or_path.count("/") != 1
         else name_or_path
+    )
 
 
 def log_run_params(module: L.LightningModule, **extra) -> None:
@@ -147,8 +149,13 @@ class CausalLMModule(L.LightningModule):
         """The settings that define a training run (subclasses add theirs)."""
         trainer, data = self.trainer, self.trainer.datamodule
         length = {"max_steps": trainer.max_steps} if trainer.max_steps != -1 else {"max_epochs": trainer.max_epochs}
-        return {"policy_name": model_name(self.model_name_or_path), "lr": self.hparams.lr,
-                "batch_size": getattr(data, "batch_size", None), **length, "seed": global_seed()}
+        return {
+            "policy_name": model_name(self.model_name_or_path),
+            "lr": self.hparams.lr,
+            "batch_size": getattr(data, "batch_size", None),
+            **length,
+            "seed": global_seed(),
+        }
 
     # -- export --------------------------------------------------------------------------------
     def export(self, dirpath: str | Path) -> Path:

@@ -12,9 +12,9 @@ from typing import Optional
 import numpy as np
 import torch
 
+from synpref.errors import ConfigError
 from synpref.logprobs import token_logps
 from synpref.losses import LossType, dpo_loss
-from synpref.errors import ConfigError
 from synpref.models import check_same_tokenizer, load_frozen_causal_lm, load_tokenizer
 from synpref.modules.base import CausalLMModule
 from synpref.outputs import check_writable
@@ -22,7 +22,9 @@ from synpref.outputs import check_writable
 log = logging.getLogger(__name__)
 
 
-def sequence_logps(model: torch.nn.Module, batch: dict, chunk_size: Optional[int] = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(
+    model: torch.nn.Module, batch: dict, chunk_size: Optional[int] = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of log-probs of the labelled (response) tokens per sequence, and their count.
 
     The LM head runs on response positions only, `chunk_size` at a time (`synpref.logprobs`):
@@ -95,14 +97,22 @@ class DPOModule(CausalLMModule):
         self.ref_path = ref_model_name_or_path or model_name_or_path
         if self.ref_path != model_name_or_path:
             # Here, not at the first step: the path must exist and score the policy's token ids.
-            check_same_tokenizer(self.tokenizer, model_name_or_path,
-                                 load_tokenizer(self.ref_path, self.hparams.trust_remote_code), self.ref_path)
+            check_same_tokenizer(
+                self.tokenizer,
+                model_name_or_path,
+                load_tokenizer(self.ref_path, self.hparams.trust_remote_code),
+                self.ref_path,
+            )
         self._ref: list[torch.nn.Module] = []  # a list, not an attribute: kept out of state_dict and .to()
         self._ref_table: Optional[torch.Tensor] = None  # (pairs, 2) reference log-probs by pair index
 
     def run_params(self) -> dict:
-        return {**super().run_params(), "pairs": pairs_kind(self.trainer.datamodule), "beta": self.hparams.beta,
-                "loss_type": self.hparams.loss_type}
+        return {
+            **super().run_params(),
+            "pairs": pairs_kind(self.trainer.datamodule),
+            "beta": self.hparams.beta,
+            "loss_type": self.hparams.loss_type,
+        }
 
     # -- reference -----------------------------------------------------------------------------
     def reference(self) -> torch.nn.Module:
@@ -127,7 +137,9 @@ class DPOModule(CausalLMModule):
         if self._ref_table is not None:
             table = self._ref_table[batch["index"].cpu()]
             if torch.isnan(table).any():
-                raise RuntimeError("some pairs have no precomputed reference log-probs (data changed since precompute?)")
+                raise RuntimeError(
+                    "some pairs have no precomputed reference log-probs (data changed since precompute?)"
+                )
             return torch.cat([table[:, 0], table[:, 1]]).to(self.device)
         with torch.no_grad():
             return sequence_logps(self.reference(), batch, self.hparams.logits_chunk_size)[0]
@@ -235,8 +247,15 @@ class DPOModule(CausalLMModule):
         b = batch["index"].numel()
         # sync_dist: the logged step value is the mean over all ranks' pairs, not rank 0's share.
         for name, value in metrics.items():
-            self.log(f"train/{name}", value, prog_bar=name == "loss", on_step=True, on_epoch=False,
-                     batch_size=b, sync_dist=True)
+            self.log(
+                f"train/{name}",
+                value,
+                prog_bar=name == "loss",
+                on_step=True,
+                on_epoch=False,
+                batch_size=b,
+                sync_dist=True,
+            )
         return metrics["loss"]
 
     def validation_step(self, batch, batch_idx):

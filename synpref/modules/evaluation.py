@@ -15,10 +15,22 @@ from synpref.modules.base import log_data_drops, log_run_params, model_name
 from synpref.rewards.base import RewardScorer, score_checked
 
 
-def compare_batch(policy, policy_tokenizer, baseline, baseline_tokenizer, reward: RewardScorer,
-                  prompts: Sequence[Sequence[dict]], decoding: dict, seed: int, indices: Sequence[int],
-                  generators: Sequence[Optional[Generator]] = (None, None), names: Sequence[str] = ("", ""),
-                  judges: Sequence[Judge] = (), samples_per_prompt: int = 1, tie_tolerance: float = 0.0) -> list[dict]:
+def compare_batch(
+    policy,
+    policy_tokenizer,
+    baseline,
+    baseline_tokenizer,
+    reward: RewardScorer,
+    prompts: Sequence[Sequence[dict]],
+    decoding: dict,
+    seed: int,
+    indices: Sequence[int],
+    generators: Sequence[Optional[Generator]] = (None, None),
+    names: Sequence[str] = ("", ""),
+    judges: Sequence[Judge] = (),
+    samples_per_prompt: int = 1,
+    tie_tolerance: float = 0.0,
+) -> list[dict]:
     """`samples_per_prompt` responses per prompt from each model (same decoding, same seeds: sample
     k of both models shares its random numbers), all scored by `reward`; one record per response
     pair, prompt-major (with `sample` = k when there are several).
@@ -34,13 +46,23 @@ def compare_batch(policy, policy_tokenizer, baseline, baseline_tokenizer, reward
     """
     n = samples_per_prompt
     prompts = [list(p) for p in prompts]
-    policy_texts, policy_lengths = generate_texts(generators[0], policy, policy_tokenizer, names[0], prompts, indices, seed,
-                                                  num_return_sequences=n, **decoding)
-    baseline_texts, baseline_lengths = generate_texts(generators[1], baseline, baseline_tokenizer, names[1], prompts, indices,
-                                                      seed, num_return_sequences=n, **decoding)
+    policy_texts, policy_lengths = generate_texts(
+        generators[0], policy, policy_tokenizer, names[0], prompts, indices, seed, num_return_sequences=n, **decoding
+    )
+    baseline_texts, baseline_lengths = generate_texts(
+        generators[1],
+        baseline,
+        baseline_tokenizer,
+        names[1],
+        prompts,
+        indices,
+        seed,
+        num_return_sequences=n,
+        **decoding,
+    )
     flat = [(p, k) for p in prompts for k in range(n)]
     prompts = [p for p, _ in flat]
-    flat_list = (lambda rows: [x for row in rows for x in row])
+    flat_list = lambda rows: [x for row in rows for x in row]
     policy_texts, baseline_texts = flat_list(policy_texts), flat_list(baseline_texts)
     policy_lengths, baseline_lengths = flat_list(policy_lengths), flat_list(baseline_lengths)
     if judges:
@@ -51,7 +73,7 @@ def compare_batch(policy, policy_tokenizer, baseline, baseline_tokenizer, reward
     else:
         # One call for both models' replies: a local reward model then encodes each prompt once.
         rewards = score_checked(reward, prompts + prompts, policy_texts + baseline_texts)
-        policy_rewards, baseline_rewards = rewards[: len(prompts)], rewards[len(prompts):]
+        policy_rewards, baseline_rewards = rewards[: len(prompts)], rewards[len(prompts) :]
     records = [
         {
             "prompt": prompt,
@@ -62,8 +84,9 @@ def compare_batch(policy, policy_tokenizer, baseline, baseline_tokenizer, reward
             "policy_length": int(pl),
             "baseline_length": int(bl),
         }
-        for prompt, pt, bt, pr, br, pl, bl in zip(prompts, policy_texts, baseline_texts, policy_rewards,
-                                                  baseline_rewards, policy_lengths, baseline_lengths)
+        for prompt, pt, bt, pr, br, pl, bl in zip(
+            prompts, policy_texts, baseline_texts, policy_rewards, baseline_rewards, policy_lengths, baseline_lengths
+        )
     ]
     for i, (record, (_, k)) in enumerate(zip(records, flat)):
         if n > 1:
@@ -132,8 +155,10 @@ class WinRateModule(L.LightningModule):
         if not judges or not isinstance(judges[0], RewardScorer):
             raise ValueError("WinRateModule needs `reward` (a RewardScorer), or `judges` whose first is a RewardScorer")
         if baseline_generator is None and getattr(generator, "model", None):
-            raise ValueError(f"generator.model={generator.model!r} names one served model: give the baseline its "
-                             f"own baseline_generator (or leave generator.model unset to ask by each model's path)")
+            raise ValueError(
+                f"generator.model={generator.model!r} names one served model: give the baseline its "
+                f"own baseline_generator (or leave generator.model unset to ask by each model's path)"
+            )
         self.generators = (generator, baseline_generator or generator)
         self.model_name_or_path = model_name_or_path
         self.baseline_name_or_path = baseline_name_or_path
@@ -144,8 +169,13 @@ class WinRateModule(L.LightningModule):
         self.self_judged = self_judged(judges, self.judge_labels, read_provenance(model_name_or_path))
         self.output_dir = output_dir
         self.seed = seed
-        self.decoding = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
-                         "top_k": top_k, "top_p": top_p}
+        self.decoding = {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": do_sample,
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+        }
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
         self.baseline_tokenizer = load_tokenizer(baseline_name_or_path, trust_remote_code)
         self.model: Optional[torch.nn.Module] = None
@@ -166,9 +196,14 @@ class WinRateModule(L.LightningModule):
         from synpref.callbacks.win_rate import WinRateCallback
 
         hp = self.hparams
-        self.recorder = WinRateCallback(output_dir=self.output_dir, tie_tolerance=hp.tie_tolerance,
-                                        length_match_ratio=hp.length_match_ratio, figures=hp.figures,
-                                        settings=self.run_params(), overwrite=hp.overwrite)
+        self.recorder = WinRateCallback(
+            output_dir=self.output_dir,
+            tie_tolerance=hp.tie_tolerance,
+            length_match_ratio=hp.length_match_ratio,
+            figures=hp.figures,
+            settings=self.run_params(),
+            overwrite=hp.overwrite,
+        )
         return [self.recorder]
 
     def on_predict_start(self) -> None:
@@ -180,21 +215,39 @@ class WinRateModule(L.LightningModule):
 
     def run_params(self) -> dict:
         """The settings that define this comparison, as MLflow params (no secrets: names and paths)."""
-        return {"policy_name": model_name(self.model_name_or_path), "policy_path": self.model_name_or_path,
-                "baseline_name": model_name(self.baseline_name_or_path), "baseline_path": self.baseline_name_or_path,
-                "reward": self.reward.name, "seed": self.seed, "samples_per_prompt": self.hparams.samples_per_prompt,
-                "policy_labelled_by": ",".join(read_provenance(self.model_name_or_path)) or "not recorded",
-                **{f"judge.{label}": getattr(j, "name", label) for j, label in zip(self.judges, self.judge_labels)},
-                **self.decoding}
+        return {
+            "policy_name": model_name(self.model_name_or_path),
+            "policy_path": self.model_name_or_path,
+            "baseline_name": model_name(self.baseline_name_or_path),
+            "baseline_path": self.baseline_name_or_path,
+            "reward": self.reward.name,
+            "seed": self.seed,
+            "samples_per_prompt": self.hparams.samples_per_prompt,
+            "policy_labelled_by": ",".join(read_provenance(self.model_name_or_path)) or "not recorded",
+            **{f"judge.{label}": getattr(j, "name", label) for j, label in zip(self.judges, self.judge_labels)},
+            **self.decoding,
+        }
 
     def predict_step(self, batch: dict, batch_idx: int) -> Optional[list[dict]]:
         index = [int(i) for i in batch["index"]]
         if self.recorder is not None and self.recorder.has_all(index):
             return None  # a resumed run: this batch is on disk
-        records = compare_batch(self.model, self.tokenizer, self.baseline, self.baseline_tokenizer, self.reward,
-                                batch["prompt"], self.decoding, seed=self.seed, indices=index, generators=self.generators,
-                                names=(self.model_name_or_path, self.baseline_name_or_path), judges=self.judges,
-                                samples_per_prompt=self.hparams.samples_per_prompt, tie_tolerance=self.hparams.tie_tolerance)
+        records = compare_batch(
+            self.model,
+            self.tokenizer,
+            self.baseline,
+            self.baseline_tokenizer,
+            self.reward,
+            batch["prompt"],
+            self.decoding,
+            seed=self.seed,
+            indices=index,
+            generators=self.generators,
+            names=(self.model_name_or_path, self.baseline_name_or_path),
+            judges=self.judges,
+            samples_per_prompt=self.hparams.samples_per_prompt,
+            tie_tolerance=self.hparams.tie_tolerance,
+        )
         ids = batch.get("prompt_id") or [None] * len(index)
         n = self.hparams.samples_per_prompt
         return [{"index": index[j // n], "prompt_id": ids[j // n], **r} for j, r in enumerate(records)]

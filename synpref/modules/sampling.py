@@ -72,7 +72,9 @@ class SamplingModule(L.LightningModule):
     ):
         super().__init__()
         if num_samples < 2:
-            raise ConfigError("model.init_args.num_samples", f"must be ≥ 2 (a pair needs 2 samples per prompt), got {num_samples}")
+            raise ConfigError(
+                "model.init_args.num_samples", f"must be ≥ 2 (a pair needs 2 samples per prompt), got {num_samples}"
+            )
         check_decoding(max_new_tokens, True, temperature, top_p, top_k)
         self.save_hyperparameters(ignore=["reward", "generator"], logger=False)  # MLflow params: run_params()
         self.model_name_or_path, self.reward, self.threshold = model_name_or_path, reward, threshold
@@ -87,8 +89,9 @@ class SamplingModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is None and self.generator is None:
             hp = self.hparams
-            self.model = load_frozen_causal_lm(self.model_name_or_path, hp.dtype, hp.trust_remote_code,
-                                               hp.attn_implementation)
+            self.model = load_frozen_causal_lm(
+                self.model_name_or_path, hp.dtype, hp.trust_remote_code, hp.attn_implementation
+            )
 
     def configure_callbacks(self) -> list[L.Callback]:
         # The writer and the statistics belong to this module's output; a config's
@@ -105,9 +108,17 @@ class SamplingModule(L.LightningModule):
 
     def run_params(self) -> dict:
         hp = self.hparams
-        return {"policy_name": model_name(self.model_name_or_path), "reward": self.reward.name,
-                "num_samples": hp.num_samples, "threshold": hp.threshold, "seed": hp.seed,
-                "max_new_tokens": hp.max_new_tokens, "temperature": hp.temperature, "top_k": hp.top_k, "top_p": hp.top_p}
+        return {
+            "policy_name": model_name(self.model_name_or_path),
+            "reward": self.reward.name,
+            "num_samples": hp.num_samples,
+            "threshold": hp.threshold,
+            "seed": hp.seed,
+            "max_new_tokens": hp.max_new_tokens,
+            "temperature": hp.temperature,
+            "top_k": hp.top_k,
+            "top_p": hp.top_p,
+        }
 
     def fingerprint(self) -> dict:
         """What fixes the samples: a resumed run must match it."""
@@ -121,9 +132,19 @@ class SamplingModule(L.LightningModule):
         hp = self.hparams
         start = time.perf_counter()
         texts, counts = generate_texts(
-            self.generator, self.model, self.tokenizer, self.model_name_or_path, batch["prompt"], batch["index"],
-            hp.seed, num_return_sequences=hp.num_samples, max_new_tokens=hp.max_new_tokens,
-            temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p, do_sample=True,
+            self.generator,
+            self.model,
+            self.tokenizer,
+            self.model_name_or_path,
+            batch["prompt"],
+            batch["index"],
+            hp.seed,
+            num_return_sequences=hp.num_samples,
+            max_new_tokens=hp.max_new_tokens,
+            temperature=hp.temperature,
+            top_k=hp.top_k,
+            top_p=hp.top_p,
+            do_sample=True,
         )
         self.generate_seconds += time.perf_counter() - start
         self.generated_tokens += sum(map(sum, counts))
@@ -134,9 +155,16 @@ class SamplingModule(L.LightningModule):
         self.bad_scores += scores.count(None)
         k = hp.num_samples
         records = [
-            {"index": int(index), "prompt_id": pid, "prompt": prompt,
-             "samples": [{"text": t, "score": s, "num_tokens": int(n)}
-                         for t, s, n in zip(texts[j], scores[j * k:(j + 1) * k], counts[j]) if s is not None]}
+            {
+                "index": int(index),
+                "prompt_id": pid,
+                "prompt": prompt,
+                "samples": [
+                    {"text": t, "score": s, "num_tokens": int(n)}
+                    for t, s, n in zip(texts[j], scores[j * k : (j + 1) * k], counts[j])
+                    if s is not None
+                ],
+            }
             for j, (index, pid, prompt) in enumerate(zip(batch["index"], batch["prompt_id"], batch["prompt"]))
         ]
         return [r for r in records if len(r["samples"]) >= 2]

@@ -33,8 +33,12 @@ class RewardError(SynprefError):
     """A scorer broke the reward contract (one finite float per response), named with the prompt."""
 
 
-def score_checked(reward: RewardScorer, prompts: Sequence[Sequence[dict]], responses: Sequence[str],
-                  on_bad_score: OnBadScore = "error") -> list[Optional[float]]:
+def score_checked(
+    reward: RewardScorer,
+    prompts: Sequence[Sequence[dict]],
+    responses: Sequence[str],
+    on_bad_score: OnBadScore = "error",
+) -> list[Optional[float]]:
     """`reward.score` with its contract enforced: one finite float per response (user scorers included).
 
     A NaN, an infinity, None or a non-number is a RewardError naming the scorer and the prompt, or
@@ -49,8 +53,10 @@ def score_checked(reward: RewardScorer, prompts: Sequence[Sequence[dict]], respo
         if value is not None:
             out.append(value)
             continue
-        problem = (f"reward {reward.name!r} returned {score!r:.40} ({type(score).__name__}), not a finite float, "
-                   f"for the prompt {prompt_text(prompt)[:80]!r}")
+        problem = (
+            f"reward {reward.name!r} returned {score!r:.40} ({type(score).__name__}), not a finite float, "
+            f"for the prompt {prompt_text(prompt)[:80]!r}"
+        )
         if on_bad_score == "error":
             raise RewardError(f"{problem}; fix the scorer, or set on_bad_score: skip to drop and count such samples")
         log.warning("skipped (on_bad_score=skip): %s", problem)
@@ -71,7 +77,9 @@ def _finite_float(score) -> Optional[float]:
 
 def check_lengths(prompts: Sequence, responses: Sequence) -> None:
     if len(prompts) != len(responses):
-        raise ValueError(f"score() needs one response per prompt: got {len(prompts)} prompts, {len(responses)} responses")
+        raise ValueError(
+            f"score() needs one response per prompt: got {len(prompts)} prompts, {len(responses)} responses"
+        )
 
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:

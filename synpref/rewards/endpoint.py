@@ -50,10 +50,21 @@ class EndpointReward(RewardScorer):
         backoff: float = 1.0,
         max_backoff: float = 60.0,
     ):
-        self.model, self.url, self.api_key_env, self.source = model, base_url.rstrip("/") + "/chat/completions", api_key_env, source
+        self.model, self.url, self.api_key_env, self.source = (
+            model,
+            base_url.rstrip("/") + "/chat/completions",
+            api_key_env,
+            source,
+        )
         self.max_concurrency = max_concurrency
-        self.http = {"api_key_env": api_key_env, "timeout": timeout, "deadline": deadline, "max_retries": max_retries,
-                     "backoff": backoff, "max_backoff": max_backoff}
+        self.http = {
+            "api_key_env": api_key_env,
+            "timeout": timeout,
+            "deadline": deadline,
+            "max_retries": max_retries,
+            "backoff": backoff,
+            "max_backoff": max_backoff,
+        }
         self.name = f"{model}@{base_url}"
         #: Retried failures by kind ("timeout", "HTTP 429", ...), over this scorer's life.
         self.retries: Counter = Counter()
@@ -71,7 +82,9 @@ class EndpointReward(RewardScorer):
         try:
             reply = post_json(self.url, {"model": self.model, "messages": messages}, retries=self.retries, **self.http)
         except MalformedReply as e:
-            raise EndpointError(f"{self.url}: malformed reply (expected {self._field()} with the reward; {e})") from None
+            raise EndpointError(
+                f"{self.url}: malformed reply (expected {self._field()} with the reward; {e})"
+            ) from None
         return self.parse(reply)
 
     def _field(self) -> str:
@@ -91,5 +104,7 @@ class EndpointReward(RewardScorer):
             return float(match.group(1))
         except (ValueError, KeyError, IndexError, TypeError) as e:
             shown = reply if isinstance(reply, bytes) else json.dumps(reply).encode()
-            raise EndpointError(f"{self.url}: malformed reply (expected {self._field()} with the reward; "
-                                f"{type(e).__name__}: {e}): {snippet(shown)}") from None
+            raise EndpointError(
+                f"{self.url}: malformed reply (expected {self._field()} with the reward; "
+                f"{type(e).__name__}: {e}): {snippet(shown)}"
+            ) from None

@@ -25,8 +25,15 @@ class _LocalReward(RewardScorer):
     ids themselves (longest common prefix), so any chat template and truncation is handled exactly.
     """
 
-    def __init__(self, model_name_or_path: str, batch_size: int = 8, max_length: Optional[int] = None,
-                 dtype: Optional[str] = None, trust_remote_code: bool = False, share_prefix: bool = True):
+    def __init__(
+        self,
+        model_name_or_path: str,
+        batch_size: int = 8,
+        max_length: Optional[int] = None,
+        dtype: Optional[str] = None,
+        trust_remote_code: bool = False,
+        share_prefix: bool = True,
+    ):
         self.model_name_or_path, self.batch_size, self.max_length = model_name_or_path, batch_size, max_length
         self.dtype, self.trust_remote_code, self.share_prefix = dtype, trust_remote_code, share_prefix
         self.name = model_name_or_path
@@ -68,10 +75,12 @@ class _LocalReward(RewardScorer):
     def encode(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str]) -> list[list[int]]:
         """Token ids of each conversation: synpref.chat's rendering (the ids encode_conversation gives),
         tokenized in one fast-tokenizer call, since no labels are needed here."""
-        texts = [render(self.tokenizer, list(p) + [{"role": "assistant", "content": r}]) for p, r in zip(prompts, responses)]
+        texts = [
+            render(self.tokenizer, list(p) + [{"role": "assistant", "content": r}]) for p, r in zip(prompts, responses)
+        ]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         # Keep the end of a long conversation: the reply (and its end-of-turn token) is what is judged.
-        return [s[-self.max_length:] for s in ids] if self.max_length else ids
+        return [s[-self.max_length :] for s in ids] if self.max_length else ids
 
     @torch.no_grad()
     def score(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str]) -> list[float]:
@@ -106,13 +115,17 @@ class _LocalReward(RewardScorer):
             cache = first[cache_arg] if cache_arg in first else first.past_key_values
             rows = [(g, i) for g, (_, members) in enumerate(batch) for i in members]
             cache.batch_select_indices(torch.tensor([g for g, _ in rows], device=dev))
-            suffixes = [ids[i][prefix_lens[g]:] for g, i in rows]
+            suffixes = [ids[i][prefix_lens[g] :] for g, i in rows]
             lengths = torch.tensor([len(s) for s in suffixes])
             starts = torch.tensor([prefix_lens[g] for g, _ in rows])
             span = torch.arange(int(lengths.max()))
             mask = torch.cat([torch.arange(width)[None] < starts[:, None], span[None] < lengths[:, None]], 1)
-            hidden = base(input_ids=pad(suffixes, self.tokenizer.pad_token_id).to(dev), attention_mask=mask.long().to(dev),
-                          position_ids=(starts[:, None] + span[None]).to(dev), **{cache_arg: cache}).last_hidden_state
+            hidden = base(
+                input_ids=pad(suffixes, self.tokenizer.pad_token_id).to(dev),
+                attention_mask=mask.long().to(dev),
+                position_ids=(starts[:, None] + span[None]).to(dev),
+                **{cache_arg: cache},
+            ).last_hidden_state
             scores = head(hidden[torch.arange(len(rows), device=dev), (lengths - 1).to(dev)])
             for (_, i), s in zip(rows, scores.float().tolist()):
                 out[i] = s
@@ -167,7 +180,9 @@ class HFRewardModel(_LocalReward):
         return lambda hidden: score(hidden)[:, 0]
 
 
-def prefix_groups(prompts: Sequence[Sequence[dict]], ids: list[list[int]]) -> tuple[list[tuple[int, list[int]]], list[int]]:
+def prefix_groups(
+    prompts: Sequence[Sequence[dict]], ids: list[list[int]]
+) -> tuple[list[tuple[int, list[int]]], list[int]]:
     """Conversations of the same prompt, with the length of their common token prefix (at least one
     token short of the shortest, so every member keeps a token to read the score from); conversations
     with nothing to share come back on their own."""
@@ -226,8 +241,11 @@ class NemotronReward(_LocalReward):
 
     def _scores(self, model, input_ids, attention_mask):
         # Positions count from each row's first real token, as generate() numbers left-padded rows.
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask,
-                  "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0)}
+        kwargs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0),
+        }
         head = self._head(model)
         if head is None:
             return model(**kwargs).logits[:, -1, 0]

@@ -8,9 +8,9 @@ import re
 from collections import Counter
 from typing import Optional, Sequence
 
+from synpref.http import MalformedReply, auth_headers, map_concurrent, post_json
 from synpref.metrics import LOSS, TIE, WIN
 from synpref.rewards.base import check_lengths, prompt_text
-from synpref.http import MalformedReply, auth_headers, map_concurrent, post_json
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +69,37 @@ class PairwiseLLMJudge(PairwiseJudge):
         timeout, deadline, max_concurrency, max_retries, backoff, max_backoff: as EndpointReward.
     """
 
-    def __init__(self, model: str, base_url: str = "https://api.openai.com/v1", api_key_env: Optional[str] = "OPENAI_API_KEY",
-                 system_prompt: str = SYSTEM_PROMPT, template: str = TEMPLATE, temperature: float = 0.0,
-                 max_tokens: int = 512, timeout: float = 60.0, deadline: Optional[float] = 600.0,
-                 max_concurrency: int = 8, max_retries: int = 6, backoff: float = 1.0, max_backoff: float = 60.0):
+    def __init__(
+        self,
+        model: str,
+        base_url: str = "https://api.openai.com/v1",
+        api_key_env: Optional[str] = "OPENAI_API_KEY",
+        system_prompt: str = SYSTEM_PROMPT,
+        template: str = TEMPLATE,
+        temperature: float = 0.0,
+        max_tokens: int = 512,
+        timeout: float = 60.0,
+        deadline: Optional[float] = 600.0,
+        max_concurrency: int = 8,
+        max_retries: int = 6,
+        backoff: float = 1.0,
+        max_backoff: float = 60.0,
+    ):
         self.model, self.url, self.api_key_env = model, base_url.rstrip("/") + "/chat/completions", api_key_env
-        self.system_prompt, self.template, self.temperature, self.max_tokens = system_prompt, template, temperature, max_tokens
-        self.http = {"api_key_env": api_key_env, "timeout": timeout, "deadline": deadline, "max_retries": max_retries,
-                     "backoff": backoff, "max_backoff": max_backoff}
+        self.system_prompt, self.template, self.temperature, self.max_tokens = (
+            system_prompt,
+            template,
+            temperature,
+            max_tokens,
+        )
+        self.http = {
+            "api_key_env": api_key_env,
+            "timeout": timeout,
+            "deadline": deadline,
+            "max_retries": max_retries,
+            "backoff": backoff,
+            "max_backoff": max_backoff,
+        }
         self.max_concurrency = max_concurrency
         self.name = f"pairwise:{model}@{base_url}"
         #: Retried failures by kind ("timeout", "HTTP 429", ...), over this judge's life.
@@ -89,8 +112,12 @@ class PairwiseLLMJudge(PairwiseJudge):
         """(verdict letter or None, the reply's content or what came instead) for (question, A, B)."""
         question, answer_a, answer_b = job
         user = self.template.format(question=question, answer_a=answer_a, answer_b=answer_b)
-        payload = {"model": self.model, "temperature": self.temperature, "max_tokens": self.max_tokens,
-                   "messages": [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": user}]}
+        payload = {
+            "model": self.model,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "messages": [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": user}],
+        }
         try:
             reply = post_json(self.url, payload, retries=self.retries, **self.http)
         except MalformedReply as e:
@@ -106,15 +133,21 @@ class PairwiseLLMJudge(PairwiseJudge):
         check_lengths(prompts, baseline)
         auth_headers(self.api_key_env, self.url)  # a missing key fails before any request
         questions = [prompt_text(p) for p in prompts]
-        jobs = [(q, p, b) for q, p, b in zip(questions, policy, baseline)] + \
-               [(q, b, p) for q, p, b in zip(questions, policy, baseline)]
+        jobs = [(q, p, b) for q, p, b in zip(questions, policy, baseline)] + [
+            (q, b, p) for q, p, b in zip(questions, policy, baseline)
+        ]
         replies = map_concurrent(self._ask, jobs, self.max_concurrency)
         n = len(questions)
         out = [both_orders(replies[i], replies[n + i]) for i in range(n)]
         bad = [i for i, r in enumerate(out) if r["outcome"] is None]
         if bad:
-            log.warning("%s: %d of %d prompts without a valid verdict in both orders (not counted): %s", self.name,
-                        len(bad), n, "; ".join(f"{questions[i][:60]!r}: {out[i]['unparseable'][0][:120]!r}" for i in bad))
+            log.warning(
+                "%s: %d of %d prompts without a valid verdict in both orders (not counted): %s",
+                self.name,
+                len(bad),
+                n,
+                "; ".join(f"{questions[i][:60]!r}: {out[i]['unparseable'][0][:120]!r}" for i in bad),
+            )
         return out
 
 
@@ -123,8 +156,11 @@ def both_orders(policy_first: tuple[Optional[str], str], policy_second: tuple[Op
     v1, v2 = policy_first[0], policy_second[0]
     record = {"verdicts": [v1, v2]}
     if v1 is None or v2 is None:
-        record.update(outcome=None, position_bias=None,
-                      unparseable=[reply for v, reply in (policy_first, policy_second) if v is None])
+        record.update(
+            outcome=None,
+            position_bias=None,
+            unparseable=[reply for v, reply in (policy_first, policy_second) if v is None],
+        )
         return record
     as_policy = [{"A": WIN, "B": LOSS, "C": TIE}[v1], {"A": LOSS, "B": WIN, "C": TIE}[v2]]
     record["outcome"] = as_policy[0] if as_policy[0] == as_policy[1] else TIE

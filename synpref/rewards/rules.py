@@ -75,9 +75,21 @@ class RuleReward(RewardScorer):
     Two sampled replies almost never tie: overlap, distinct and length all vary continuously.
     """
 
-    def __init__(self, on_topic: float = 2.0, formed: float = 0.5, diverse: float = 1.0, length: float = 0.5,
-                 target_words: int = 40):
-        self.on_topic, self.formed, self.diverse, self.length, self.target_words = on_topic, formed, diverse, length, target_words
+    def __init__(
+        self,
+        on_topic: float = 2.0,
+        formed: float = 0.5,
+        diverse: float = 1.0,
+        length: float = 0.5,
+        target_words: int = 40,
+    ):
+        self.on_topic, self.formed, self.diverse, self.length, self.target_words = (
+            on_topic,
+            formed,
+            diverse,
+            length,
+            target_words,
+        )
         self.name = "synpref.rewards.RuleReward"
 
     def score_one(self, prompt: str, response: str) -> float:
@@ -90,8 +102,12 @@ class RuleReward(RewardScorer):
         bigrams = list(zip(reply, reply[1:]))
         distinct = len(set(bigrams)) / len(bigrams) if bigrams else 0.0
         length_penalty = abs(math.log((len(reply) + 1) / (self.target_words + 1)))
-        return (self.on_topic * overlap + self.formed * (ends_well + starts_well) + self.diverse * distinct
-                - self.length * length_penalty)
+        return (
+            self.on_topic * overlap
+            + self.formed * (ends_well + starts_well)
+            + self.diverse * distinct
+            - self.length * length_penalty
+        )
 
     def score(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str]) -> list[float]:
         check_lengths(prompts, responses)
