@@ -139,8 +139,6 @@ class WinRateCallback(L.Callback):
         """Close the shard, aggregate across processes, merge shards and log (rank 0)."""
         self._shards.close()
         metrics = self._metric.compute()  # all ranks: torchmetrics all-reduces the sum states
-        if params or not self.every_n_steps:  # predict time: the module logged the other params at its start
-            params = {**params, "n_prompts": int(metrics["n"])}
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             path, _ = self._shards.merge("eval.jsonl")
@@ -150,8 +148,8 @@ class WinRateCallback(L.Callback):
                 **metrics,
                 **judge_metrics(records, **self.metric_args, self_judged=self._self_judged, seed=self.seed),
             }
-            if params:
-                params["n_prompts"] = int(metrics["n_prompts"])
+            if params or not self.every_n_steps:  # predict time: the module logged the other params at its start
+                params = {**params, "n_prompts": int(metrics["n_prompts"])}
             log.info(
                 "%swin rate %.3f [%.3f, %.3f] over %d prompts (%s)",
                 self.prefix,
