@@ -228,7 +228,7 @@ def _load_extra_commands() -> None:
     """Import the modules that register pipeline subcommands (kept out of import of this module)."""
     import importlib
 
-    for module in ("synpref.compare", "synpref.pipeline"):
+    for module in ("synpref.compare", "synpref.pipeline", "synpref.pair_stage"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as e:

@@ -75,6 +75,9 @@ def eval_runs(experiment: str, tracking_uri: Optional[str] = None, parent_run_id
             run_name=run.info.run_name or "",
             **judge_fields(m),
         )
+        arm = {k[len("arm.") :]: v for k, v in p.items() if k.startswith("arm.")}
+        if arm:  # an arm of a scaling grid (synpref.grid)
+            row["arm"] = arm
         latest[(row["path"] or row["model"], row["baseline"], row["reward_model"])] = row  # later runs replace earlier
     return sorted(latest.values(), key=lambda r: (r["model"], r["path"], r["baseline"], r["reward_model"]))
 
@@ -113,6 +116,7 @@ def compare(
     csv: Optional[str] = None,
     parent_run_id: Optional[str] = None,
     figures_dir: Optional[str] = None,
+    head_to_head: list[list[str]] = [],
 ) -> str:
     """Read the experiment's `synpref predict --config configs/eval.yaml` runs; print and return the
     table as markdown, and write it as CSV.
@@ -123,8 +127,16 @@ def compare(
         csv: CSV output path (all columns, rates as fractions); none written if omitted.
         parent_run_id: only runs nested under this run (one pipeline run); the table (win_rates.md,
             and the CSV and figures when written) is also logged to that run.
-        figures_dir: write win_rates.png (Figure 1) and avg_rewards.png (Figure 2) of all rows here.
+        figures_dir: write win_rates.png (Figure 1) and avg_rewards.png (Figure 2) of all rows here;
+            for a scaling grid also scaling.csv, win_rate_vs_pairs.png and win_rate_per_round.png.
+        head_to_head: pairs of arms (their labels or model names) compared prompt by prompt: the
+            difference of their win rates with a paired 95% interval and the prompts needed to
+            resolve it (synpref.study_report).
     """
+    from mlflow import MlflowClient
+
+    from synpref.study_report import study_report
+
     rows = eval_runs(experiment, tracking_uri, parent_run_id)
     if not rows:
         raise ConfigError(
@@ -138,6 +150,9 @@ def compare(
         "\n".join(self_judged_warnings(rows)),
         "\n".join(power_lines(rows)),
     ]
+    client = MlflowClient(tracking_uri or default_tracking_uri())
+    study_text, study_files = study_report(client, rows, head_to_head, Path(figures_dir) if figures_dir else None)
+    parts.insert(1, study_text)
     table = "\n\n".join(p for p in parts if p)
     if csv:
         Path(csv).parent.mkdir(parents=True, exist_ok=True)
@@ -149,11 +164,8 @@ def compare(
         log.info("wrote %s", csv)
     figures = write_figures(rows, Path(figures_dir)) if figures_dir else []
     if parent_run_id:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(tracking_uri or default_tracking_uri())
         client.log_text(parent_run_id, table + "\n", "win_rates.md")
-        for path in ([csv] if csv else []) + figures:
+        for path in ([csv] if csv else []) + figures + study_files:
             client.log_artifact(parent_run_id, str(path))
     print(table)
     return table

@@ -62,11 +62,16 @@ def creator_hint(name_or_path: str) -> str:
         return "build it with `synpref build-tiny`"
     for config in sorted(Path("configs").rglob("*.yaml")):
         try:
-            exported = (yaml.safe_load(config.read_text()) or {}).get("export", {}).get("dirpath")
+            tree = yaml.safe_load(config.read_text()) or {}
+            exported = tree.get("export", {}).get("dirpath")
         except (yaml.YAMLError, OSError, AttributeError):
             continue
         if exported and Path(exported).as_posix().rstrip("/") == target:
-            return f"it is the export of `synpref fit --config {config.as_posix()}`: run that stage first"
+            # An arm file (dpo_synthetic.yaml) sets only its data: it is composed over its base (dpo.yaml).
+            base = config.with_name(config.stem.split("_")[0] + ".yaml")
+            files = [base, config] if "model" not in tree and base.exists() else [config]
+            command = " ".join(f"--config {f.as_posix()}" for f in files)
+            return f"it is the export of `synpref fit {command}`: run that stage first"
     return (
         "give an HF model directory or hub id; synpref writes one with `synpref fit` (its export.dirpath) "
         "or `synpref build-tiny --out DIR`"

@@ -17,9 +17,20 @@ from typing import Optional
 
 from synpref.cli import INVOCATION, register
 from synpref.cli import tracking_uri as default_tracking_uri
+from synpref.grid import ArmStage, Study, expand, label, select
 from synpref.parent_run import STAGE_TAG, end_parent, log_headline, parent_run, pipeline_params
 from synpref.services import Service, for_stages
-from synpref.stages import ContentHashes, Stage, fingerprint, input_paths, is_done, marker_path, plan, stage_argv
+from synpref.stages import (
+    ContentHashes,
+    Stage,
+    fingerprint,
+    input_paths,
+    is_done,
+    marker_path,
+    plan,
+    stage_argv,
+    tracking_args,
+)
 
 __all__ = ["Stage", "is_done", "reproduce"]
 
@@ -113,16 +124,8 @@ def log_tail(path: Path, lines: int = 20) -> list[str]:
 def run_stage(stage: Stage, state: Path, client, parent: str, experiment: str, uri: str) -> float:
     """Run one stage as `python -m synpref ...`, a child of the parent run; seconds taken. A failure
     or a signal ends the parent run and exits with a message (no traceback)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "synpref",
-        *stage_argv(stage),
-        f"--trainer.logger.init_args.experiment_name={experiment}",
-        f"--trainer.logger.init_args.tracking_uri={uri}",
-        f"--trainer.logger.init_args.run_name={stage.run_name or stage.name}",
-        "--trainer.logger.init_args.tags=" + json.dumps({"mlflow.parentRunId": parent, STAGE_TAG: stage.name}),
-    ]
+    tags = {"mlflow.parentRunId": parent, STAGE_TAG: stage.name}
+    cmd = [sys.executable, "-m", "synpref", *stage_argv(stage), *tracking_args(stage, experiment, uri, tags)]
     log_path = state / "logs" / f"{stage.name}.log"
     start = time.perf_counter()
     try:
@@ -150,6 +153,35 @@ def run_stage(stage: Stage, state: Path, client, parent: str, experiment: str, u
     return time.perf_counter() - start
 
 
+def arm_label(study: Study, spec: str) -> str:
+    """The evaluated label of the arm `var=value,...` names: its last round."""
+    arm = select(study, spec)
+    return label(arm, "eval", arm["rounds"])
+
+
+def log_arm_params(client, parent: str, stage_name: str, arm: ArmStage) -> None:
+    """The arm's variables (`arm.k`, `arm.rule`, ..., `arm.synthetic_pairs`) as params of the stage's
+    latest run, so the MLflow UI can plot win rate against them."""
+    from mlflow.entities import Param
+
+    exp_id = client.get_run(parent).info.experiment_id
+    runs = client.search_runs(
+        [exp_id],
+        f"tags.mlflow.parentRunId = '{parent}' and tags.`{STAGE_TAG}` = '{stage_name}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        return
+    params = arm.params()
+    if arm.pairs_stats and Path(arm.pairs_stats).exists():
+        params["arm.synthetic_pairs"] = str(json.loads(Path(arm.pairs_stats).read_text())["pairs"])
+    elif arm.values.get("data") == "ultrafeedback":
+        params["arm.synthetic_pairs"] = "0"
+    have = runs[0].data.params
+    client.log_batch(runs[0].info.run_id, params=[Param(k, v) for k, v in params.items() if k not in have])
+
+
 @register("reproduce", "run a pipeline config (SFT → sample → DPO ×2 → eval → table), rerunning stale stages")
 def reproduce(
     stages: list[Stage],
@@ -162,6 +194,7 @@ def reproduce(
     dry_run: bool = False,
     build_tiny_model: Optional[str] = None,
     services: list[Service] = [],
+    study: Optional[Study] = None,
 ) -> Optional[str]:
     """Run the stages that are stale (docs/pipeline.md); each is its own MLflow run, all children of
     one parent run, which ends with the comparison table, headline metrics and a one-line verdict.
@@ -180,6 +213,9 @@ def reproduce(
         services: servers some stages need (e.g. `transformers serve` for served generation):
             started before a stage needing one runs, stopped before one that does not, and on
             failure, Ctrl-C or SIGTERM (synpref.services).
+        study: a scaling grid (synpref.grid, docs/scaling.md): arms expanded into pairs, DPO and
+            evaluation stages after `stages`, sharing every stage whose settings they share; the
+            end adds the scaling table, curves and head-to-head comparisons.
     """
     import mlflow
 
@@ -189,6 +225,10 @@ def reproduce(
         from synpref.cli import build_tiny
 
         build_tiny(build_tiny_model)
+    arm_stages: dict[str, ArmStage] = {}
+    if study is not None:
+        extra, arm_stages = expand(study, stages)
+        stages = list(stages) + extra
     uri = tracking_uri or default_tracking_uri()
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)
@@ -231,6 +271,8 @@ def reproduce(
             tmp.write_text(json.dumps(record, indent=1, default=str))
             tmp.replace(marker_path(state, stage))
             client.log_metric(parent, f"stage_seconds/{stage.name}", seconds)
+            if stage.name in arm_stages:
+                log_arm_params(client, parent, stage.name, arm_stages[stage.name])
             print(f"[{i}/{total}] {stage.name} … done in {duration(seconds)}", flush=True)
     rows = eval_runs(experiment, uri, parent)
     table = None
@@ -242,6 +284,7 @@ def reproduce(
             csv=comparison_csv or str(state / "comparison.csv"),
             parent_run_id=parent,
             figures_dir=str(state),
+            head_to_head=[[arm_label(study, name) for name in pair] for pair in study.head_to_head] if study else [],
         )
         print("verdict: " + log_headline(client, parent, rows))
     figures = sorted(

@@ -14,7 +14,33 @@ import synpref
 from synpref.resources import resolve
 
 # Where results are logged and which files were composed do not change what a stage computes.
-NOT_FINGERPRINTED = ("config", "trainer.logger")
+NOT_FINGERPRINTED = ("config", "trainer.logger", "tracking")
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+# Plain-function commands a stage may run (module:function); they log through a `tracking` argument.
+FUNCTION_COMMANDS = {"pairs": "synpref.pair_stage:build_pairs"}
+
+
+@dataclass
+class StageTracking:
+    """Where a function command (`synpref pairs`) logs its MLflow run; `synpref reproduce` fills it in.
+
+    Args:
+        experiment: MLflow experiment name.
+        tracking_uri: MLflow store; default MLFLOW_TRACKING_URI or sqlite:///mlflow.db.
+        run_name: the run's name.
+        tags: run tags (the pipeline's parent run id and stage name).
+    """
+
+    experiment: str = "synpref"
+    tracking_uri: Optional[str] = None
+    run_name: Optional[str] = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def start(self, client) -> str:
+        """Create the run (and the experiment if new); its id."""
+        exp = client.get_experiment_by_name(self.experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment)
+        return client.create_run(exp_id, run_name=self.run_name, tags=self.tags).info.run_id
 
 
 @dataclass
@@ -23,7 +49,7 @@ class Stage:
 
     Args:
         name: stage name (markers, logs, `--force`, `needs`).
-        command: the LightningCLI subcommand.
+        command: the LightningCLI subcommand, or `pairs` (synpref.pair_stage).
         config: config files, composed in order.
         args: extra command-line overrides (`--trainer.max_steps=10`).
         needs: earlier stages whose outputs this stage reads: their outputs are part of its
@@ -36,8 +62,8 @@ class Stage:
     """
 
     name: str
-    command: Literal["fit", "validate", "test", "predict"]
-    config: list[str]
+    command: Literal["fit", "validate", "test", "predict", "pairs"]
+    config: list[str] = field(default_factory=list)
     args: list[str] = field(default_factory=list)
     needs: list[str] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)
@@ -62,6 +88,30 @@ def stage_argv(stage: Stage) -> list[str]:
     return [stage.command, *(a for cfg in stage.config for a in ("--config", cfg)), *stage.args]
 
 
+def tracking_args(stage: Stage, experiment: str, uri: str, tags: dict) -> list[str]:
+    """The arguments that make a stage log to the pipeline's MLflow experiment, as a child run."""
+    name = stage.run_name or stage.name
+    if stage.command in LIGHTNING_COMMANDS:
+        group = "--trainer.logger.init_args."
+        return [f"{group}experiment_name={experiment}", f"{group}tracking_uri={uri}", f"{group}run_name={name}"] + [
+            f"{group}tags=" + json.dumps(tags)
+        ]
+    return [
+        f"--tracking.experiment={experiment}",
+        f"--tracking.tracking_uri={uri}",
+        f"--tracking.run_name={name}",
+        "--tracking.tags=" + json.dumps(tags),
+    ]
+
+
+def function_command(command: str):
+    """The function behind a FUNCTION_COMMANDS entry."""
+    import importlib
+
+    module, name = FUNCTION_COMMANDS[command].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def flatten(tree, prefix: str = "") -> dict:
     """{"a": {"b": 1}} → {"a.b": 1}; lists stay values."""
     if not isinstance(tree, dict) or not tree:
@@ -81,6 +131,9 @@ def resolve_config(stage: Stage) -> dict:
     flattened to dotted keys, without the keys in NOT_FINGERPRINTED. Parses only: loads no model."""
     import yaml
 
+    if stage.command in FUNCTION_COMMANDS:
+        flat = flatten(yaml.safe_load(_parse_function_stage(stage)))
+        return {k: v for k, v in flat.items() if not any(k == p or k.startswith(p + ".") for p in NOT_FINGERPRINTED)}
     from synpref.cli import SynprefCLI
 
     class Resolver(SynprefCLI):
@@ -98,6 +151,18 @@ def resolve_config(stage: Stage) -> dict:
     except SystemExit as e:  # jsonargparse has printed why
         raise SystemExit(f"synpref: error: stage {stage.name!r}: its config does not parse (exit {e.code})") from None
     return {k: v for k, v in flat.items() if not any(k == p or k.startswith(p + ".") for p in NOT_FINGERPRINTED)}
+
+
+def _parse_function_stage(stage: Stage) -> str:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(function_command(stage.command), as_group=False)
+    try:
+        return parser.dump(parser.parse_args(stage_argv(stage)[1:]), skip_none=False)
+    except Exception as e:  # jsonargparse's ArgumentError: the message says which argument
+        raise SystemExit(f"synpref: error: stage {stage.name!r}: its arguments do not parse: {e}") from None
 
 
 class ContentHashes:

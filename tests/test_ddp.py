@@ -30,8 +30,7 @@ def losses(db) -> list[float]:
 def run_both(in_tmp, monkeypatch, config, args, global_batch):
     common = [
         "fit",
-        "--config",
-        config,
+        *(a for c in config.split("+") for a in ("--config", c)),
         f"--trainer.max_steps={STEPS}",
         "--trainer.log_every_n_steps=1",
         "--trainer.enable_progress_bar=false",
@@ -79,7 +78,7 @@ def test_dpo_ddp_matches_one_process(in_tmp, monkeypatch, tiny_model):
     run_both(
         in_tmp,
         monkeypatch,
-        "configs/tiny/dpo_ultrafeedback.yaml",
+        "configs/tiny/dpo.yaml+configs/tiny/dpo_ultrafeedback.yaml",
         [
             "--data.init_args.max_length=128",
             "--data.init_args.val_sources=null",

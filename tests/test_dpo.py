@@ -244,16 +244,18 @@ def flat(d, prefix=""):
 
 
 @pytest.mark.parametrize("folder", ["configs", "configs/tiny"])
-def test_configs_differ_only_in_data(folder):
-    uf = flat(yaml.safe_load((ROOT / folder / "dpo_ultrafeedback.yaml").read_text()))
-    syn = flat(yaml.safe_load((ROOT / folder / "dpo_synthetic.yaml").read_text()))
-    differ = {k for k in uf.keys() | syn.keys() if uf.get(k) != syn.get(k)}
-    assert differ == {"data.init_args.sources", "trainer.logger.init_args.run_name", "export.dirpath"}
-    assert uf["model.init_args.loss_type"] == "sigmoid" and uf["model.class_path"] == "synpref.modules.DPOModule"
+def test_data_arms_set_only_their_data(folder):
+    """The paper's "identical except the data": each arm file composed over dpo.yaml sets nothing else."""
+    base = flat(yaml.safe_load((ROOT / folder / "dpo.yaml").read_text()))
+    for arm in ("dpo_ultrafeedback.yaml", "dpo_synthetic.yaml"):
+        keys = set(flat(yaml.safe_load((ROOT / folder / arm).read_text())))
+        assert keys == {"data.init_args.sources", "trainer.logger.init_args.run_name", "export.dirpath"}, arm
+        assert not keys & set(base), arm
+    assert base["model.init_args.loss_type"] == "sigmoid" and base["model.class_path"] == "synpref.modules.DPOModule"
 
 
 def test_tiny_synthetic_config_runs_and_exports(in_tmp, tiny_model, sample_dir):
-    """configs/tiny/dpo_synthetic.yaml unmodified, on a pairs.jsonl as `synpref predict` writes it."""
+    """configs/tiny/dpo.yaml + dpo_synthetic.yaml unmodified, on a pairs.jsonl as `synpref predict` writes it."""
     import mlflow
 
     from synpref.cli import main
@@ -281,6 +283,8 @@ def test_tiny_synthetic_config_runs_and_exports(in_tmp, tiny_model, sample_dir):
     main(
         [
             "fit",
+            "--config",
+            "configs/tiny/dpo.yaml",
             "--config",
             "configs/tiny/dpo_synthetic.yaml",
             "--trainer.max_steps=3",

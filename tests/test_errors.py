@@ -22,6 +22,8 @@ SFT = ["fit", "--config", "configs/tiny/sft.yaml", *NO_MLFLOW]
 DPO = [
     "fit",
     "--config",
+    "configs/tiny/dpo.yaml",
+    "--config",
     "configs/tiny/dpo_ultrafeedback.yaml",
     "--model.init_args.model_name_or_path=artifacts/tiny/base",
     *NO_MLFLOW,
@@ -86,7 +88,7 @@ def test_missing_tiny_base_names_build_tiny(bare, capsys):
 def test_missing_export_names_the_stage_that_writes_it(bare, capsys):
     fails(
         capsys,
-        ["fit", "--config", "configs/tiny/dpo_ultrafeedback.yaml", *NO_MLFLOW],
+        ["fit", "--config", "configs/tiny/dpo.yaml", "--config", "configs/tiny/dpo_ultrafeedback.yaml", *NO_MLFLOW],
         "artifacts/tiny/sft does not exist",
         "`synpref fit --config configs/tiny/sft.yaml`",
     )
@@ -94,7 +96,7 @@ def test_missing_export_names_the_stage_that_writes_it(bare, capsys):
         capsys,
         ["predict", "--config", "configs/tiny/eval.yaml", *NO_MLFLOW],
         "artifacts/tiny/dpo_synthetic does not exist",
-        "configs/tiny/dpo_synthetic.yaml",
+        "`synpref fit --config configs/tiny/dpo.yaml --config configs/tiny/dpo_synthetic.yaml`",
     )
 
 

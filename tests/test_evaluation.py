@@ -305,6 +305,8 @@ def test_periodic_win_rate_during_dpo(in_tmp, baseline_model):
         [
             "fit",
             "--config",
+            "configs/tiny/dpo.yaml",
+            "--config",
             "configs/tiny/dpo_ultrafeedback.yaml",
             "--trainer.max_steps=4",
             f"--data.init_args.sources={json.dumps(pairs)}",

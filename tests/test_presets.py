@@ -71,6 +71,8 @@ def test_every_stage_runs_on_the_real_vocabulary(in_tmp, qwen_small_model, sampl
             [
                 "fit",
                 "--config",
+                "configs/tiny/dpo.yaml",
+                "--config",
                 "configs/tiny/dpo_ultrafeedback.yaml",
                 "--model.init_args.model_name_or_path=artifacts/q/sft",
                 f"--data.init_args.sources={pairs('train_prefs.jsonl', 6)}",

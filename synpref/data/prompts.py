@@ -68,6 +68,8 @@ class PromptDataModule(TokenizedDataModule):
         split: hub split (`train_prefs`, `test_prefs`); ignored for files.
         config_name: hub dataset config.
         max_prompts: keep the first N prompts after dedup and exclusion (None: all).
+        skip_prompts: leave out the first N of those before `max_prompts` counts (iterative rounds
+            sample disjoint slices: round r skips the prompts of rounds 1..r-1).
         exclude: files (or hub ids, split `test_prefs`) whose prompts must never be emitted.
         exclude_split: split read from hub ids in `exclude`.
         max_prompt_length: drop (and count) prompts longer than this many tokens.
@@ -83,6 +85,7 @@ class PromptDataModule(TokenizedDataModule):
         split: str = "train_prefs",
         config_name: Optional[str] = None,
         max_prompts: Optional[int] = None,
+        skip_prompts: int = 0,
         exclude: Sequence[str] = (),
         exclude_split: str = "test_prefs",
         max_prompt_length: Optional[int] = None,
@@ -98,6 +101,9 @@ class PromptDataModule(TokenizedDataModule):
         )
         if max_prompts is not None and max_prompts < 1:
             raise ConfigError("data.init_args.max_prompts", f"must be ≥ 1 or null (all), got {max_prompts}")
+        if skip_prompts < 0:
+            raise ConfigError("data.init_args.skip_prompts", f"must be ≥ 0, got {skip_prompts}")
+        self.skip_prompts = skip_prompts
         self.save_hyperparameters(logger=False)  # MLflow params: the module's run_params()
         self.path, self.split, self.config_name, self.max_prompts = path, split, config_name, max_prompts
         self.exclude, self.exclude_split = list(exclude or []), exclude_split
@@ -161,8 +167,11 @@ class PromptDataModule(TokenizedDataModule):
             else:
                 seen.update((pid, key))
                 keep.append(i)
-            if self.max_prompts is not None and len(keep) >= self.max_prompts:
+            if self.max_prompts is not None and len(keep) >= self.skip_prompts + self.max_prompts:
                 break
+        if self.skip_prompts:
+            dropped["skipped"] = min(self.skip_prompts, len(keep))
+            keep = keep[self.skip_prompts :]
         self.drop_counts.update(dropped)
         if dropped:
             log.info("%s: %d prompts kept; dropped %s", self.path, len(keep), dict(dropped))
