@@ -295,4 +295,14 @@ def expand(study: Study, shared: list[Stage]) -> tuple[list[Stage], dict[str, Ar
                 ArmStage(name, "eval", values, r, stats),
             )
             policy_stage, policy_dir = dpo, export
+    evaluated = {a.label for a in info.values() if a.kind == "eval"}
+    for pair in study.head_to_head:
+        if len(pair) != 2:
+            raise ConfigError("study.head_to_head", f"each entry names two arms, got {pair}")
+        for spec in pair:
+            arm = select(study, spec)
+            if label(arm, "eval", arm["rounds"]) not in evaluated:
+                raise ConfigError(
+                    "study.head_to_head", f"{spec!r} is no arm of the grid; its arms: {sorted(evaluated)}"
+                )
     return list(stages.values()), info

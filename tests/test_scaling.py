@@ -183,6 +183,9 @@ def test_bad_grid_values_are_named():
     study.sweeps = [{"rounds": [2], "data": ["union"]}]
     with pytest.raises(ConfigError, match="rounds"):
         arms(study)
+    study.sweeps, study.head_to_head = [{"k": [2]}], [["k=2", "k=3"]]
+    with pytest.raises(ConfigError, match="'k=3' is no arm of the grid"):
+        expand(study, shared)
 
 
 # -- end to end ------------------------------------------------------------------------------
@@ -241,3 +244,29 @@ def test_reduced_tiny_grid_end_to_end(in_tmp, capsys):
         "dpo-synthetic-k4-best_worst-gap0-n4-beta0.3",
         "eval-synthetic-k4-best_worst-gap0-n4-beta0.3",
     ]
+
+
+def test_full_scale_grid_expands_and_its_stages_resolve(monkeypatch):
+    from synpref.stages import resolve_config
+
+    monkeypatch.chdir(ROOT)
+    config = yaml.safe_load((ROOT / "configs" / "scaling.yaml").read_text())
+    study, shared = Study(**config["study"]), [Stage(**s) for s in config["stages"]]
+    stages, _ = expand(study, shared)
+    kinds = Counter(s.name.split("-", 1)[0] for s in stages)
+    assert kinds == {"dpo": 19, "eval": 19, "pairs": 16, "sample": 3}
+    by_kind = {s.name.split("-", 1)[0]: s for s in stages}  # the last of each kind: a round-3 arm
+    dpo = resolve_config(by_kind["dpo"])
+    assert (
+        dpo["model.init_args.model_name_or_path"].startswith("artifacts/scaling/dpo/")
+        and dpo["model.init_args.beta"] == 0.1
+    )
+    assert dpo["model.init_args.ref_model_name_or_path"] is None  # reference: previous = the round's init
+    assert resolve_config(by_kind["eval"])["model.init_args.baseline_name_or_path"] == "artifacts/sft"
+    assert resolve_config(by_kind["sample"])["data.init_args.skip_prompts"] == 40000
+    pairs = resolve_config(by_kind["pairs"])
+    assert (pairs["k"], pairs["rule"], pairs["exclude"][0]) == (
+        8,
+        "best_worst",
+        "HuggingFaceH4/ultrafeedback_binarized",
+    )
