@@ -52,7 +52,7 @@ def prompt_preferences(records: Sequence[dict]) -> dict[str, float]:
     return {k: fmean(v) for k, v in by_prompt.items()}
 
 
-def head_to_head(a: Sequence[dict], b: Sequence[dict]) -> dict:
+def compare_arms(a: Sequence[dict], b: Sequence[dict]) -> dict:
     """Arm A against arm B on the same prompts (eval.jsonl records of each against the same
     baseline): their win rates, A − B with a paired interval, and how often the baseline replies
     were the same text (same seeds give the same SFT replies, which is what makes it paired)."""
@@ -209,7 +209,7 @@ def study_report(
             raise ConfigError("head_to_head", f"no evaluated arm named {missing}; arms: {sorted(by_name)}")
         a, b = (by_name[name] for name in pair)
         results.append(
-            (pair[0], pair[1], head_to_head(eval_records(client, a["run_id"]), eval_records(client, b["run_id"])))
+            (pair[0], pair[1], compare_arms(eval_records(client, a["run_id"]), eval_records(client, b["run_id"])))
         )
     if results:
         parts.append(head_to_head_table(results))

@@ -19,7 +19,7 @@ from synpref.grid import Study, arms, expand, label
 from synpref.pair_stage import build_pairs
 from synpref.pairs import TIE, kept_vs_threshold_capped, select_pairs
 from synpref.stages import Stage
-from synpref.study_report import head_to_head, paired_difference, prompts_to_resolve
+from synpref.study_report import compare_arms, paired_difference, prompts_to_resolve
 from tests.conftest import ROOT, read_jsonl
 
 TEXTS = [f"reply {i}" for i in range(20)]
@@ -128,7 +128,7 @@ def test_paired_difference_by_hand():
     records = lambda outcomes: [  # noqa: E731
         {"index": i, "prompt_id": f"p{i}", "outcome": o, "baseline_response": "same"} for i, o in enumerate(outcomes)
     ]
-    h = head_to_head(records(["win", "win", "loss", "tie", "win"]), records(["loss", "win", "loss", "loss", "win"]))
+    h = compare_arms(records(["win", "win", "loss", "tie", "win"]), records(["loss", "win", "loss", "loss", "win"]))
     assert h["difference"] == pytest.approx(0.3) and h["win_rate_a"] == pytest.approx(0.7)
     assert h["same_baseline_replies"] == 1.0
 
