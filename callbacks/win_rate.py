@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Optional
 
 import lightning as L
+import torch
 from lightning.pytorch.loggers import MLFlowLogger
 
 from synpref.callbacks.shards import ShardWriter, prompt_settings
 from synpref.judges import judge_metrics, metric_name
 from synpref.metrics import WinRate, length_matched, outcome, plot_average_rewards, plot_win_rates
 from synpref.outputs import check_writable
-from synpref.rewards.base import RewardScorer
+from synpref.rewards.base import OnBadScore, RewardScorer
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ class WinRateCallback(L.Callback):
     optimizer steps and at the end of fit the policy (`pl_module.model`) and the baseline answer
     the prompt set, the metrics are logged at that step, eval.jsonl and figures under artifacts
     `eval/step_<N>/`, and the settings once as `eval/baseline_name`, `eval/reward`, ...
+    `on_bad_score` (train time; WinRateModule has its own): `skip` leaves a response pair whose
+    reward is not a finite float out of the win rate and counts it (`eval/dropped/bad_scores`).
     Records go through a `ShardWriter` (one fsynced shard per process under `parts/`); rank 0
     merges them into eval.jsonl, ordered by prompt index, so one process and DDP give the same
     file. At predict time a killed run resumes: the prompts already on disk are not generated
@@ -61,6 +64,7 @@ class WinRateCallback(L.Callback):
         prefix: Optional[str] = None,
         settings: Optional[dict] = None,
         overwrite: bool = False,
+        on_bad_score: OnBadScore = "error",
     ):
         if every_n_steps is not None and (every_n_steps < 1 or not (prompts_path and baseline and reward)):
             raise ValueError("WinRateCallback(every_n_steps=N) needs N >= 1, prompts_path, baseline and reward")
@@ -84,7 +88,7 @@ class WinRateCallback(L.Callback):
             "top_k": top_k,
             "top_p": top_p,
         }
-        self.seed = seed
+        self.seed, self.on_bad_score = seed, on_bad_score
         self.prefix = "eval/" if prefix is None else prefix
         # Predict time: what fixes the records (WinRateModule.run_params()); run.json keys resume on it.
         self.settings, self.overwrite = settings or {}, overwrite
@@ -95,6 +99,7 @@ class WinRateCallback(L.Callback):
         self._last_step = -1
         self._params_logged = False
         self._self_judged: dict = {}
+        self._bad_scores = 0  # response pairs this process dropped (on_bad_score=skip)
 
     # -- shared: records in, metrics and artifacts out -------------------------------------------
     def _dir(self) -> Path:
@@ -111,13 +116,16 @@ class WinRateCallback(L.Callback):
         self._shards = ShardWriter(self._dir() / subdir, settings, self.overwrite, outputs, per_index)
         self._shards.open(trainer)
         self._metric = WinRate(**self.metric_args)
+        self._bad_scores = 0
 
     def has_all(self, indices) -> bool:
         """Every prompt of a batch is on disk already (a resumed run skips it)."""
         return self._shards is not None and self._shards.has_all(indices)
 
-    def add(self, records: list[dict]) -> None:
-        """Write a batch's records (outcome and length match added, fsynced) and update the metric."""
+    def add(self, records: list[dict], bad_scores: int = 0) -> None:
+        """Write a batch's records (outcome and length match added, fsynced) and update the metric;
+        `bad_scores` response pairs of the batch were dropped for a reward that was not a finite float."""
+        self._bad_scores += bad_scores
         ratio, tol = self.metric_args["length_match_ratio"], self.metric_args["tie_tolerance"]
         for r in records:
             r["outcome"] = outcome(r["policy_reward"], r["baseline_reward"], tol)
@@ -139,6 +147,8 @@ class WinRateCallback(L.Callback):
         """Close the shard, aggregate across processes, merge shards and log (rank 0)."""
         self._shards.close()
         metrics = self._metric.compute()  # all ranks: torchmetrics all-reduces the sum states
+        bad = torch.tensor(float(self._bad_scores), device=self._metric.device)
+        bad_scores = int(trainer.strategy.reduce(bad, reduce_op="sum").item())
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             path, _ = self._shards.merge("eval.jsonl")
@@ -148,6 +158,13 @@ class WinRateCallback(L.Callback):
                 **metrics,
                 **judge_metrics(records, **self.metric_args, self_judged=self._self_judged, seed=self.seed),
             }
+            if bad_scores:
+                metrics["dropped/bad_scores"] = float(bad_scores)
+                log.warning(
+                    "%s%d response pairs dropped from the win rate: a reward was not a finite float (on_bad_score=skip)",
+                    self.prefix,
+                    bad_scores,
+                )
             if params or not self.every_n_steps:  # predict time: the module logged the other params at its start
                 params = {**params, "n_prompts": int(metrics["n_prompts"])}
             log.info(
@@ -225,7 +242,7 @@ class WinRateCallback(L.Callback):
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if outputs:
-            self.add(outputs)
+            self.add(outputs["records"], outputs["bad_scores"])
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._self_judged = getattr(pl_module, "self_judged", {})
@@ -261,7 +278,7 @@ class WinRateCallback(L.Callback):
         self._metric.to(device)
         try:
             for batch in self._batches[trainer.global_rank :: trainer.world_size]:
-                records = compare_batch(
+                records, dropped = compare_batch(
                     policy,
                     pl_module.tokenizer,
                     self._baseline,
@@ -271,13 +288,10 @@ class WinRateCallback(L.Callback):
                     self.decoding,
                     seed=self.seed,
                     indices=batch["index"],
+                    on_bad_score=self.on_bad_score,
                 )
-                self.add(
-                    [
-                        {"index": i, "prompt_id": pid, "step": step, **r}
-                        for i, pid, r in zip(batch["index"], batch["prompt_id"], records)
-                    ]
-                )
+                ids = dict(zip(batch["index"], batch["prompt_id"]))
+                self.add([{"prompt_id": ids[r["index"]], "step": step, **r} for r in records], dropped)
         finally:
             policy.train(was_training)
         params = (

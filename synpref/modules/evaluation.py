@@ -12,7 +12,7 @@ from synpref.generators import Generator, generate_texts
 from synpref.judges import Judge, judge_batch, judge_labels, read_provenance, self_judged
 from synpref.models import load_frozen_causal_lm, load_tokenizer
 from synpref.modules.base import log_data_drops, log_run_params, model_name
-from synpref.rewards.base import RewardScorer, score_checked
+from synpref.rewards.base import OnBadScore, RewardScorer, score_checked
 
 
 def compare_batch(
@@ -30,10 +30,11 @@ def compare_batch(
     judges: Sequence[Judge] = (),
     samples_per_prompt: int = 1,
     tie_tolerance: float = 0.0,
-) -> list[dict]:
+    on_bad_score: OnBadScore = "error",
+) -> tuple[list[dict], int]:
     """`samples_per_prompt` responses per prompt from each model (same decoding, same seeds: sample
     k of both models shares its random numbers), all scored by `reward`; one record per response
-    pair, prompt-major (with `sample` = k when there are several).
+    pair, prompt-major, with its prompt's `index` (and `sample` = k when there are several).
 
     `seed` is the run's seed and `indices` the prompts' indices (see `generate_texts`). A model
     whose entry in `generators` is set is asked through it under its name in `names` (its path);
@@ -43,6 +44,10 @@ def compare_batch(
     (WinRateCallback(every_n_steps=...)) evaluation. Lengths are generated tokens (each model's
     own tokenizer), without the end-of-turn token. With `judges` (`reward` first among them), each
     record also carries `judges`: every judge's verdict by label (synpref.judges).
+
+    Returns the records and how many response pairs were dropped: with on_bad_score='skip', a pair
+    where a reward judge gave either reply no finite score is left out (not a loss, not a tie);
+    with 'error' that score is a RewardError naming the scorer and the prompt.
     """
     n = samples_per_prompt
     prompts = [list(p) for p in prompts]
@@ -60,40 +65,40 @@ def compare_batch(
         num_return_sequences=n,
         **decoding,
     )
-    flat = [(p, k) for p in prompts for k in range(n)]
-    prompts = [p for p, _ in flat]
+    flat = [(int(i), p, k) for i, p in zip(indices, prompts) for k in range(n)]
+    prompts = [p for _, p, _ in flat]
     flat_list = lambda rows: [x for row in rows for x in row]
     policy_texts, baseline_texts = flat_list(policy_texts), flat_list(baseline_texts)
     policy_lengths, baseline_lengths = flat_list(policy_lengths), flat_list(baseline_lengths)
     if judges:
         labels = judge_labels(judges)
-        verdicts = judge_batch(judges, labels, prompts, policy_texts, baseline_texts, tie_tolerance)
-        first = [v[labels[0]] for v in verdicts]
-        policy_rewards, baseline_rewards = [v["policy_reward"] for v in first], [v["baseline_reward"] for v in first]
+        verdicts = judge_batch(judges, labels, prompts, policy_texts, baseline_texts, tie_tolerance, on_bad_score)
+        # A pair some reward judge could not score is dropped for every judge: all judge the same pairs.
+        rewards = [
+            (v[labels[0]]["policy_reward"], v[labels[0]]["baseline_reward"]) if None not in v.values() else None
+            for v in verdicts
+        ]
     else:
         # One call for both models' replies: a local reward model then encodes each prompt once.
-        rewards = score_checked(reward, prompts + prompts, policy_texts + baseline_texts)
-        policy_rewards, baseline_rewards = rewards[: len(prompts)], rewards[len(prompts) :]
-    records = [
-        {
-            "prompt": prompt,
-            "policy_response": pt,
-            "baseline_response": bt,
-            "policy_reward": float(pr),
-            "baseline_reward": float(br),
-            "policy_length": int(pl),
-            "baseline_length": int(bl),
-        }
-        for prompt, pt, bt, pr, br, pl, bl in zip(
-            prompts, policy_texts, baseline_texts, policy_rewards, baseline_rewards, policy_lengths, baseline_lengths
+        scores = score_checked(reward, prompts + prompts, policy_texts + baseline_texts, on_bad_score)
+        rewards = [None if None in pair else pair for pair in zip(scores[: len(prompts)], scores[len(prompts) :])]
+    records = []
+    for j, (index, prompt, k) in enumerate(flat):
+        if rewards[j] is None:
+            continue
+        record = {"index": index, **({"sample": k} if n > 1 else {}), "prompt": prompt}
+        record.update(
+            policy_response=policy_texts[j],
+            baseline_response=baseline_texts[j],
+            policy_reward=float(rewards[j][0]),
+            baseline_reward=float(rewards[j][1]),
+            policy_length=int(policy_lengths[j]),
+            baseline_length=int(baseline_lengths[j]),
         )
-    ]
-    for i, (record, (_, k)) in enumerate(zip(records, flat)):
-        if n > 1:
-            record["sample"] = k
         if judges:
-            record["judges"] = verdicts[i]
-    return records
+            record["judges"] = verdicts[j]
+        records.append(record)
+    return records, len(flat) - len(records)
 
 
 class WinRateModule(L.LightningModule):
@@ -118,6 +123,9 @@ class WinRateModule(L.LightningModule):
     policy's training pairs (the export's synpref_provenance.json) is marked self-judged.
     `samples_per_prompt`: n answers per model per prompt (sample k of both models shares its
     random numbers); the interval is then a cluster bootstrap over prompts.
+    `on_bad_score`: a reward that is not a finite float (NaN, None, a string) is an `error` naming
+    the scorer and the prompt, or with `skip` that response pair is left out of the win rate (not a
+    loss, not a tie), counted, logged and recorded as the metric `eval/dropped/bad_scores`.
     """
 
     def __init__(
@@ -143,6 +151,7 @@ class WinRateModule(L.LightningModule):
         baseline_generator: Optional[Generator] = None,
         judges: Optional[list[Judge]] = None,
         samples_per_prompt: int = 1,
+        on_bad_score: OnBadScore = "error",
     ):
         super().__init__()
         check_decoding(max_new_tokens, do_sample, temperature, top_p, top_k)
@@ -228,11 +237,12 @@ class WinRateModule(L.LightningModule):
             **self.decoding,
         }
 
-    def predict_step(self, batch: dict, batch_idx: int) -> Optional[list[dict]]:
+    def predict_step(self, batch: dict, batch_idx: int) -> Optional[dict]:
+        """{'records': one per kept response pair, 'bad_scores': pairs dropped for a bad score}."""
         index = [int(i) for i in batch["index"]]
         if self.recorder is not None and self.recorder.has_all(index):
             return None  # a resumed run: this batch is on disk
-        records = compare_batch(
+        records, dropped = compare_batch(
             self.model,
             self.tokenizer,
             self.baseline,
@@ -247,7 +257,7 @@ class WinRateModule(L.LightningModule):
             judges=self.judges,
             samples_per_prompt=self.hparams.samples_per_prompt,
             tie_tolerance=self.hparams.tie_tolerance,
+            on_bad_score=self.hparams.on_bad_score,
         )
-        ids = batch.get("prompt_id") or [None] * len(index)
-        n = self.hparams.samples_per_prompt
-        return [{"index": index[j // n], "prompt_id": ids[j // n], **r} for j, r in enumerate(records)]
+        ids = dict(zip(index, batch.get("prompt_id") or [None] * len(index)))
+        return {"records": [{"prompt_id": ids[r["index"]], **r} for r in records], "bad_scores": dropped}
