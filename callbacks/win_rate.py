@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.loggers import MLFlowLogger
 
 from synpref.callbacks.shards import ShardWriter, prompt_settings
+from synpref.head_to_head import compare_batch
 from synpref.judges import judge_metrics, metric_name
 from synpref.metrics import WinRate, length_matched, outcome, plot_average_rewards, plot_win_rates
 from synpref.outputs import check_writable
@@ -266,8 +267,6 @@ class WinRateCallback(L.Callback):
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         """Policy (pl_module.model) vs baseline on this process's share of the prompt set."""
-        from synpref.modules.evaluation import compare_batch
-
         step = self._last_step = trainer.global_step
         policy, device = pl_module.model, pl_module.device
         self._setup_train_eval(trainer, pl_module)

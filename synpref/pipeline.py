@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from synpref.cli import INVOCATION, register
-from synpref.cli import tracking_uri as default_tracking_uri
+from synpref.invocation import INVOCATION
 from synpref.parent_run import STAGE_TAG, end_parent, log_headline, parent_run, pipeline_params
 from synpref.services import Service, for_stages
 from synpref.stages import ContentHashes, Stage, fingerprint, input_paths, is_done, marker_path, plan, stage_argv
+from synpref.tracking import tracking_uri as default_tracking_uri
 
 __all__ = ["Stage", "is_done", "reproduce"]
 
@@ -150,7 +150,6 @@ def run_stage(stage: Stage, state: Path, client, parent: str, experiment: str, u
     return time.perf_counter() - start
 
 
-@register("reproduce", "run a pipeline config (SFT → sample → DPO ×2 → eval → table), rerunning stale stages")
 def reproduce(
     stages: list[Stage],
     experiment: str = "synpref",
@@ -186,7 +185,7 @@ def reproduce(
     from synpref.compare import compare, eval_runs
 
     if build_tiny_model and not dry_run:
-        from synpref.cli import build_tiny
+        from synpref.presets import build_tiny
 
         build_tiny(build_tiny_model)
     uri = tracking_uri or default_tracking_uri()

@@ -81,7 +81,7 @@ def resolve_config(stage: Stage) -> dict:
     flattened to dotted keys, without the keys in NOT_FINGERPRINTED. Parses only: loads no model."""
     import yaml
 
-    from synpref.cli import SynprefCLI
+    from synpref.lightning_cli import SynprefCLI
 
     class Resolver(SynprefCLI):
         def parse_arguments(self, parser, args):
