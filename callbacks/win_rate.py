@@ -12,7 +12,6 @@ from typing import Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import MLFlowLogger
 
 from synpref.callbacks.shards import ShardWriter, prompt_settings
 from synpref.head_to_head import compare_batch
@@ -20,6 +19,7 @@ from synpref.judges import judge_metrics, metric_name
 from synpref.metrics import WinRate, length_matched, outcome, plot_average_rewards, plot_win_rates
 from synpref.outputs import check_writable
 from synpref.rewards.base import OnBadScore, RewardScorer
+from synpref.tracking import mlflow_loggers
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ class WinRateCallback(L.Callback):
         files = [jsonl]
         if self.figures and metrics["n"]:
             files += self._plot(metrics, labels, jsonl.parent)
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)]
+        loggers = mlflow_loggers(trainer)
         if not loggers:
             log.warning("no MLFlowLogger on the trainer: win-rate metrics only in the log and %s", jsonl.parent)
         for logger in loggers:

@@ -11,6 +11,10 @@ from typing import Callable, Optional, Sequence
 from synpref.errors import find_user_error, user_error_message
 from synpref.invocation import INVOCATION
 
+# Imported before main() configures logging, as Lightning expects: it then gives its own loggers a
+# handler of their own, so its messages do not go through the root handler main() sets up.
+from synpref.lightning_cli import SynprefCLI
+
 # name -> ("module:function", one-line help). The function is imported only when its command runs
 # (nothing here imports a module that imports back), with jsonargparse's CLI, so `--help` and
 # `--config` work as they do for the Lightning subcommands.
@@ -75,7 +79,5 @@ def _run(argv: list[str], from_sys_argv: bool) -> None:
     if argv and argv[0] in EXTRA_COMMANDS:
         CLI(command(argv[0]), args=argv[1:], as_positional=False, exit_on_error=False)
         return
-    from synpref.lightning_cli import SynprefCLI
-
     # Returns None: the console script exits 0, and tests read what the run left on disk/MLflow.
     SynprefCLI(args=None if from_sys_argv else argv, description=description())

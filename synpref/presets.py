@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 def _corpus_from_jsonl(paths: Iterable[str | Path]) -> Iterable[str]:
     """Every message text of jsonl files (OpenAI or sharegpt turns, prompts); a DataError names a
     missing, non-UTF-8 or non-JSON file and row."""
-    from synpref.chat import DataError
     from synpref.data.io import check_json_file
+    from synpref.errors import DataError
 
     for path in paths:
         local = Path(resolve(path))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Iterable, Optional
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "synpref"
@@ -11,3 +13,19 @@ DEFAULT_EXPERIMENT = "synpref"
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI if set, else a sqlite store in the working directory."""
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def mlflow_loggers(trainer) -> list:
+    """The trainer's MLflow loggers ([] when the run logs elsewhere or not at all)."""
+    # Imported here: the commands that only read MLflow (compare) need no Lightning.
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    return [lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)]
+
+
+def log_artifacts(trainer, paths: Iterable[str | Path], artifact_path: Optional[str] = None) -> None:
+    """Each file into every MLflow run of the trainer, under `artifact_path` (None: the run's root)."""
+    paths = list(paths)
+    for logger in mlflow_loggers(trainer):
+        for path in paths:
+            logger.experiment.log_artifact(logger.run_id, str(path), artifact_path)

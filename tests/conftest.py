@@ -9,6 +9,9 @@ from contextlib import contextmanager
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
+# `datasets` gives its logger a handler on the sys.stderr of the moment it is first imported:
+# imported here, that is the session's stream, not one test's capsys stream that closes after it.
+import datasets  # noqa: F401
 import pytest
 
 from synpref.resources import sample
