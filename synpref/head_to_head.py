@@ -35,7 +35,7 @@ def compare_batch(
     the others generate in-process.
 
     The one generate-and-score path of predict-time (WinRateModule) and train-time
-    (WinRateCallback(every_n_steps=...)) evaluation. Lengths are generated tokens (each model's
+    (PeriodicWinRate) evaluation. Lengths are generated tokens (each model's
     own tokenizer), without the end-of-turn token. With `judges` (`reward` first among them), each
     record also carries `judges`: every judge's verdict by label (synpref.judges).
 

@@ -114,7 +114,7 @@ RUN_PARAMS = {
     }
     | DECODING,
 }
-# DPO with WinRateCallback(every_n_steps=...): its settings, once.
+# DPO with PeriodicWinRate: its settings, once.
 TRAINING_EVAL_PARAMS = {"eval/baseline_name", "eval/reward", "eval/seed", "eval/every_n_steps", "eval/n_prompts"}
 
 

@@ -93,4 +93,4 @@ def test_bad_scores_error_or_skip(tiny_model, tmp_path, caplog):
     assert metrics["eval/win_rate"] == pytest.approx(wins / len(rows))
     assert metrics["eval/tie_rate"] == pytest.approx(ties / len(rows))
     assert metrics["eval/clarity/n"] == metrics["eval/flaky_words/n"] == len(rows)
-    assert f"{dropped} response pairs dropped from the win rate" in caplog.text
+    assert f"eval/dropped/bad_scores: {dropped} response pairs left out of the win rate" in caplog.text

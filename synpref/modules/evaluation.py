@@ -22,7 +22,7 @@ class WinRateModule(L.LightningModule):
     Decoding is the same for both models and, per batch, so is the seed (`seed` + the batch's
     first prompt index), so a batch's result does not depend on what ran before it. The default
     is the paper's sampling (top-k 50, temperature 0.7); `do_sample: false` is greedy.
-    predict_step returns one record per prompt; the WinRateCallback this module attaches writes
+    predict_step returns one record per prompt; the WinRateRecorder this module attaches writes
     them to `output_dir/eval.jsonl`, aggregates the WinRate metric and logs to MLflow. A killed
     run resumes when rerun (prompts on disk are not generated again); `overwrite: true` starts afresh.
 
@@ -117,16 +117,18 @@ class WinRateModule(L.LightningModule):
             self.baseline = load(self.baseline_name_or_path)
 
     def configure_callbacks(self):
-        from synpref.callbacks.win_rate import WinRateCallback
+        from synpref.callbacks.win_rate import WinRateRecorder
 
         hp = self.hparams
-        self.recorder = WinRateCallback(
+        self.recorder = WinRateRecorder(
             output_dir=self.output_dir,
             tie_tolerance=hp.tie_tolerance,
             length_match_ratio=hp.length_match_ratio,
             figures=hp.figures,
             settings=self.run_params(),
             overwrite=hp.overwrite,
+            self_judged=self.self_judged,
+            samples_per_prompt=hp.samples_per_prompt,
         )
         return [self.recorder]
 
@@ -135,7 +137,7 @@ class WinRateModule(L.LightningModule):
         self.judges = [j.to(self.device) for j in self.judges]
         # Prompts dropped (too long, duplicates, bad rows) shrink N: the run says by how many.
         log_data_drops(self)
-        log_run_params(self)  # n_prompts, the number evaluated, comes from the WinRateCallback at the end
+        log_run_params(self)  # n_prompts, the number evaluated, comes from the WinRateRecorder at the end
 
     def run_params(self) -> dict:
         """The settings that define this comparison, as MLflow params (no secrets: names and paths)."""
