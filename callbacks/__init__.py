@@ -2,8 +2,16 @@
 
 from synpref.callbacks.export import HFExportCallback
 from synpref.callbacks.mlflow_config import MLflowSaveConfigCallback
+from synpref.callbacks.periodic_win_rate import PeriodicWinRate
 from synpref.callbacks.prediction_writer import SampleWriter
 from synpref.callbacks.sampling_stats import SamplingStatsCallback
-from synpref.callbacks.win_rate import WinRateCallback
+from synpref.callbacks.win_rate import WinRateRecorder
 
-__all__ = ["HFExportCallback", "MLflowSaveConfigCallback", "WinRateCallback", "SampleWriter", "SamplingStatsCallback"]
+__all__ = [
+    "HFExportCallback",
+    "MLflowSaveConfigCallback",
+    "WinRateRecorder",
+    "PeriodicWinRate",
+    "SampleWriter",
+    "SamplingStatsCallback",
+]

@@ -8,10 +8,10 @@ from typing import Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from synpref.outputs import atomic_dir, check_writable
+from synpref.tracking import mlflow_loggers
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,5 @@ class HFExportCallback(L.Callback):
             pl_module.export(tmp)
         out = Path(self.dirpath)
         log.info("exported %s to %s", type(pl_module).__name__, out)
-        for logger in trainer.loggers:
-            if isinstance(logger, MLFlowLogger):
-                logger.experiment.set_tag(logger.run_id, "synpref.export_dir", str(out.resolve()))
+        for logger in mlflow_loggers(trainer):
+            logger.experiment.set_tag(logger.run_id, "synpref.export_dir", str(out.resolve()))

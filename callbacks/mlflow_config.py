@@ -7,7 +7,8 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.cli import SaveConfigCallback
-from lightning.pytorch.loggers import MLFlowLogger
+
+from synpref.tracking import mlflow_loggers
 
 
 class MLflowSaveConfigCallback(SaveConfigCallback):
@@ -16,7 +17,7 @@ class MLflowSaveConfigCallback(SaveConfigCallback):
     as `config.yaml` instead. The CLI passes `save_to_log_dir=False`."""
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)]
+        loggers = mlflow_loggers(trainer)
         if not loggers:
             return
         with tempfile.TemporaryDirectory() as tmp:

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Optional
 
 import lightning as L
-from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from synpref.pairs import kept_vs_threshold, select_pair, threshold_grid
+from synpref.tracking import log_artifacts, mlflow_loggers
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +87,15 @@ class SamplingStatsCallback(L.Callback):
             stats[f"dropped_prompts_{reason.replace(':', '_').replace(' ', '_')}"] = float(n)
         log.info("sampling: %s", {k: round(v, 4) for k, v in stats.items()})
         table = kept_vs_threshold(gaps, threshold_grid(gaps, threshold))
-        for logger in trainer.loggers:
-            if isinstance(logger, MLFlowLogger):
-                client, run_id = logger.experiment, logger.run_id
-                for k, v in stats.items():
-                    client.log_metric(run_id, f"sampling/{k}", v)
-                client.log_param(run_id, "reward", pl_module.reward.name)
-                with tempfile.TemporaryDirectory() as tmp:
-                    for path in self.artifacts(Path(tmp), gaps, table, threshold):
-                        client.log_artifact(run_id, str(path), "sampling")
+        loggers = mlflow_loggers(trainer)
+        for logger in loggers:
+            client, run_id = logger.experiment, logger.run_id
+            for k, v in stats.items():
+                client.log_metric(run_id, f"sampling/{k}", v)
+            client.log_param(run_id, "reward", pl_module.reward.name)
+        if loggers:
+            with tempfile.TemporaryDirectory() as tmp:
+                log_artifacts(trainer, self.artifacts(Path(tmp), gaps, table, threshold), "sampling")
 
     def artifacts(self, out: Path, gaps: list[float], table: list[tuple[float, int]], threshold: float) -> list[Path]:
         import matplotlib

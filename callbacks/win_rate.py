@@ -1,4 +1,4 @@
-"""Win rate against the baseline: per-prompt records to eval.jsonl, metrics, params and figures to MLflow."""
+"""WinRateRecorder: per-prompt records to eval.jsonl, win-rate metrics, params and figures to MLflow."""
 
 from __future__ import annotations
 
@@ -11,31 +11,40 @@ from pathlib import Path
 from typing import Optional
 
 import lightning as L
-from lightning.pytorch.loggers import MLFlowLogger
+import torch
 
 from synpref.callbacks.shards import ShardWriter, prompt_settings
 from synpref.judges import judge_metrics, metric_name
 from synpref.metrics import WinRate, length_matched, outcome, plot_average_rewards, plot_win_rates
-from synpref.outputs import check_writable
-from synpref.rewards.base import RewardScorer
+from synpref.tracking import mlflow_loggers
 
 log = logging.getLogger(__name__)
 
 
-class WinRateCallback(L.Callback):
-    """Streams per-prompt records to `output_dir/eval.jsonl` batch by batch, aggregates a WinRate
-    metric, and at the end logs metrics, params, eval.jsonl and two PNGs to the MLflow run.
+class WinRateRecorder(L.Callback):
+    """Streams what WinRateModule's predict_step yields to `output_dir/eval.jsonl` batch by batch,
+    aggregates a WinRate metric, and at the end logs metrics, n_prompts, eval.jsonl and two PNGs
+    to the MLflow run (WinRateModule attaches it and logs the run's other params itself).
 
-    Metrics are `eval/win_rate`, `eval/win_rate_ci_low`, ... at both times (one chart section in
-    the MLflow UI). Predict time: WinRateModule attaches it and logs the run's params, this adds n_prompts.
-    Train time (DPO): set `every_n_steps`, `prompts_path`, `baseline` and `reward`; every N
-    optimizer steps and at the end of fit the policy (`pl_module.model`) and the baseline answer
-    the prompt set, the metrics are logged at that step, eval.jsonl and figures under artifacts
-    `eval/step_<N>/`, and the settings once as `eval/baseline_name`, `eval/reward`, ...
-    Records go through a `ShardWriter` (one fsynced shard per process under `parts/`); rank 0
-    merges them into eval.jsonl, ordered by prompt index, so one process and DDP give the same
-    file. At predict time a killed run resumes: the prompts already on disk are not generated
-    again (`has_all`), provided `settings` and the prompt set are unchanged (`run.json`).
+    Metrics are `eval/win_rate`, `eval/win_rate_ci_low`, ... (one chart section in the MLflow UI,
+    the same names as PeriodicWinRate's during training, which records each of its evaluations
+    through a recorder of its own: `open`, `add`, `finish`). Records go through a `ShardWriter`
+    (one fsynced shard per process under `parts/`); rank 0 merges them into eval.jsonl, ordered
+    by prompt index, so one process and DDP give the same file. A killed run resumes: the prompts
+    already on disk are not generated again (`has_all`), provided `settings` and the prompt set
+    are unchanged (`run.json`).
+
+    Args:
+        output_dir: where eval.jsonl, parts/ and run.json go (None: a temporary folder).
+        tie_tolerance, length_match_ratio: the WinRate metric's (synpref.metrics).
+        figures: log win_rate.png and avg_reward.png.
+        settings: what fixes the records (WinRateModule.run_params()); run.json keys resume on it,
+            and its policy_name and baseline_name label the figures.
+        overwrite: start afresh instead of resuming.
+        self_judged: judge label -> True when that judge labelled the policy's training pairs.
+        samples_per_prompt: records per prompt index (a prompt is done once all are on disk).
+        seed: the seed of the bootstrap intervals computed from the merged records.
+        prefix: of the metric names; param_prefix: of the param names.
     """
 
     def __init__(
@@ -44,59 +53,27 @@ class WinRateCallback(L.Callback):
         tie_tolerance: float = 0.0,
         length_match_ratio: float = 0.1,
         figures: bool = True,
-        every_n_steps: Optional[int] = None,
-        prompts_path: Optional[str] = None,
-        prompts_split: str = "test_prefs",
-        max_prompts: int = 16,
-        max_prompt_length: Optional[int] = 512,
-        batch_size: int = 8,
-        baseline: Optional[str] = None,
-        reward: Optional[RewardScorer] = None,
-        max_new_tokens: int = 128,
-        do_sample: bool = True,
-        temperature: float = 0.7,
-        top_k: int = 50,
-        top_p: float = 1.0,
-        seed: int = 0,
-        prefix: Optional[str] = None,
         settings: Optional[dict] = None,
         overwrite: bool = False,
+        self_judged: Optional[dict] = None,
+        samples_per_prompt: int = 1,
+        seed: int = 0,
+        prefix: str = "eval/",
+        param_prefix: str = "",
     ):
-        if every_n_steps is not None and (every_n_steps < 1 or not (prompts_path and baseline and reward)):
-            raise ValueError("WinRateCallback(every_n_steps=N) needs N >= 1, prompts_path, baseline and reward")
         self.output_dir = output_dir
         self.metric_args = {"tie_tolerance": tie_tolerance, "length_match_ratio": length_match_ratio}
         self.figures = figures
-        self.every_n_steps = every_n_steps
-        self.prompts = {
-            "path": prompts_path,
-            "split": prompts_split,
-            "max_prompts": max_prompts,
-            "max_prompt_length": max_prompt_length,
-            "batch_size": batch_size,
-        }
-        self.baseline_path = baseline
-        self.reward = reward
-        self.decoding = {
-            "max_new_tokens": max_new_tokens,
-            "do_sample": do_sample,
-            "temperature": temperature,
-            "top_k": top_k,
-            "top_p": top_p,
-        }
-        self.seed = seed
-        self.prefix = "eval/" if prefix is None else prefix
-        # Predict time: what fixes the records (WinRateModule.run_params()); run.json keys resume on it.
         self.settings, self.overwrite = settings or {}, overwrite
+        self.self_judged = self_judged or {}
+        self.samples_per_prompt, self.seed = samples_per_prompt, seed
+        self.prefix, self.param_prefix = prefix, param_prefix
         self._tmp: Optional[tempfile.TemporaryDirectory] = None
         self._shards: Optional[ShardWriter] = None
         self._metric: Optional[WinRate] = None
-        self._baseline = self._baseline_tokenizer = self._batches = None
-        self._last_step = -1
-        self._params_logged = False
-        self._self_judged: dict = {}
+        self._bad_scores = 0  # response pairs this process dropped (on_bad_score=skip)
 
-    # -- shared: records in, metrics and artifacts out -------------------------------------------
+    # -- records in, metrics and artifacts out ---------------------------------------------------
     def _dir(self) -> Path:
         if self.output_dir:
             return Path(self.output_dir)
@@ -104,20 +81,25 @@ class WinRateCallback(L.Callback):
             self._tmp = tempfile.TemporaryDirectory(prefix="synpref-eval-")
         return Path(self._tmp.name)
 
-    def _open(self, trainer: L.Trainer, subdir: str = "", settings: Optional[dict] = None) -> None:
-        """Shards under `<dir>/<subdir>`: resumed at predict time (`settings` given), fresh during training."""
+    def open(self, trainer: L.Trainer, subdir: str = "", settings: Optional[dict] = None, device=None) -> None:
+        """Shards under `<dir>/<subdir>`, resumed when `settings` (what fixes the records) match, else
+        fresh; the metric on `device` (None: moved at predict start)."""
         outputs = ("eval.jsonl", "win_rate.png", "avg_reward.png")
-        per_index = int(self.settings.get("samples_per_prompt", 1))
-        self._shards = ShardWriter(self._dir() / subdir, settings, self.overwrite, outputs, per_index)
+        self._shards = ShardWriter(self._dir() / subdir, settings, self.overwrite, outputs, self.samples_per_prompt)
         self._shards.open(trainer)
         self._metric = WinRate(**self.metric_args)
+        if device is not None:
+            self._metric.to(device)
+        self._bad_scores = 0
 
     def has_all(self, indices) -> bool:
         """Every prompt of a batch is on disk already (a resumed run skips it)."""
         return self._shards is not None and self._shards.has_all(indices)
 
-    def add(self, records: list[dict]) -> None:
-        """Write a batch's records (outcome and length match added, fsynced) and update the metric."""
+    def add(self, records: list[dict], bad_scores: int = 0) -> None:
+        """Write a batch's records (outcome and length match added, fsynced) and update the metric;
+        `bad_scores` response pairs of the batch were dropped for a reward that was not a finite float."""
+        self._bad_scores += bad_scores
         ratio, tol = self.metric_args["length_match_ratio"], self.metric_args["tie_tolerance"]
         for r in records:
             r["outcome"] = outcome(r["policy_reward"], r["baseline_reward"], tol)
@@ -133,12 +115,15 @@ class WinRateCallback(L.Callback):
                 [r["baseline_length"] for r in records],
             )
 
-    def _finish(
-        self, trainer: L.Trainer, params: dict, step: int, subdir: str = "", labels: Optional[dict] = None
+    def finish(
+        self, trainer: L.Trainer, params: Optional[dict], step: int, subdir: str = "", labels: Optional[dict] = None
     ) -> dict:
-        """Close the shard, aggregate across processes, merge shards and log (rank 0)."""
+        """Close the shard, aggregate across processes, merge shards and log (rank 0): the metrics
+        at `step`, and `params` (None: none) with n_prompts added; `labels` name the figures' models."""
         self._shards.close()
         metrics = self._metric.compute()  # all ranks: torchmetrics all-reduces the sum states
+        bad = torch.tensor(float(self._bad_scores), device=self._metric.device)
+        bad_scores = int(trainer.strategy.reduce(bad, reduce_op="sum").item())
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             path, _ = self._shards.merge("eval.jsonl")
@@ -146,9 +131,16 @@ class WinRateCallback(L.Callback):
             records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
             metrics = {
                 **metrics,
-                **judge_metrics(records, **self.metric_args, self_judged=self._self_judged, seed=self.seed),
+                **judge_metrics(records, **self.metric_args, self_judged=self.self_judged, seed=self.seed),
             }
-            if params or not self.every_n_steps:  # predict time: the module logged the other params at its start
+            if bad_scores:
+                metrics["dropped/bad_scores"] = float(bad_scores)
+                log.warning(
+                    "%sdropped/bad_scores: %d response pairs left out of the win rate, a reward was not a finite float (on_bad_score=skip)",
+                    self.prefix,
+                    bad_scores,
+                )
+            if params is not None:
                 params = {**params, "n_prompts": int(metrics["n_prompts"])}
             log.info(
                 "%swin rate %.3f [%.3f, %.3f] over %d prompts (%s)",
@@ -159,7 +151,7 @@ class WinRateCallback(L.Callback):
                 int(metrics["n"]),
                 path,
             )
-            self._log(trainer, metrics, params, step, path, subdir, labels or params)
+            self._log(trainer, metrics, params or {}, step, path, subdir, labels or {})
         trainer.strategy.barrier()
         self._shards.release()
         return metrics
@@ -172,7 +164,7 @@ class WinRateCallback(L.Callback):
         files = [jsonl]
         if self.figures and metrics["n"]:
             files += self._plot(metrics, labels, jsonl.parent)
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)]
+        loggers = mlflow_loggers(trainer)
         if not loggers:
             log.warning("no MLFlowLogger on the trainer: win-rate metrics only in the log and %s", jsonl.parent)
         for logger in loggers:
@@ -185,8 +177,7 @@ class WinRateCallback(L.Callback):
             ]
             client.log_batch(run_id, metrics=values)
             if params:
-                prefix = self.prefix if self.every_n_steps else ""  # train time: apart from the DPO run's own
-                client.log_batch(run_id, params=[Param(prefix + k, str(v)) for k, v in params.items()])
+                client.log_batch(run_id, params=[Param(self.param_prefix + k, str(v)) for k, v in params.items()])
             for f in files:
                 client.log_artifact(run_id, str(f), artifact_path=subdir or None)
             # The same records as an MLflow table: the artifact viewer shows them in columns.
@@ -195,25 +186,22 @@ class WinRateCallback(L.Callback):
                     run_id, eval_table(jsonl), f"{subdir}/eval_table.json" if subdir else "eval_table.json"
                 )
 
-    def _plot(self, metrics: dict, params: dict, out: Path) -> list[Path]:
+    def _plot(self, metrics: dict, labels: dict, out: Path) -> list[Path]:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             log.warning("matplotlib is not installed: win-rate figures skipped (pip install matplotlib)")
             return []
-        policy = str(params.get("policy_name", f"step {self._last_step}"))
-        baseline = str(params.get("baseline_name", Path(self.baseline_path or "baseline").name))
+        policy, baseline = str(labels.get("policy_name", "policy")), str(labels.get("baseline_name", "baseline"))
         plot_win_rates([(policy, metrics)], out / "win_rate.png", baseline)
         plot_average_rewards([(policy, metrics)], out / "avg_reward.png", baseline)
         return [out / "win_rate.png", out / "avg_reward.png"]
 
     # -- predict time: WinRateModule produces the records ----------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and self.every_n_steps and self.output_dir:
-            check_writable(self.output_dir)  # before the first step, not at the first evaluation
         if stage == "predict":  # before any model is loaded: a bad output_dir fails in seconds
             data = prompt_settings(trainer.datamodule)
-            self._open(
+            self.open(
                 trainer,
                 settings=None if data is None else {"module": {**self.settings, **self.metric_args}, "data": data},
             )
@@ -225,118 +213,20 @@ class WinRateCallback(L.Callback):
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if outputs:
-            self.add(outputs)
+            self.add(outputs["records"], outputs["bad_scores"])
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._self_judged = getattr(pl_module, "self_judged", {})
-        # WinRateModule logged the run's params at predict start; here they only label the figures.
-        names = pl_module.run_params() if hasattr(pl_module, "run_params") else {}
-        self._finish(trainer, {}, step=0, labels=names)
+        # WinRateModule logged the run's params at predict start; n_prompts is known only now.
+        self.finish(trainer, {}, step=0, labels=self.settings)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if self._shards is not None:
             self._shards.release()
 
-    # -- train time: the policy being trained vs the baseline, every N steps ---------------------
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps and step and step % self.every_n_steps == 0 and step != self._last_step:
-            self.evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.every_n_steps and trainer.global_step != self._last_step and not trainer.interrupted:
-            self.evaluate(trainer, pl_module)
-
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
-        """Policy (pl_module.model) vs baseline on this process's share of the prompt set."""
-        from synpref.modules.evaluation import compare_batch
-
-        step = self._last_step = trainer.global_step
-        policy, device = pl_module.model, pl_module.device
-        self._setup_train_eval(trainer, pl_module)
-        was_training = policy.training
-        policy.eval()
-        subdir = f"eval/step_{step:06d}"
-        self._open(trainer, subdir)
-        self._metric.to(device)
-        try:
-            for batch in self._batches[trainer.global_rank :: trainer.world_size]:
-                records = compare_batch(
-                    policy,
-                    pl_module.tokenizer,
-                    self._baseline,
-                    self._baseline_tokenizer,
-                    self.reward,
-                    batch["prompt"],
-                    self.decoding,
-                    seed=self.seed,
-                    indices=batch["index"],
-                )
-                self.add(
-                    [
-                        {"index": i, "prompt_id": pid, "step": step, **r}
-                        for i, pid, r in zip(batch["index"], batch["prompt_id"], records)
-                    ]
-                )
-        finally:
-            policy.train(was_training)
-        params = (
-            {}
-            if self._params_logged
-            else {
-                "baseline_name": Path(self.baseline_path).name,
-                "reward": self.reward.name,
-                "seed": self.seed,
-                "every_n_steps": self.every_n_steps,
-            }
-        )
-        self._params_logged = True
-        return self._finish(trainer, params, step, subdir)
-
-    def _setup_train_eval(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Load the baseline, the reward and the prompt batches once (plain lists: no DataLoader
-        state mixes with training)."""
-        if self._baseline is not None:
-            return
-        from synpref.models import load_frozen_causal_lm, load_tokenizer
-
-        self._baseline = load_frozen_causal_lm(self.baseline_path).to(pl_module.device)
-        self._baseline_tokenizer = load_tokenizer(self.baseline_path)
-        self.reward = self.reward.to(pl_module.device)
-        self._batches = load_prompt_batches(self.baseline_path, **self.prompts)
-
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-
-
-def load_prompt_batches(
-    tokenizer_name_or_path: str,
-    path: str,
-    split: str,
-    max_prompts: int,
-    max_prompt_length: Optional[int],
-    batch_size: int,
-) -> list[dict]:
-    """The prompt set as predict batches of PromptDataModule (dicts with prompt, prompt_id, index);
-    prompts over `max_prompt_length` tokens are dropped and counted in its log line."""
-    from synpref.data import PromptDataModule
-
-    dm = PromptDataModule(
-        tokenizer_name_or_path=tokenizer_name_or_path,
-        path=path,
-        split=split,
-        max_prompts=max_prompts,
-        max_prompt_length=max_prompt_length,
-        batch_size=batch_size,
-    )
-    dm.setup("predict")
-    batches = []
-    for batch in dm.predict_dataloader():
-        index = [int(i) for i in batch["index"]]
-        batches.append({"prompt": batch["prompt"], "prompt_id": list(batch["prompt_id"]), "index": index})
-    return batches
 
 
 # eval.jsonl's field order: the outcome, rewards and lengths first, the long texts last.

@@ -6,26 +6,13 @@ from typing import Any, Optional, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from synpref.errors import SynprefError
+# DataError stays importable from here, where it was first defined; it lives with the errors.
+from synpref.errors import DataError, FieldError  # noqa: F401
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 # sharegpt turns ({"from", "value"}, as argilla, axolotl and LLaMA-Factory write them) -> our roles.
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-class DataError(SynprefError, ValueError):
-    """Bad input, located: which file, which row, which field."""
-
-    def __init__(self, source: str, row: Any, field: str, problem: str):
-        self.source, self.row, self.field, self.problem = source, row, field, problem
-        where = f"{source}: " if row is None else f"{source}: row {row}: "
-        what = "" if field == "*" else f"field {field!r}: "  # '*': the whole row or file
-        super().__init__(f"{where}{what}{problem}")
-
-    def __reduce__(self):
-        # Rebuilt from its parts when it crosses processes (datasets' map with num_proc > 1).
-        return type(self), (self.source, self.row, self.field, self.problem)
 
 
 def chat_messages(messages: Any, field: str = "messages", need_assistant: bool = True) -> list[dict]:
@@ -74,17 +61,6 @@ def chat_messages(messages: Any, field: str = "messages", need_assistant: bool =
 def conversation_field(row: dict) -> str:
     """The column holding a row's turns: `messages`, or `conversations` (sharegpt files) when only it is there."""
     return "conversations" if row.get("messages") is None and row.get("conversations") is not None else "messages"
-
-
-class FieldError(ValueError):
-    """A field-level problem; the data layer adds file and row and raises DataError."""
-
-    def __init__(self, field: str, problem: str):
-        self.field, self.problem = field, problem
-        super().__init__(f"{field}: {problem}")
-
-    def __reduce__(self):
-        return type(self), (self.field, self.problem)
 
 
 def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:

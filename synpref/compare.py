@@ -7,10 +7,9 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from synpref.cli import register
-from synpref.cli import tracking_uri as default_tracking_uri
 from synpref.errors import ConfigError
 from synpref.report import judge_columns, judge_fields, judges_table, model_cell, power_lines, self_judged_warnings
+from synpref.tracking import tracking_uri as default_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +108,6 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-@register("compare", "print the win-rate table (the paper's Table 1) of an MLflow experiment's eval runs")
 def compare(
     experiment: str,
     tracking_uri: Optional[str] = None,

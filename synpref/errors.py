@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from typing import Optional
+from typing import Any, Optional
 
 
 class SynprefError(Exception):
@@ -22,6 +22,32 @@ class ConfigError(SynprefError, ValueError):
 
     def __reduce__(self):
         return type(self), (self.key, self.problem)
+
+
+# -- the data layer's errors ---------------------------------------------------------------------
+class DataError(SynprefError, ValueError):
+    """Bad input, located: which file, which row, which field."""
+
+    def __init__(self, source: str, row: Any, field: str, problem: str):
+        self.source, self.row, self.field, self.problem = source, row, field, problem
+        where = f"{source}: " if row is None else f"{source}: row {row}: "
+        what = "" if field == "*" else f"field {field!r}: "  # '*': the whole row or file
+        super().__init__(f"{where}{what}{problem}")
+
+    def __reduce__(self):
+        # Rebuilt from its parts when it crosses processes (datasets' map with num_proc > 1).
+        return type(self), (self.source, self.row, self.field, self.problem)
+
+
+class FieldError(ValueError):
+    """A field-level problem; the data layer adds file and row and raises DataError."""
+
+    def __init__(self, field: str, problem: str):
+        self.field, self.problem = field, problem
+        super().__init__(f"{field}: {problem}")
+
+    def __reduce__(self):
+        return type(self), (self.field, self.problem)
 
 
 def find_user_error(exc: BaseException) -> Optional[SynprefError]:

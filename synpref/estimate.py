@@ -81,3 +81,62 @@ def peak_bytes(
     }
     terms["total"] = sum(terms.values())
     return terms
+
+
+# -- the `synpref estimate` command ----------------------------------------------------------------
+def estimate(
+    stage: str = "dpo",
+    preset: Optional[str] = None,
+    model: Optional[str] = None,
+    max_length: int = 1024,
+    batch_size: int = 8,
+    precompute_ref_logps: bool = False,
+    chunk: int = 256,
+    response_fraction: float = 0.5,
+    bf16: bool = False,
+) -> dict:
+    """Print the expected peak memory of one SFT or DPO training step (fp32 master weights, AdamW).
+
+    Built from bytes per parameter and per token (synpref.estimate; calibration in docs/benchmarks.md).
+
+    Args:
+        stage: sft or dpo.
+        preset: a synpref.presets preset (tiny, qwen-vocab-small, qwen-vocab-100m, qwen2.5-0.5b).
+        model: an HF model directory or hub id (its config.json is read), instead of a preset.
+        max_length: tokens per sequence (every sequence is assumed this long: the padded worst case).
+        batch_size: sequences per step (pairs for DPO).
+        precompute_ref_logps: DPO without a reference model in memory.
+        chunk: logits_chunk_size (0: the LM head over every labelled position at once).
+        response_fraction: share of the tokens that are labelled (matters only when chunk is 0).
+        bf16: bf16 autocast over fp32 weights.
+    """
+    from transformers import AutoConfig, Qwen2Config
+
+    from synpref.presets import PRESETS
+
+    if (preset is None) == (model is None):
+        raise ValueError("give exactly one of --preset or --model")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        tiny = {
+            "vocab_size": 2048,
+            "hidden_size": 64,
+            "intermediate_size": 192,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        }
+        config = Qwen2Config(**{"tie_word_embeddings": True, **(PRESETS[preset] or tiny)})
+    else:
+        config = AutoConfig.from_pretrained(model)
+    shape = Shape.from_config(config)
+    terms = peak_bytes(shape, stage, batch_size, max_length, precompute_ref_logps, chunk, response_fraction, bf16)
+    print(
+        f"{stage} step, {shape.params / 1e6:.0f}M parameters, batch {batch_size} x {max_length} tokens"
+        f"{', precomputed reference' if precompute_ref_logps and stage == 'dpo' else ''}, chunk {chunk or 'off'}"
+        f"{', bf16 autocast' if bf16 else ''}:"
+    )
+    for name, value in terms.items():
+        print(f"  {name:12s}{value / 1e9:8.2f} GB")
+    return {k: round(v / 1e9, 3) for k, v in terms.items()}

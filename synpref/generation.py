@@ -6,8 +6,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from synpref.batching import pad
 from synpref.chat import encode_prompt
-from synpref.data.collate import pad
 from synpref.errors import ConfigError
 from synpref.models import end_of_turn_ids
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from synpref.metrics import LOSS, TIE, WIN, WinRate, outcome
-from synpref.rewards.base import RewardScorer, score_checked
+from synpref.rewards.base import OnBadScore, RewardScorer, score_checked
 from synpref.rewards.pairwise import PairwiseJudge
 from synpref.stats import (
     PREFERENCE,
@@ -52,10 +52,12 @@ def judge_batch(
     policy: Sequence[str],
     baseline: Sequence[str],
     tie_tolerance: float = 0.0,
+    on_bad_score: OnBadScore = "error",
 ) -> list[dict]:
     """Per prompt: {label: verdict} with, for a reward judge, both rewards and the outcome; for a
     pairwise judge, its record (outcome None when it gave no valid verdict). Reward judges score
-    both models' replies in one call (a local model then encodes each prompt once)."""
+    both models' replies in one call (a local model then encodes each prompt once). With
+    on_bad_score='skip', a reward judge's verdict is None where either reply got no finite score."""
     out: list[dict] = [{} for _ in prompts]
     for judge, label in zip(judges, labels):
         if isinstance(judge, PairwiseJudge):
@@ -63,9 +65,11 @@ def judge_batch(
             if len(verdicts) != len(prompts):
                 raise ValueError(f"judge {judge.name!r} returned {len(verdicts)} verdicts for {len(prompts)} prompts")
         else:
-            rewards = score_checked(judge, list(prompts) + list(prompts), list(policy) + list(baseline))
+            rewards = score_checked(judge, list(prompts) + list(prompts), list(policy) + list(baseline), on_bad_score)
             verdicts = [
-                {"policy_reward": p, "baseline_reward": b, "outcome": outcome(p, b, tie_tolerance)}
+                None
+                if p is None or b is None
+                else {"policy_reward": p, "baseline_reward": b, "outcome": outcome(p, b, tie_tolerance)}
                 for p, b in zip(rewards[: len(prompts)], rewards[len(prompts) :])
             ]
         for row, verdict in zip(out, verdicts):

@@ -10,11 +10,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from synpref.chat import DataError
-from synpref.cli import register
 from synpref.data.io import load_rows
 from synpref.data.prompts import row_prompt, row_prompt_id, text_key
-from synpref.errors import ConfigError
+from synpref.errors import ConfigError, DataError
 from synpref.outputs import atomic_file, check_writable
 from synpref.pairs import (
     RULES,
@@ -25,7 +23,7 @@ from synpref.pairs import (
     threshold_grid,
 )
 from synpref.resources import resolve
-from synpref.stages import StageTracking
+from synpref.tracking import RunTracking, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +67,6 @@ def excluded_keys(paths: list[str]) -> set[str]:
     return keys
 
 
-@register(
-    "pairs", "build preference pairs from a sampling run's samples.jsonl by a pair rule (first k samples, max pairs)"
-)
 def build_pairs(
     samples: str,
     output_dir: str,
@@ -84,7 +79,7 @@ def build_pairs(
     num_prompts: Optional[int] = None,
     exclude: list[str] = [],
     seed: int = 0,
-    tracking: Optional[StageTracking] = None,
+    tracking: Optional[RunTracking] = None,
 ) -> dict:
     """Write `output_dir/pairs.jsonl` (TRL conversational preference rows, as sampling writes) and
     `stats.json`, `pairs_vs_threshold.csv` from scored samples, without sampling or scoring again.
@@ -183,10 +178,8 @@ def build_pairs(
     return stats
 
 
-def _log_run(tracking: StageTracking, params: dict, stats: dict, out: Path) -> None:
+def _log_run(tracking: RunTracking, params: dict, stats: dict, out: Path) -> None:
     import mlflow
-
-    from synpref.cli import tracking_uri
 
     client = mlflow.MlflowClient(tracking.tracking_uri or tracking_uri())
     run_id = tracking.start(client)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from synpref.cli import INVOCATION
+from synpref.invocation import INVOCATION
 
 STAGE_TAG = "synpref.pipeline_stage"
 

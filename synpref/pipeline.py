@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from synpref.cli import INVOCATION, register
-from synpref.cli import tracking_uri as default_tracking_uri
 from synpref.grid import ArmStage, Study, expand, label, select
+from synpref.invocation import INVOCATION
 from synpref.parent_run import STAGE_TAG, end_parent, log_headline, parent_run, pipeline_params
 from synpref.services import Service, for_stages
 from synpref.stages import (
@@ -31,6 +30,7 @@ from synpref.stages import (
     stage_argv,
     tracking_args,
 )
+from synpref.tracking import tracking_uri as default_tracking_uri
 
 __all__ = ["Stage", "is_done", "reproduce"]
 
@@ -182,7 +182,6 @@ def log_arm_params(client, parent: str, stage_name: str, arm: ArmStage) -> None:
     client.log_batch(runs[0].info.run_id, params=[Param(k, v) for k, v in params.items() if k not in have])
 
 
-@register("reproduce", "run a pipeline config (SFT → sample → DPO ×2 → eval → table), rerunning stale stages")
 def reproduce(
     stages: list[Stage],
     experiment: str = "synpref",
@@ -222,7 +221,7 @@ def reproduce(
     from synpref.compare import compare, eval_runs
 
     if build_tiny_model and not dry_run:
-        from synpref.cli import build_tiny
+        from synpref.presets import build_tiny
 
         build_tiny(build_tiny_model)
     arm_stages: dict[str, ArmStage] = {}

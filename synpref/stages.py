@@ -21,29 +21,6 @@ FUNCTION_COMMANDS = {"pairs": "synpref.pair_stage:build_pairs"}
 
 
 @dataclass
-class StageTracking:
-    """Where a function command (`synpref pairs`) logs its MLflow run; `synpref reproduce` fills it in.
-
-    Args:
-        experiment: MLflow experiment name.
-        tracking_uri: MLflow store; default MLFLOW_TRACKING_URI or sqlite:///mlflow.db.
-        run_name: the run's name.
-        tags: run tags (the pipeline's parent run id and stage name).
-    """
-
-    experiment: str = "synpref"
-    tracking_uri: Optional[str] = None
-    run_name: Optional[str] = None
-    tags: dict[str, str] = field(default_factory=dict)
-
-    def start(self, client) -> str:
-        """Create the run (and the experiment if new); its id."""
-        exp = client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment)
-        return client.create_run(exp_id, run_name=self.run_name, tags=self.tags).info.run_id
-
-
-@dataclass
 class Stage:
     """One `synpref <command> --config ...` run.
 
@@ -134,7 +111,7 @@ def resolve_config(stage: Stage) -> dict:
     if stage.command in FUNCTION_COMMANDS:
         flat = flatten(yaml.safe_load(_parse_function_stage(stage)))
         return {k: v for k, v in flat.items() if not any(k == p or k.startswith(p + ".") for p in NOT_FINGERPRINTED)}
-    from synpref.cli import SynprefCLI
+    from synpref.lightning_cli import SynprefCLI
 
     class Resolver(SynprefCLI):
         def parse_arguments(self, parser, args):

@@ -9,6 +9,9 @@ from contextlib import contextmanager
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
+# `datasets` gives its logger a handler on the sys.stderr of the moment it is first imported:
+# imported here, that is the session's stream, not one test's capsys stream that closes after it.
+import datasets  # noqa: F401
 import pytest
 
 from synpref.resources import sample
@@ -26,7 +29,7 @@ def sample_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, sample_dir) -> str:
     """The tiny Qwen2 model + BPE tokenizer as an HF directory, built by the library's own builder."""
-    from synpref.models import build_tiny_model
+    from synpref.presets import build_tiny_model
 
     out = tmp_path_factory.mktemp("tiny") / "base"
     return str(build_tiny_model(out, [sample_dir / "sft_messages.jsonl"]))
@@ -35,7 +38,7 @@ def tiny_model(tmp_path_factory, sample_dir) -> str:
 @pytest.fixture(scope="session")
 def qwen_small_model(tmp_path_factory, sample_dir) -> str:
     """The `qwen-vocab-small` preset: a 43M-parameter random Qwen2 with Qwen2.5's 151,936-token vocabulary."""
-    from synpref.models import build_preset_model
+    from synpref.presets import build_preset_model
 
     out = tmp_path_factory.mktemp("qwen-vocab-small") / "base"
     return str(build_preset_model("qwen-vocab-small", out, [sample_dir / "sft_messages.jsonl"]))
@@ -111,7 +114,7 @@ RUN_PARAMS = {
     }
     | DECODING,
 }
-# DPO with WinRateCallback(every_n_steps=...): its settings, once.
+# DPO with PeriodicWinRate: its settings, once.
 TRAINING_EVAL_PARAMS = {"eval/baseline_name", "eval/reward", "eval/seed", "eval/every_n_steps", "eval/n_prompts"}
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from synpref.chat import DataError
 from synpref.cli import main
+from synpref.errors import DataError
 from tests.conftest import ROOT, http_server
 
 NO_MLFLOW = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]

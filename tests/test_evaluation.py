@@ -1,4 +1,4 @@
-"""WinRateModule + WinRateCallback: eval.jsonl, metrics, params and figures in MLflow (sqlite and a real server)."""
+"""WinRateModule + WinRateRecorder, PeriodicWinRate: eval.jsonl, metrics, params and figures in MLflow (sqlite and a real server)."""
 
 import json
 import os
@@ -282,12 +282,12 @@ def read_csv(path):
 
 
 def test_periodic_win_rate_during_dpo(in_tmp, baseline_model):
-    """WinRateCallback(every_n_steps=2) in a DPO fit config: eval/ metrics at steps 2 and 4."""
+    """PeriodicWinRate(every_n_steps=2) in a DPO fit config: eval/ metrics at steps 2 and 4."""
     from synpref.cli import main
 
     (in_tmp / "artifacts" / "tiny" / "sft").symlink_to(baseline_model)
     callback = {
-        "class_path": "synpref.callbacks.WinRateCallback",
+        "class_path": "synpref.callbacks.PeriodicWinRate",
         "init_args": {
             "every_n_steps": 2,
             "prompts_path": "synpref://sample/test_prefs.jsonl",

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from synpref.logprobs import head_token_logps
-from synpref.models import QWEN_VOCAB
+from synpref.presets import QWEN_VOCAB
 
 N, D, CHUNK = 300, 64, 128  # 300 labelled positions: two full chunks and a partial one
 

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from synpref.chat import IGNORE_INDEX, DataError, encode_prompt_response
+from synpref.chat import IGNORE_INDEX, encode_prompt_response
 from synpref.data.preferences import PreferenceDataModule, PreferenceSource
+from synpref.errors import DataError
 from synpref.models import load_tokenizer
 from tests.conftest import read_jsonl
 

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from synpref.chat import DataError, chat_messages
+from synpref.chat import chat_messages
 from synpref.data import PreferenceDataModule, PreferenceSource, PromptDataModule, SmolTalkDataModule
+from synpref.errors import DataError
 
 OPENAI = [
     {"role": "system", "content": "Be brief."},

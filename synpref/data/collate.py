@@ -1,4 +1,4 @@
-"""Padding collators and a length-grouped sampler that cuts padding without sorting the epoch."""
+"""The SFT collator and a length-grouped sampler that cuts padding without sorting the epoch."""
 
 from __future__ import annotations
 
@@ -7,20 +7,8 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
+from synpref.batching import longest_first, pad
 from synpref.chat import IGNORE_INDEX
-
-
-def pad(seqs: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
-    """Stack int lists into a (batch, longest) tensor, padded right (training) or left (generation)."""
-    width = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), width), value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            if left:
-                out[i, width - len(s) :] = torch.as_tensor(s)
-            else:
-                out[i, : len(s)] = torch.as_tensor(s)
-    return out
 
 
 def collate_sft(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -64,6 +52,4 @@ class LengthGroupedSampler(Sampler[int]):
             order = torch.randperm(n, generator=g).tolist()
         else:
             order = list(range(n))
-        size = self.batch_size * self.group
-        for start in range(0, n, size):
-            yield from sorted(order[start : start + size], key=lambda i: -self.lengths[i])
+        yield from longest_first(order, self.lengths, self.batch_size * self.group)

@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Literal, Optional
 
 import datasets
 
-from synpref.chat import DataError, FieldError
+from synpref.errors import DataError, FieldError
 from synpref.resources import SCHEME, resolve
 
 log = logging.getLogger(__name__)

@@ -9,10 +9,11 @@ from typing import Literal, Optional
 import datasets
 import torch
 
-from synpref.chat import IGNORE_INDEX, FieldError, chat_messages, encode_prompt_response
+from synpref.batching import pad
+from synpref.chat import IGNORE_INDEX, chat_messages, encode_prompt_response
 from synpref.data.base import TokenizedDataModule
-from synpref.data.collate import pad
 from synpref.data.io import Dropped, OnBadRow, load_rows, map_rows, require, source_name
+from synpref.errors import FieldError
 
 Format = Literal["ultrafeedback_binarized", "openbmb", "synpref", "trl"]
 COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "length"]

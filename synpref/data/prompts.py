@@ -10,10 +10,11 @@ from typing import Optional, Sequence
 
 from torch.utils.data import DataLoader
 
-from synpref.chat import DataError, FieldError, chat_messages, conversation_field, encode_prompt
+from synpref.batching import length_batches
+from synpref.chat import chat_messages, conversation_field, encode_prompt
 from synpref.data.base import TokenizedDataModule
 from synpref.data.io import Dropped, OnBadRow, load_rows, map_rows, source_name
-from synpref.errors import ConfigError
+from synpref.errors import ConfigError, DataError, FieldError
 
 log = logging.getLogger(__name__)
 
@@ -204,11 +205,7 @@ class PromptDataModule(TokenizedDataModule):
         n, size = len(self.prompts), self.batch_size
         if not self.group_by_length:
             return [list(range(s, min(n, s + size))) for s in range(0, n, size)]
-        lengths, window, plan = list(self.prompts["length"]), size * 50, []
-        for start in range(0, n, window):
-            order = sorted(range(start, min(n, start + window)), key=lambda i: (-lengths[i], i))
-            plan += [order[s : s + size] for s in range(0, len(order), size)]
-        return plan
+        return length_batches(list(self.prompts["length"]), size, window=size * 50)
 
     def collate(self, indices: list[int]) -> dict:
         rows = self.prompts.select(indices).to_dict()

@@ -12,6 +12,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from synpref.batching import length_batches
 from synpref.errors import ConfigError
 from synpref.logprobs import token_logps
 from synpref.losses import LossType, dpo_loss
@@ -105,6 +106,7 @@ class DPOModule(CausalLMModule):
             )
         self._ref: list[torch.nn.Module] = []  # a list, not an attribute: kept out of state_dict and .to()
         self._ref_table: Optional[torch.Tensor] = None  # (pairs, 2) reference log-probs by pair index
+        self.labelled_by: list[str] = []  # the scorers that labelled the training pairs (record_labellers)
 
     def run_params(self) -> dict:
         return {
@@ -170,7 +172,7 @@ class DPOModule(CausalLMModule):
         from synpref.judges import write_provenance
 
         out = super().export(dirpath)
-        write_provenance(out, getattr(self, "labelled_by", []))
+        write_provenance(out, self.labelled_by)
         return out
 
     def on_validation_start(self) -> None:
@@ -207,9 +209,8 @@ class DPOModule(CausalLMModule):
         size = dm.eval_batch_size
         for ds in sets:
             # Longest first, so each batch pads little; batches are split round-robin over ranks.
-            order = np.argsort(-np.asarray(ds["length"]), kind="stable").tolist()
-            for start in range(rank * size, len(order), size * world):
-                batch = dm.collate([ds[i] for i in order[start : start + size]])
+            for indices in length_batches(list(ds["length"]), size)[rank::world]:
+                batch = dm.collate([ds[i] for i in indices])
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 with self.trainer.precision_plugin.forward_context():
                     logps = sequence_logps(ref, batch, self.hparams.logits_chunk_size)[0].float()

@@ -2,98 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import lightning as L
 import torch
 
 from synpref.generation import check_decoding
-from synpref.generators import Generator, generate_texts
-from synpref.judges import Judge, judge_batch, judge_labels, read_provenance, self_judged
+from synpref.generators import Generator
+from synpref.head_to_head import compare_batch
+from synpref.judges import Judge, judge_labels, read_provenance, self_judged
 from synpref.models import load_frozen_causal_lm, load_tokenizer
 from synpref.modules.base import log_data_drops, log_run_params, model_name
-from synpref.rewards.base import RewardScorer, score_checked
-
-
-def compare_batch(
-    policy,
-    policy_tokenizer,
-    baseline,
-    baseline_tokenizer,
-    reward: RewardScorer,
-    prompts: Sequence[Sequence[dict]],
-    decoding: dict,
-    seed: int,
-    indices: Sequence[int],
-    generators: Sequence[Optional[Generator]] = (None, None),
-    names: Sequence[str] = ("", ""),
-    judges: Sequence[Judge] = (),
-    samples_per_prompt: int = 1,
-    tie_tolerance: float = 0.0,
-) -> list[dict]:
-    """`samples_per_prompt` responses per prompt from each model (same decoding, same seeds: sample
-    k of both models shares its random numbers), all scored by `reward`; one record per response
-    pair, prompt-major (with `sample` = k when there are several).
-
-    `seed` is the run's seed and `indices` the prompts' indices (see `generate_texts`). A model
-    whose entry in `generators` is set is asked through it under its name in `names` (its path);
-    the others generate in-process.
-
-    The one generate-and-score path of predict-time (WinRateModule) and train-time
-    (WinRateCallback(every_n_steps=...)) evaluation. Lengths are generated tokens (each model's
-    own tokenizer), without the end-of-turn token. With `judges` (`reward` first among them), each
-    record also carries `judges`: every judge's verdict by label (synpref.judges).
-    """
-    n = samples_per_prompt
-    prompts = [list(p) for p in prompts]
-    policy_texts, policy_lengths = generate_texts(
-        generators[0], policy, policy_tokenizer, names[0], prompts, indices, seed, num_return_sequences=n, **decoding
-    )
-    baseline_texts, baseline_lengths = generate_texts(
-        generators[1],
-        baseline,
-        baseline_tokenizer,
-        names[1],
-        prompts,
-        indices,
-        seed,
-        num_return_sequences=n,
-        **decoding,
-    )
-    flat = [(p, k) for p in prompts for k in range(n)]
-    prompts = [p for p, _ in flat]
-    flat_list = lambda rows: [x for row in rows for x in row]
-    policy_texts, baseline_texts = flat_list(policy_texts), flat_list(baseline_texts)
-    policy_lengths, baseline_lengths = flat_list(policy_lengths), flat_list(baseline_lengths)
-    if judges:
-        labels = judge_labels(judges)
-        verdicts = judge_batch(judges, labels, prompts, policy_texts, baseline_texts, tie_tolerance)
-        first = [v[labels[0]] for v in verdicts]
-        policy_rewards, baseline_rewards = [v["policy_reward"] for v in first], [v["baseline_reward"] for v in first]
-    else:
-        # One call for both models' replies: a local reward model then encodes each prompt once.
-        rewards = score_checked(reward, prompts + prompts, policy_texts + baseline_texts)
-        policy_rewards, baseline_rewards = rewards[: len(prompts)], rewards[len(prompts) :]
-    records = [
-        {
-            "prompt": prompt,
-            "policy_response": pt,
-            "baseline_response": bt,
-            "policy_reward": float(pr),
-            "baseline_reward": float(br),
-            "policy_length": int(pl),
-            "baseline_length": int(bl),
-        }
-        for prompt, pt, bt, pr, br, pl, bl in zip(
-            prompts, policy_texts, baseline_texts, policy_rewards, baseline_rewards, policy_lengths, baseline_lengths
-        )
-    ]
-    for i, (record, (_, k)) in enumerate(zip(records, flat)):
-        if n > 1:
-            record["sample"] = k
-        if judges:
-            record["judges"] = verdicts[i]
-    return records
+from synpref.rewards.base import OnBadScore, RewardScorer
 
 
 class WinRateModule(L.LightningModule):
@@ -102,7 +22,7 @@ class WinRateModule(L.LightningModule):
     Decoding is the same for both models and, per batch, so is the seed (`seed` + the batch's
     first prompt index), so a batch's result does not depend on what ran before it. The default
     is the paper's sampling (top-k 50, temperature 0.7); `do_sample: false` is greedy.
-    predict_step returns one record per prompt; the WinRateCallback this module attaches writes
+    predict_step returns one record per prompt; the WinRateRecorder this module attaches writes
     them to `output_dir/eval.jsonl`, aggregates the WinRate metric and logs to MLflow. A killed
     run resumes when rerun (prompts on disk are not generated again); `overwrite: true` starts afresh.
 
@@ -118,6 +38,9 @@ class WinRateModule(L.LightningModule):
     policy's training pairs (the export's synpref_provenance.json) is marked self-judged.
     `samples_per_prompt`: n answers per model per prompt (sample k of both models shares its
     random numbers); the interval is then a cluster bootstrap over prompts.
+    `on_bad_score`: a reward that is not a finite float (NaN, None, a string) is an `error` naming
+    the scorer and the prompt, or with `skip` that response pair is left out of the win rate (not a
+    loss, not a tie), counted, logged and recorded as the metric `eval/dropped/bad_scores`.
     """
 
     def __init__(
@@ -143,6 +66,7 @@ class WinRateModule(L.LightningModule):
         baseline_generator: Optional[Generator] = None,
         judges: Optional[list[Judge]] = None,
         samples_per_prompt: int = 1,
+        on_bad_score: OnBadScore = "error",
     ):
         super().__init__()
         check_decoding(max_new_tokens, do_sample, temperature, top_p, top_k)
@@ -193,16 +117,18 @@ class WinRateModule(L.LightningModule):
             self.baseline = load(self.baseline_name_or_path)
 
     def configure_callbacks(self):
-        from synpref.callbacks.win_rate import WinRateCallback
+        from synpref.callbacks.win_rate import WinRateRecorder
 
         hp = self.hparams
-        self.recorder = WinRateCallback(
+        self.recorder = WinRateRecorder(
             output_dir=self.output_dir,
             tie_tolerance=hp.tie_tolerance,
             length_match_ratio=hp.length_match_ratio,
             figures=hp.figures,
             settings=self.run_params(),
             overwrite=hp.overwrite,
+            self_judged=self.self_judged,
+            samples_per_prompt=hp.samples_per_prompt,
         )
         return [self.recorder]
 
@@ -211,7 +137,7 @@ class WinRateModule(L.LightningModule):
         self.judges = [j.to(self.device) for j in self.judges]
         # Prompts dropped (too long, duplicates, bad rows) shrink N: the run says by how many.
         log_data_drops(self)
-        log_run_params(self)  # n_prompts, the number evaluated, comes from the WinRateCallback at the end
+        log_run_params(self)  # n_prompts, the number evaluated, comes from the WinRateRecorder at the end
 
     def run_params(self) -> dict:
         """The settings that define this comparison, as MLflow params (no secrets: names and paths)."""
@@ -228,11 +154,12 @@ class WinRateModule(L.LightningModule):
             **self.decoding,
         }
 
-    def predict_step(self, batch: dict, batch_idx: int) -> Optional[list[dict]]:
+    def predict_step(self, batch: dict, batch_idx: int) -> Optional[dict]:
+        """{'records': one per kept response pair, 'bad_scores': pairs dropped for a bad score}."""
         index = [int(i) for i in batch["index"]]
         if self.recorder is not None and self.recorder.has_all(index):
             return None  # a resumed run: this batch is on disk
-        records = compare_batch(
+        records, dropped = compare_batch(
             self.model,
             self.tokenizer,
             self.baseline,
@@ -247,7 +174,7 @@ class WinRateModule(L.LightningModule):
             judges=self.judges,
             samples_per_prompt=self.hparams.samples_per_prompt,
             tie_tolerance=self.hparams.tie_tolerance,
+            on_bad_score=self.hparams.on_bad_score,
         )
-        ids = batch.get("prompt_id") or [None] * len(index)
-        n = self.hparams.samples_per_prompt
-        return [{"index": index[j // n], "prompt_id": ids[j // n], **r} for j, r in enumerate(records)]
+        ids = dict(zip(index, batch.get("prompt_id") or [None] * len(index)))
+        return {"records": [{"prompt_id": ids[r["index"]], **r} for r in records], "bad_scores": dropped}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Iterator, Literal, Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 from synpref.errors import SynprefError
 
@@ -80,13 +80,6 @@ def check_lengths(prompts: Sequence, responses: Sequence) -> None:
         raise ValueError(
             f"score() needs one response per prompt: got {len(prompts)} prompts, {len(responses)} responses"
         )
-
-
-def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
-    """Positions grouped into batches of similar length (longest first), so padding stays small."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    for start in range(0, len(order), batch_size):
-        yield order[start : start + batch_size]
 
 
 def prompt_text(prompt: Sequence[dict]) -> str:

@@ -8,10 +8,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from synpref.batching import length_batches, pad
 from synpref.chat import render
-from synpref.data.collate import pad
 from synpref.models import load_tokenizer, resolve_dtype
-from synpref.rewards.base import RewardScorer, check_lengths, length_batches
+from synpref.rewards.base import RewardScorer, check_lengths
 
 
 class _LocalReward(RewardScorer):
