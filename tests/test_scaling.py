@@ -236,7 +236,7 @@ def test_reduced_tiny_grid_end_to_end(in_tmp, capsys):
     assert again.count("… skipped (up to date)") == 14 and "… running" not in again
 
     # One DPO setting of one arm changes: only that arm's DPO and evaluation would run.
-    config["study"]["sweeps"][2] = {"model.init_args.beta": [0.3]}
+    config["study"]["sweeps"][1] = {"model.init_args.beta": [0.3]}
     path.write_text(yaml.safe_dump(config, allow_unicode=True))
     main(["reproduce", "--config", str(path), "--dry_run", "true"])
     plan = capsys.readouterr().out.splitlines()
