@@ -240,7 +240,7 @@ def test_reduced_tiny_grid_end_to_end(in_tmp, capsys):
     path.write_text(yaml.safe_dump(config, allow_unicode=True))
     main(["reproduce", "--config", str(path), "--dry_run", "true"])
     plan = capsys.readouterr().out.splitlines()
-    assert [line.split(" … ")[0].split("] ")[1] for line in plan if "would run" in line] == [
+    assert [line.split(" … ")[0].split("] ")[1] for line in plan if line.startswith("[") and "would run" in line] == [
         "dpo-synthetic-k4-best_worst-gap0-n4-beta0.3",
         "eval-synthetic-k4-best_worst-gap0-n4-beta0.3",
     ]
