@@ -146,7 +146,8 @@ def compare(
         markdown_table(rows),
         judges_table(rows),
         "\n".join(self_judged_warnings(rows)),
-        "\n".join(power_lines(rows)),
+        # A grid's arms are compared pairwise by the head-to-head table (paired N) instead.
+        "" if any(r.get("arm") for r in rows) else "\n".join(power_lines(rows)),
     ]
     client = MlflowClient(tracking_uri or default_tracking_uri())
     study_text, study_files = study_report(client, rows, head_to_head, Path(figures_dir) if figures_dir else None)

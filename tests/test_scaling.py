@@ -54,6 +54,17 @@ def test_mean_minus_two_sigma_is_not_the_worst_when_an_outlier_inflates_sigma():
     assert select_pairs(TEXTS[:2], [0.3, 0.7], "best_vs_mean_minus_2sigma")[0][0].rejected == 0
 
 
+def test_mean_minus_two_sigma_is_the_worst_below_six_samples():
+    # No one of k values lies more than σ·√(k−1) below their mean, so for k ≤ 5 mean − 2σ is at or
+    # under the minimum and the nearest sample is the worst one (docs/scaling.md).
+    rng = random.Random(0)
+    for k in range(2, 6):
+        for _ in range(200):
+            scores = [rng.gauss(0, 1) for _ in range(k)]
+            got = select_pairs(TEXTS[:k], scores, "best_vs_mean_minus_2sigma")[0]
+            assert got == select_pairs(TEXTS[:k], scores, "best_worst")[0]
+
+
 def test_all_above_gap_keeps_every_pair_over_the_threshold_capped_largest_first():
     scores = [1.0, 0.0, 0.5, 0.5]  # gaps: (0,1) 1; (0,2) (0,3) (2,1) (3,1) 0.5; (2,3) 0: a tie
     pairs, reason, gaps = select_pairs(TEXTS[:4], scores, "all_above_gap", threshold=0.5, max_per_prompt=3)
