@@ -7,7 +7,6 @@ import logging
 from typing import Optional, Sequence
 
 import lightning as L
-from lightning.pytorch.callbacks import BasePredictionWriter
 
 from synpref.callbacks.sampling_stats import PairStats
 from synpref.callbacks.shards import ShardWriter, prompt_settings
@@ -17,7 +16,7 @@ from synpref.pairs import pair_row
 log = logging.getLogger(__name__)
 
 
-class SampleWriter(BasePredictionWriter):
+class SampleWriter(L.Callback):
     """Writes `SamplingModule` records batch by batch and builds `samples.jsonl` and `pairs.jsonl`.
 
     Records go through a `ShardWriter` (one fsynced shard per process under `<output_dir>/parts/`,
@@ -39,7 +38,6 @@ class SampleWriter(BasePredictionWriter):
     def __init__(
         self, output_dir: str, settings: Optional[dict] = None, threshold: float = 0.0, overwrite: bool = False
     ):
-        super().__init__(write_interval="batch")
         self.output_dir, self.settings, self.threshold, self.overwrite = (
             output_dir,
             settings or {},
@@ -63,15 +61,10 @@ class SampleWriter(BasePredictionWriter):
         """Every prompt of a batch is on disk already (a resumed run skips it)."""
         return self.shards is not None and self.shards.has_all(indices)
 
-    def write_on_batch_end(
-        self,
-        trainer,
-        pl_module,
-        prediction: Optional[list[dict]],
-        batch_indices,
-        batch,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+    # A plain callback, not a BasePredictionWriter: that one asks the loop for batch indices, which
+    # a loader of planned batches (batch_size=None) cannot give, and this writer does not need.
+    def on_predict_batch_end(
+        self, trainer, pl_module, prediction: list[dict], batch, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         # A batch cut short by a kill is regenerated whole (its seed depends on the whole batch);
         # only its missing prompts are written.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -51,7 +52,7 @@ def test_fit_logs_to_mlflow_and_exports(in_tmp, sample_dir, tiny_model):
 
     # The resolved config, command-line overrides included, is an artifact of the run.
     config_path = client.download_artifacts(run.info.run_id, "config.yaml", str(in_tmp))
-    config = yaml.safe_load(open(config_path))
+    config = yaml.safe_load(Path(config_path).read_text())
     assert config["model"]["class_path"] == "synpref.modules.SFTModule"
     assert config["trainer"]["max_epochs"] == 1 and config["data"]["init_args"]["max_rows"] == 64
 

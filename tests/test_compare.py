@@ -70,7 +70,8 @@ def test_table_from_two_runs(tmp_path, capsys):
     ]
     # The power line of each arm (synpref.stats.prompts_for_power; values checked by hand in test_judges.py).
     assert "- dpo_synthetic (63.0%) from 50%: 114; from dpo_ultrafeedback (64.0%): 36,383 per arm" in lines
-    rows = list(csv.DictReader(open(tmp_path / "t.csv", newline="")))
+    with open(tmp_path / "t.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     assert [r["model"] for r in rows] == ["dpo_synthetic", "dpo_ultrafeedback"]
     assert [r["path"] for r in rows] == ["artifacts/dpo_synthetic", "artifacts/dpo_ultrafeedback"]
     assert float(rows[0]["win_rate"]) == 0.63 and float(rows[0]["win_rate_ci_low"]) == 0.5322

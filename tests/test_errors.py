@@ -340,7 +340,7 @@ def test_nan_reward_in_sampling_and_skip(in_tmp, capsys):
     fails(capsys, args, "returned nan (float), not a finite float", "for the prompt 'Name a colour.'")
     assert not Path("out/samples.jsonl").exists()
     main([*args, "--model.init_args.on_bad_score=skip"])  # the NaN samples are dropped and counted
-    samples = [json.loads(line) for line in open("out/samples.jsonl")]
+    samples = [json.loads(line) for line in Path("out/samples.jsonl").read_text().splitlines()]
     assert {r["prompt"][0]["content"] for r in samples} == {"Name a fruit."} and len(samples) == 2
     assert all(r["score"] == 1.0 for r in samples)
 

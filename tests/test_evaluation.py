@@ -88,6 +88,7 @@ def mlflow_server(tmp_path):
     """A real `mlflow server` on 127.0.0.1 with a sqlite store and proxied artifacts."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    server_log = open(tmp_path / "server.log", "wb")
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -106,7 +107,7 @@ def mlflow_server(tmp_path):
             str(tmp_path / "art"),
         ],
         stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "server.log", "wb"),
+        stderr=server_log,
         start_new_session=True,
         # No background job runners (huey consumers): this test needs the REST API only.
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
@@ -126,6 +127,7 @@ def mlflow_server(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker: the group it leads
         proc.wait(timeout=30)
+        server_log.close()
 
 
 def get_json(url: str, path: str, **query) -> dict:
@@ -233,7 +235,7 @@ def test_cli_predict_logged_win_rate_matches_the_artifact(in_tmp, tiny_model, ba
         "length_matched",
     ]
     assert list(artifact[0])[-3:] == ["prompt", "policy_response", "baseline_response"]
-    table = json.loads(open(client.download_artifacts(run.info.run_id, "eval_table.json", str(in_tmp))).read())
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "eval_table.json", str(in_tmp))).read_text())
     assert table["columns"][:2] == ["index", "outcome"]
     assert [row[1] for row in table["data"]] == [r["outcome"] for r in artifact]
     # The judge's scores in the records are its scores of the recorded texts.

@@ -3,6 +3,7 @@
 import math
 import struct
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 
@@ -126,7 +127,7 @@ def test_bad_rewards_are_rejected():
 
 
 def png_size(path) -> tuple[int, int]:
-    data = open(path, "rb").read(24)
+    data = Path(path).read_bytes()[:24]
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     return struct.unpack(">II", data[16:24])
 

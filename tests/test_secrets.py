@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -63,12 +64,12 @@ def test_endpoint_key_stays_out_of_mlflow_and_logs(in_tmp, server, capfd, caplog
     texts = [str(run.data.params), str(run.data.tags)]
     assert (
         "SYNPREF_TEST_KEY"
-        in "".join(texts) + open(client.download_artifacts(run.info.run_id, "config.yaml", str(in_tmp))).read()
+        in "".join(texts) + Path(client.download_artifacts(run.info.run_id, "config.yaml", str(in_tmp))).read_text()
     )
     for artifact in client.list_artifacts(run.info.run_id):
         if not artifact.is_dir:
             texts.append(
-                open(client.download_artifacts(run.info.run_id, artifact.path, str(in_tmp)), errors="replace").read()
+                Path(client.download_artifacts(run.info.run_id, artifact.path, str(in_tmp))).read_text(errors="replace")
             )
     texts += [output.out, output.err, caplog.text]
     for text in texts:

@@ -154,11 +154,11 @@ class WinRateModule(L.LightningModule):
             **self.decoding,
         }
 
-    def predict_step(self, batch: dict, batch_idx: int) -> Optional[dict]:
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """{'records': one per kept response pair, 'bad_scores': pairs dropped for a bad score}."""
         index = [int(i) for i in batch["index"]]
         if self.recorder is not None and self.recorder.has_all(index):
-            return None  # a resumed run: this batch is on disk
+            return {"records": [], "bad_scores": 0}  # a resumed run: this batch is on disk
         records, dropped = compare_batch(
             self.model,
             self.tokenizer,

@@ -128,7 +128,7 @@ class SamplingModule(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> Optional[list[dict]]:
         if self.writer is not None and self.writer.has_all(batch["index"]):
-            return None  # a resumed run: this batch is on disk
+            return []  # a resumed run: this batch is on disk
         hp = self.hparams
         start = time.perf_counter()
         texts, counts = generate_texts(
