@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -104,7 +105,22 @@ class StepMeter:
         flops = sum(step_flops(s, b["lengths"], b["labelled"], passes) for b in batches)
         return {
             "tokens": sum(sum(b["lengths"]) for b in batches),
+            "labelled": sum(b["labelled"] for b in batches),
             "flops": flops,
             "seconds": self.step_ends[-1] - self.step_ends[warmup - 1],
             "timed_steps": n - warmup,
         }
+
+
+def check_equal_work(tokens: dict[str, int], tolerance: float = 0.01) -> None:
+    """Print each run's timed non-padding tokens; exit non-zero if they differ by more than `tolerance`.
+
+    With a few timed steps, tokens/s and peak memory compare only if both sides trained the same
+    sequences: a longer batch costs more time and more activation memory.
+    """
+    print("equal work: timed non-pad tokens " + ", ".join(f"{k} {v}" for k, v in tokens.items()))
+    low, high = min(tokens.values()), max(tokens.values())
+    if high > low * (1 + tolerance):
+        sys.exit(
+            f"unequal work: timed non-pad tokens differ by more than {tolerance:.0%} ({tokens}); figures not comparable"
+        )
