@@ -18,6 +18,22 @@ def preset_model(name: str) -> str:
     return str(build_preset_model(name, CACHE / name))
 
 
+def random_batch(stage: str, pairs_or_rows: int, length: int, vocab: int, prompt_fraction: float = 0.5) -> dict:
+    """A full-length batch of random tokens as the modules take it: the first `prompt_fraction` of
+    each sequence is prompt (no label); DPO gets chosen and rejected rows and pair indices."""
+    rows = pairs_or_rows * (2 if stage == "dpo" else 1)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (rows, length), generator=g)
+    labels = ids.clone()
+    labels[:, : int(length * prompt_fraction)] = -100
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": labels,
+        "index": torch.arange(pairs_or_rows),
+    }
+
+
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     """This machine's matmul FLOP/s in `dtype` now: the best of `repeats` (n, n) @ (n, n) products."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)

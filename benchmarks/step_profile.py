@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from realshape import preset_model  # noqa: E402
+from realshape import preset_model, random_batch  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -76,13 +76,7 @@ def main() -> None:
     module.configure_model()
     loaded = rss()
     opt = torch.optim.AdamW(module.model.parameters(), lr=1e-5)
-    rows = a.batch_size * (2 if a.stage == "dpo" else 1)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, module.model.config.vocab_size, (rows, a.max_length), generator=g)
-    labels = ids.clone()
-    labels[:, : a.max_length // 4] = -100
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    batch["index"] = torch.arange(a.batch_size)
+    batch = random_batch(a.stage, a.batch_size, a.max_length, module.model.config.vocab_size, prompt_fraction=0.25)
     live = a.stage == "dpo" and not a.precompute
     if a.stage == "dpo" and a.precompute:
         module._ref_table = torch.zeros(a.batch_size, 2)  # as a precomputation leaves it: no reference model
