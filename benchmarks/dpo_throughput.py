@@ -7,6 +7,12 @@ once in TRL's conversational format and read by both), batch size, max length, f
 Each of the four runs is its own subprocess (peak RSS = its ru_maxrss) and is timed from building
 the trainer (tokenization, model and reference loading, reference precomputation) to the end of
 training. Tokens = non-padding tokens of the chosen and rejected sequences each framework trains on.
+
+Equal work (`--equal-work`, on by default with `--preset`): with `--steps`, only a few steps are timed,
+which compare only if both sides train the same sequences. Both then get the same pairs in the same
+order (sequential, no shuffling or length grouping), each with chosen and rejected longer than
+max_length, so every sequence is cut to exactly max_length tokens; the run exits non-zero if the
+timed non-padding tokens of the two sides differ by more than 1 %.
 """
 
 from __future__ import annotations
@@ -24,15 +30,19 @@ from pathlib import Path
 from synpref.resources import sample
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from realshape import StepMeter, matmul_peak, mfu_line, preset_model, shape  # noqa: E402
+from realshape import StepMeter, check_equal_work, matmul_peak, mfu_line, preset_model, shape  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = Path(sample("train_prefs.jsonl"))
 
 
-def write_pairs(path: Path, n: int, max_length: int, model: str) -> None:
-    """The first n rows with a real preference whose prompt fits in max_length, as TRL conversational rows."""
-    from synpref.chat import encode_prompt
+def write_pairs(path: Path, n: int, max_length: int, model: str, full_length: bool = False) -> None:
+    """The first n rows with a real preference whose prompt fits in max_length, as TRL conversational rows.
+
+    full_length: only pairs whose chosen and rejected sequences are both longer than max_length (+8, a
+    margin for the two tokenizations), so each side trains every sequence at exactly max_length tokens.
+    """
+    from synpref.chat import encode_prompt, encode_prompt_response
     from synpref.models import load_tokenizer
 
     tok = load_tokenizer(model)
@@ -44,9 +54,14 @@ def write_pairs(path: Path, n: int, max_length: int, model: str) -> None:
             continue
         if len(encode_prompt(tok, r["chosen"][:-1])) >= max_length - 8:
             continue
+        if full_length and min(sum(map(len, encode_prompt_response(tok, r["chosen"][:-1], x))) for x in (c, rj)) < (
+            max_length + 8
+        ):
+            continue
         out.append({"prompt": r["chosen"][:-1], "chosen": [r["chosen"][-1]], "rejected": [r["rejected"][-1]]})
     if len(out) < n:
-        raise SystemExit(f"only {len(out)} usable pairs in {SAMPLE}; ask for fewer")
+        longer = f" longer than {max_length} tokens" if full_length else ""
+        raise SystemExit(f"only {len(out)} usable pairs{longer} in {SAMPLE}; ask for fewer")
     path.write_text("".join(json.dumps(r) + "\n" for r in out[:n]))
 
 
@@ -77,9 +92,15 @@ def run_synpref(a) -> dict:
     meter = Meter()
     start = time.perf_counter()
     dm = PreferenceDataModule(
-        a.model, [PreferenceSource(a.pairs, "trl")], max_length=a.max_length, batch_size=a.batch_size
+        a.model,
+        [PreferenceSource(a.pairs, "trl")],
+        max_length=a.max_length,
+        batch_size=a.batch_size,
+        group_by_length=not a.equal_work,
     )
     dm.collate = meter.wrap(dm.collate)
+    if a.equal_work:  # file order, as TRL's sequential sampler
+        dm.train_dataloader = lambda: dm._loader(dm.train_set, dm.batch_size, shuffle=False)
     module = DPOModule(
         a.model, lr=a.lr, precompute_ref_logps=a.precompute, ref_cache_dir=tempfile.mkdtemp(), logits_chunk_size=a.chunk
     )
@@ -137,6 +158,7 @@ def run_trl(a) -> dict:
         disable_tqdm=True,
         lr_scheduler_type="cosine",
         warmup_steps=0.1,
+        train_sampling_strategy="sequential" if a.equal_work else "random",
     )
 
     class Timer(TrainerCallback):
@@ -194,6 +216,11 @@ def main() -> None:
         help="train this many steps and time those after --warmup (0: one epoch, timed from building the trainer)",
     )
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument(
+        "--equal-work",
+        action=argparse.BooleanOptionalAction,
+        help="same full-length pairs in the same order on both sides, checked (default: on with --preset)",
+    )
     p.add_argument("--framework", choices=["synpref", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--precompute", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--pairs-file", dest="pairs_file", help=argparse.SUPPRESS)
@@ -209,8 +236,10 @@ def main() -> None:
         from synpref.models import build_tiny_model
 
         a.model = str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny", [SAMPLE.parent / "sft_messages.jsonl"]))
+    if a.equal_work is None:
+        a.equal_work = bool(a.preset)
     pairs = Path(tempfile.mkdtemp()) / "pairs.jsonl"
-    write_pairs(pairs, a.pairs, a.max_length, a.model)
+    write_pairs(pairs, a.pairs, a.max_length, a.model, full_length=a.equal_work)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     import torch
 
@@ -244,6 +273,7 @@ def main() -> None:
                 str(a.warmup),
             ]
             cmd += ["--precompute"] if setting == "precomputed" else []
+            cmd += ["--equal-work" if a.equal_work else "--no-equal-work"]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True)
             line = [x for x in out.stdout.splitlines() if x.startswith("BENCH ")]
             if out.returncode or not line:
@@ -251,11 +281,14 @@ def main() -> None:
             r = json.loads(line[-1][6:])
             r["tokens_per_s"] = r["tokens"] / r["seconds"]
             results[(fw, setting)] = r
+            labelled = f" (labelled {r['labelled']})" if "labelled" in r else ""
             print(
-                f"{setting:12s} {fw:8s} {r['tokens']:8d} tokens {r['seconds']:7.1f} s "
+                f"{setting:12s} {fw:8s} {r['tokens']:8d} tokens{labelled} {r['seconds']:7.1f} s "
                 f"{r['tokens_per_s']:9.0f} tokens/s  peak RSS {r['peak_rss_mb']:7.0f} MiB",
                 flush=True,
             )
+    if a.equal_work:
+        check_equal_work({" ".join(key): r["tokens"] for key, r in results.items()})
     speed = {
         s: results[("synpref", s)]["tokens_per_s"] / results[("trl", s)]["tokens_per_s"]
         for s in ("live", "precomputed")

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from realshape import preset_model  # noqa: E402
+from realshape import preset_model, random_batch  # noqa: E402
 
 CASES = [  # stage, batch, max_length, precompute, chunk (small: the machine is 2 shared cores)
     ("sft", 2, 256, False, 256),
@@ -41,17 +41,7 @@ def child(a) -> None:
         module = (SFTModule if a.stage == "sft" else DPOModule)(a.model, logits_chunk_size=a.chunk)
         module.configure_model()
         opt = torch.optim.AdamW(module.model.parameters(), lr=1e-5)
-        rows = a.batch * (2 if a.stage == "dpo" else 1)
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, module.model.config.vocab_size, (rows, a.length), generator=g)
-        labels = ids.clone()
-        labels[:, : a.length // 2] = -100
-        batch = {
-            "input_ids": ids,
-            "attention_mask": torch.ones_like(ids),
-            "labels": labels,
-            "index": torch.arange(a.batch),
-        }
+        batch = random_batch(a.stage, a.batch, a.length, module.model.config.vocab_size)
         if a.stage == "dpo" and a.precompute:
             module.hparams.precompute_ref_logps = True
             module._ref_table = torch.zeros(a.batch, 2)  # as a precomputation leaves it: no reference model

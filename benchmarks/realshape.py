@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +16,22 @@ def preset_model(name: str) -> str:
     from synpref.models import build_preset_model
 
     return str(build_preset_model(name, CACHE / name))
+
+
+def random_batch(stage: str, pairs_or_rows: int, length: int, vocab: int, prompt_fraction: float = 0.5) -> dict:
+    """A full-length batch of random tokens as the modules take it: the first `prompt_fraction` of
+    each sequence is prompt (no label); DPO gets chosen and rejected rows and pair indices."""
+    rows = pairs_or_rows * (2 if stage == "dpo" else 1)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (rows, length), generator=g)
+    labels = ids.clone()
+    labels[:, : int(length * prompt_fraction)] = -100
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": labels,
+        "index": torch.arange(pairs_or_rows),
+    }
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -104,7 +121,22 @@ class StepMeter:
         flops = sum(step_flops(s, b["lengths"], b["labelled"], passes) for b in batches)
         return {
             "tokens": sum(sum(b["lengths"]) for b in batches),
+            "labelled": sum(b["labelled"] for b in batches),
             "flops": flops,
             "seconds": self.step_ends[-1] - self.step_ends[warmup - 1],
             "timed_steps": n - warmup,
         }
+
+
+def check_equal_work(tokens: dict[str, int], tolerance: float = 0.01) -> None:
+    """Print each run's timed non-padding tokens; exit non-zero if they differ by more than `tolerance`.
+
+    With a few timed steps, tokens/s and peak memory compare only if both sides trained the same
+    sequences: a longer batch costs more time and more activation memory.
+    """
+    print("equal work: timed non-pad tokens " + ", ".join(f"{k} {v}" for k, v in tokens.items()))
+    low, high = min(tokens.values()), max(tokens.values())
+    if high > low * (1 + tolerance):
+        sys.exit(
+            f"unequal work: timed non-pad tokens differ by more than {tolerance:.0%} ({tokens}); figures not comparable"
+        )

@@ -9,6 +9,11 @@ and time optimizer steps after `--warmup` steps: model loading, tokenization and
 Peak memory: the subprocess's peak RSS (ru_maxrss), and its growth over the post-load baseline.
 Runs alternate (TRL, synpref, TRL, ...) `--repeats` times; each side's best tokens/s and largest
 peak are reported, so a busy machine disturbs both alike.
+
+Equal work (`--equal-work`, on by default with `--preset`): a few-step run compares only if both sides
+train the same sequences. Both then get the same conversations in the same order (sequential, no
+shuffling or length grouping), each longer than max_length so every sequence is cut to exactly
+max_length tokens; the run exits non-zero if the timed non-padding tokens differ by more than 1 %.
 """
 
 from __future__ import annotations
@@ -25,10 +30,29 @@ from pathlib import Path
 from synpref.resources import sample
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from realshape import StepMeter, matmul_peak, mfu_line, preset_model, shape  # noqa: E402
+from realshape import StepMeter, check_equal_work, matmul_peak, mfu_line, preset_model, shape  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(sample("sft_messages.jsonl"))
+
+
+def full_length_rows(model: str, max_length: int, n: int, out: Path) -> Path:
+    """The first n sample conversations still longer than max_length (+8, a margin for the two
+    tokenizations) with a prompt shorter than max_length - 8, written to `out`."""
+    from synpref.chat import IGNORE_INDEX, encode_conversation
+    from synpref.models import load_tokenizer
+
+    tok = load_tokenizer(model)
+    rows = []
+    for line in DATA.read_text(encoding="utf-8").splitlines():
+        enc = encode_conversation(tok, json.loads(line)["messages"])
+        first_label = next(i for i, label in enumerate(enc["labels"]) if label != IGNORE_INDEX)
+        if len(enc["input_ids"]) >= max_length + 8 and first_label < max_length - 8:
+            rows.append(line)
+    if len(rows) < n:
+        sys.exit(f"only {len(rows)} conversations in {DATA} are longer than {max_length} tokens; {n} needed")
+    out.write_text("".join(r + "\n" for r in rows[:n]), encoding="utf-8")
+    return out
 
 
 def rss_mb() -> float:
@@ -71,8 +95,16 @@ def run_synpref(args) -> dict:
 
     torch.manual_seed(0)
     meter = Meter()
-    dm = SmolTalkDataModule(args.model, path=str(DATA), max_length=args.max_length, batch_size=args.batch_size)
+    dm = SmolTalkDataModule(
+        args.model,
+        path=args.data,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        group_by_length=not args.equal_work,
+    )
     dm.collate = meter.wrap(dm.collate)
+    if args.equal_work:  # file order, as TRL's sequential sampler
+        dm.train_dataloader = lambda: dm._loader(dm.train_set, dm.batch_size, shuffle=False)
     module = SFTModule(args.model, lr=args.lr, dtype="float32", warmup_ratio=0.1, logits_chunk_size=args.chunk)
 
     class Timer(L.Callback):
@@ -106,7 +138,7 @@ def run_trl(args) -> dict:
 
     torch.manual_seed(0)
     meter = Meter()
-    rows = [json.loads(line) for line in open(DATA, encoding="utf-8")]
+    rows = [json.loads(line) for line in open(args.data, encoding="utf-8")]
     # Single-turn rows: prompt = the user turn, completion = the reply; completion-only loss.
     ds = datasets.Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows])
     config = SFTConfig(
@@ -126,7 +158,9 @@ def run_trl(args) -> dict:
         eval_strategy="no",
         disable_tqdm=True,
         seed=0,
-        train_sampling_strategy="group_by_length" if args.trl_group_by_length else "random",
+        train_sampling_strategy="sequential"
+        if args.equal_work
+        else ("group_by_length" if args.trl_group_by_length else "random"),
     )
 
     class Timer(TrainerCallback):
@@ -180,6 +214,12 @@ def main() -> None:
     p.add_argument("--max-length", type=int, help="default 512, with --preset 1024")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--trl-group-by-length", action="store_true", help="give TRL length grouping too")
+    p.add_argument(
+        "--equal-work",
+        action=argparse.BooleanOptionalAction,
+        help="same full-length rows in the same order on both sides, checked (default: on with --preset)",
+    )
+    p.add_argument("--data", default=str(DATA), help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=["synpref", "trl"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -192,6 +232,11 @@ def main() -> None:
         from synpref.models import build_tiny_model
 
         args.model = str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny", [DATA]))
+    if args.equal_work is None:
+        args.equal_work = bool(args.preset)
+    if args.equal_work:
+        rows = args.steps * args.batch_size
+        args.data = str(full_length_rows(args.model, args.max_length, rows, Path(tempfile.mkdtemp()) / "sft.jsonl"))
     argv = [
         "--model",
         args.model,
@@ -209,11 +254,15 @@ def main() -> None:
         args.dtype,
         "--chunk",
         str(args.chunk),
+        "--data",
+        args.data,
     ]
     argv += ["--trl-group-by-length"] * args.trl_group_by_length
+    argv += ["--equal-work" if args.equal_work else "--no-equal-work"]
     print(
-        f"model={args.model} batch={args.batch_size} max_length={args.max_length} fp32 steps={args.steps} "
-        f"(first {args.warmup} not timed) cpus={os.cpu_count()} trl_group_by_length={args.trl_group_by_length}"
+        f"model={args.model} batch={args.batch_size} max_length={args.max_length} {args.dtype} steps={args.steps} "
+        f"(first {args.warmup} not timed) cpus={os.cpu_count()} trl_group_by_length={args.trl_group_by_length} "
+        f"equal_work={args.equal_work}"
     )
     peak = matmul_peak(torch_dtype(args.dtype))
     runs = {"trl": [], "synpref": []}
@@ -222,11 +271,15 @@ def main() -> None:
             r = spawn(name, argv)
             done.append(r)
             print(
-                f"{name:8s} tokens/s={r['tokens_per_sec']:7.0f}  non-pad tokens={r['tokens']:7d} in "
-                f"{r['seconds']:6.2f}s  peak RSS={r['peak_rss_mb']:5.0f} MB  (growth in training "
+                f"{name:8s} tokens/s={r['tokens_per_sec']:7.0f}  non-pad tokens={r['tokens']:7d} "
+                f"(labelled {r['labelled']}) in {r['seconds']:6.2f}s  peak RSS={r['peak_rss_mb']:5.0f} MB  (growth in training "
                 f"{r['train_growth_mb']:.0f} MB)",
                 flush=True,
             )
+    if args.equal_work:
+        check_equal_work(
+            {f"{r['name']} run {i + 1}": r["tokens"] for i, rs in enumerate(zip(*runs.values())) for r in rs}
+        )
     speed = {k: max(r["tokens_per_sec"] for r in v) for k, v in runs.items()}
     memory = {k: max(r["peak_rss_mb"] for r in v) for k, v in runs.items()}
     # The peak is measured again after the runs, and the higher of the two counts: same load as the runs.

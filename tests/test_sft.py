@@ -116,3 +116,37 @@ def test_loss_and_labels_match_trl(sharp_model, conversations, module, batch, tm
         trl_loss = trainer.compute_loss(trainer.model, {k: v.clone() for k, v in batch.items()})
         ours, _ = module.sft_loss(batch)
     assert abs(trl_loss.item() - ours.item()) < 1e-5
+
+
+def test_no_forward_holds_the_previous_steps_gradients(tiny_model, sample_dir, tmp_path):
+    """Gradients are freed right after each optimizer step: a forward never holds the previous step's
+    gradients beside its activations (Lightning alone zeroes them only after the next forward)."""
+    import lightning as L
+
+    from synpref.data import SmolTalkDataModule
+
+    held = []
+
+    class Probe(SFTModule):
+        def training_step(self, batch, batch_idx):
+            held.append(sum(p.grad is not None for p in self.model.parameters()))
+            return super().training_step(batch, batch_idx)
+
+    module = Probe(tiny_model, dtype="float32", lr=1e-2)
+    data = SmolTalkDataModule(
+        tiny_model, path=str(sample_dir / "sft_messages.jsonl"), max_rows=12, max_length=128, batch_size=4
+    )
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=data)
+    assert held == [0, 0, 0]
+    trained = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    # The steps still trained: the weights moved away from the initial ones.
+    assert not torch.equal(trained.get_input_embeddings().weight, module.model.get_input_embeddings().weight)
