@@ -201,7 +201,7 @@ def main() -> None:
     p.add_argument("--model", default=str(ROOT / "artifacts" / "tiny" / "sft"))
     p.add_argument(
         "--preset",
-        help="a synpref.models preset (qwen2.5-0.5b, qwen-vocab-small, ...), built once into artifacts/presets/",
+        help="a synpref.presets preset (qwen2.5-0.5b, qwen-vocab-small, ...), built once into artifacts/presets/",
     )
     p.add_argument(
         "--dtype", choices=["fp32", "bf16"], default="fp32", help="fp32, or fp32 weights under bf16 autocast"
@@ -233,7 +233,7 @@ def main() -> None:
         a.model = preset_model(a.preset)
     a.max_length = a.max_length or (1024 if a.preset else 512)
     if not (Path(a.model) / "config.json").exists():
-        from synpref.models import build_tiny_model
+        from synpref.presets import build_tiny_model
 
         a.model = str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny", [SAMPLE.parent / "sft_messages.jsonl"]))
     if a.equal_work is None:

@@ -13,7 +13,7 @@ CACHE = Path(__file__).resolve().parents[1] / "artifacts" / "presets"
 
 def preset_model(name: str) -> str:
     """The preset's random model, built once into artifacts/presets/NAME and reused by later runs."""
-    from synpref.models import build_preset_model
+    from synpref.presets import build_preset_model
 
     return str(build_preset_model(name, CACHE / name))
 

@@ -30,7 +30,8 @@ from transformers import AutoTokenizer, Qwen2Config, Qwen2ForSequenceClassificat
 from synpref.chat import render  # noqa: E402
 from synpref.data import PromptDataModule  # noqa: E402
 from synpref.generation import generate  # noqa: E402
-from synpref.models import build_tiny_model, end_of_turn_ids, load_causal_lm, load_tokenizer  # noqa: E402
+from synpref.models import end_of_turn_ids, load_causal_lm, load_tokenizer  # noqa: E402
+from synpref.presets import build_tiny_model  # noqa: E402
 from synpref.resources import sample  # noqa: E402
 from synpref.rewards import HFRewardModel  # noqa: E402
 
@@ -76,7 +77,7 @@ def main() -> None:
         help="served: in-process generate() vs transformers serve with continuous batching",
     )
     ap.add_argument("--concurrency", type=int, default=32, help="--backend served: requests in flight")
-    ap.add_argument("--preset", help="a synpref.models preset (qwen2.5-0.5b, qwen-vocab-small, ...) as the policy")
+    ap.add_argument("--preset", help="a synpref.presets preset (qwen2.5-0.5b, qwen-vocab-small, ...) as the policy")
     ap.add_argument(
         "--policy-dtype",
         choices=["fp32", "bf16"],

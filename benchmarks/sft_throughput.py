@@ -199,7 +199,7 @@ def main() -> None:
     p.add_argument("--model", help="HF model dir (default: build the tiny model into a temp dir)")
     p.add_argument(
         "--preset",
-        help="a synpref.models preset (qwen2.5-0.5b, qwen-vocab-small, ...), built once into artifacts/presets/",
+        help="a synpref.presets preset (qwen2.5-0.5b, qwen-vocab-small, ...), built once into artifacts/presets/",
     )
     p.add_argument(
         "--dtype", choices=["fp32", "bf16"], default="fp32", help="fp32, or fp32 weights under bf16 autocast"
@@ -229,7 +229,7 @@ def main() -> None:
         args.model = preset_model(args.preset)
     args.max_length = args.max_length or (1024 if args.preset else 512)
     if args.model is None:
-        from synpref.models import build_tiny_model
+        from synpref.presets import build_tiny_model
 
         args.model = str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny", [DATA]))
     if args.equal_work is None:
