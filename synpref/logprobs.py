@@ -9,6 +9,9 @@ import torch.nn.functional as F
 
 from synpref.chat import IGNORE_INDEX
 
+# Rows of the weight gradient formed per matmul when it is accumulated in another dtype.
+VOCAB_BLOCK = 16384
+
 
 def labelled_hidden(model: torch.nn.Module, input_ids, attention_mask, labels):
     """Final hidden states at positions whose next token carries a label: (n, d), targets (n,), rows (n,).
@@ -95,7 +98,10 @@ class ChunkedTokenLogps(torch.autograd.Function):
             if need_w and grad_w.dtype == cd:
                 grad_w.addmm_(g.t(), h)  # in place: no weight-sized temporary per chunk
             elif need_w:
-                grad_w.add_(g.t() @ h)  # bf16 product, accumulated in fp32
+                # bf16 product, accumulated in fp32 a vocabulary block at a time: the temporary is
+                # (block, hidden), not weight-sized (0.27 GB per chunk at Qwen2.5-0.5B's head).
+                for v in range(0, g.shape[1], VOCAB_BLOCK):
+                    grad_w[v : v + VOCAB_BLOCK].add_(g[:, v : v + VOCAB_BLOCK].t() @ h)
             if need_b:
                 grad_b.add_(g.sum(0))
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
