@@ -23,6 +23,8 @@ VARIABLES = {
     "rounds": 1,
     "reference": "sft",
 }
+# What only synthetic pairs have: an ultrafeedback arm keeps their defaults, whatever a sweep says.
+PAIR_SETTINGS = ("k", "rule", "threshold", "pairs")
 
 
 @dataclass
@@ -121,7 +123,7 @@ def arms(study: Study) -> list[dict]:
             arm = {**base, **dict(zip(sweep, combo))}
             _check(arm, f"study.sweeps[{i}]")
             if arm["data"] == "ultrafeedback":  # pair settings do not apply: one such arm, whatever they say
-                arm.update({k: VARIABLES[k] for k in ("k", "rule", "threshold", "pairs")})
+                arm.update({k: VARIABLES[k] for k in PAIR_SETTINGS})
             if arm not in out:
                 out.append(arm)
     if any(a["rounds"] > 1 for a in out) and not (study.prompts_per_round and study.sample_config):
@@ -161,7 +163,7 @@ def select(study: Study, spec: str) -> dict:
             value = raw.strip()
         base[key.strip()] = value
     if base["data"] == "ultrafeedback":
-        base.update({k: VARIABLES[k] for k in ("k", "rule", "threshold", "pairs")})
+        base.update({k: VARIABLES[k] for k in PAIR_SETTINGS})
     return base
 
 
@@ -188,8 +190,7 @@ def expand(study: Study, shared: list[Stage]) -> tuple[list[Stage], dict[str, Ar
 
     root, m = study.root.rstrip("/"), study.prompts_per_round
     for arm in arms(study):
-        pair_settings = ("k", "rule", "threshold", "pairs")
-        values = {k: v for k, v in arm.items() if arm["data"] != "ultrafeedback" or k not in pair_settings}
+        values = {k: v for k, v in arm.items() if arm["data"] != "ultrafeedback" or k not in PAIR_SETTINGS}
         policy_stage, policy_dir, earlier_pairs = study.sft, sft_dir, []
         for r in range(1, arm["rounds"] + 1):
             sources, pairs_stage, stats = [], None, None

@@ -10,8 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from synpref.data.io import load_rows
-from synpref.data.prompts import row_prompt, row_prompt_id, text_key
+from synpref.data.prompts import prompt_keys, text_key
 from synpref.errors import ConfigError, DataError
 from synpref.outputs import atomic_file, check_writable
 from synpref.pairs import (
@@ -55,16 +54,6 @@ def read_samples(path: str) -> dict[int, dict]:
     if not prompts:
         raise DataError(file, None, "*", "no samples (an empty file)")
     return prompts
-
-
-def excluded_keys(paths: list[str]) -> set[str]:
-    """Prompt ids and text keys of every row in `paths` (held-out prompts, earlier rounds' pairs)."""
-    keys: set[str] = set()
-    for path in paths:
-        for row in load_rows(path, "test_prefs", None):
-            prompt = row_prompt(row)
-            keys.update((row_prompt_id(row, prompt), text_key(prompt)))
-    return keys
 
 
 def build_pairs(
@@ -121,7 +110,7 @@ def build_pairs(
     chosen = [i for i in sorted(prompts) if i >= first_prompt and (stop is None or i < stop)]
     if not chosen:
         raise ConfigError("first_prompt", f"no prompt of {samples} has an index in [{first_prompt}, {stop})")
-    banned = excluded_keys(exclude)
+    banned = prompt_keys(exclude)
     counts, gaps_per_prompt, rows = Counter(), [], []
     for index in chosen:
         entry = prompts[index]

@@ -44,11 +44,15 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     }
 
 
+def _prompt(record: dict) -> str:
+    return str(record.get("prompt_id", record["index"]))
+
+
 def prompt_preferences(records: Sequence[dict]) -> dict[str, float]:
     """Per prompt: the mean preference for the policy over the baseline (win 1, tie ½, loss 0) of its answers."""
     by_prompt: dict[str, list[float]] = {}
     for r in records:
-        by_prompt.setdefault(str(r.get("prompt_id", r["index"])), []).append(PREFERENCE[r["outcome"]])
+        by_prompt.setdefault(_prompt(r), []).append(PREFERENCE[r["outcome"]])
     return {k: fmean(v) for k, v in by_prompt.items()}
 
 
@@ -61,10 +65,8 @@ def compare_arms(a: Sequence[dict], b: Sequence[dict]) -> dict:
         raise ConfigError("head_to_head", f"the two arms were judged on different prompts ({len(pa)} vs {len(pb)})")
     keys = sorted(pa)
     result = paired_difference([pa[k] for k in keys], [pb[k] for k in keys])
-    baseline_b = {(str(r.get("prompt_id", r["index"])), r.get("sample", 0)): r["baseline_response"] for r in b}
-    same = [
-        baseline_b.get((str(r.get("prompt_id", r["index"])), r.get("sample", 0))) == r["baseline_response"] for r in a
-    ]
+    baseline_b = {(_prompt(r), r.get("sample", 0)): r["baseline_response"] for r in b}
+    same = [baseline_b.get((_prompt(r), r.get("sample", 0))) == r["baseline_response"] for r in a]
     return {
         "win_rate_a": fmean(pa.values()),
         "win_rate_b": fmean(pb.values()),

@@ -54,6 +54,20 @@ def row_prompt_id(row: dict, prompt: Sequence[dict]) -> str:
     return str(pid) if pid not in (None, "") else text_key(prompt)
 
 
+def prompt_keys(paths: Sequence[str], split: str = "test_prefs", config_name: Optional[str] = None) -> set[str]:
+    """The prompt ids and text keys of every row in `paths` (files or hub ids, read at `split`):
+    what an `exclude` list bans. A row without a readable prompt is a DataError naming it."""
+    keys: set[str] = set()
+    for path in paths:
+        for i, row in enumerate(load_rows(path, split, config_name)):
+            try:
+                prompt = row_prompt(row)
+            except FieldError as e:
+                raise DataError(source_name(path, split, config_name), i, e.field, e.problem) from None
+            keys.update((row_prompt_id(row, prompt), text_key(prompt)))
+    return keys
+
+
 class PromptDataModule(TokenizedDataModule):
     """UltraFeedback-style prompts for `synpref predict` (sampling and evaluation).
 
@@ -139,25 +153,11 @@ class PromptDataModule(TokenizedDataModule):
             self.drop_counts[f"{reason}"] = self.drop_counts.get(reason, 0) + n
         return ds
 
-    def _exclusion_keys(self) -> set[str]:
-        keys: set[str] = set()
-        for path in self.exclude:
-            rows = load_rows(path, self.exclude_split, self.config_name)
-            for i, row in enumerate(rows):
-                try:
-                    prompt = row_prompt(row)
-                except FieldError as e:
-                    raise DataError(
-                        source_name(path, self.exclude_split, self.config_name), i, e.field, e.problem
-                    ) from None
-                keys.update((row_prompt_id(row, prompt), text_key(prompt)))
-        return keys
-
     def setup(self, stage: str) -> None:
         if self.prompts is not None:
             return
         ds = self._read(self.path, self.split)
-        self.excluded_keys = self._exclusion_keys()
+        self.excluded_keys = prompt_keys(self.exclude, self.exclude_split, self.config_name)
         seen: set[str] = set()
         keep, dropped = [], Counter()
         for i, (pid, key) in enumerate(zip(ds["prompt_id"], ds["text_key"])):  # columns stream from Arrow
