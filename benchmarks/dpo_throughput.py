@@ -30,7 +30,16 @@ from pathlib import Path
 from synpref.resources import sample
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from realshape import StepMeter, check_equal_work, matmul_peak, mfu_line, preset_model, shape  # noqa: E402
+from realshape import (
+    StepMeter,
+    add_memory_args,
+    check_equal_work,
+    matmul_peak,
+    memory_argv,
+    mfu_line,
+    preset_model,
+    shape,
+)  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = Path(sample("train_prefs.jsonl"))
@@ -102,7 +111,13 @@ def run_synpref(a) -> dict:
     if a.equal_work:  # file order, as TRL's sequential sampler
         dm.train_dataloader = lambda: dm._loader(dm.train_set, dm.batch_size, shuffle=False)
     module = DPOModule(
-        a.model, lr=a.lr, precompute_ref_logps=a.precompute, ref_cache_dir=tempfile.mkdtemp(), logits_chunk_size=a.chunk
+        a.model,
+        lr=a.lr,
+        precompute_ref_logps=a.precompute,
+        ref_cache_dir=tempfile.mkdtemp(),
+        logits_chunk_size=a.chunk,
+        gradient_checkpointing=a.gradient_checkpointing,
+        optimizer_in_backward=a.optimizer_in_backward,
     )
 
     class Timer(L.Callback):
@@ -148,6 +163,7 @@ def run_trl(a) -> dict:
         max_steps=a.steps or -1,
         learning_rate=a.lr,
         precompute_ref_log_probs=a.precompute,
+        gradient_checkpointing=a.gradient_checkpointing,
         report_to="none",
         use_cpu=True,
         bf16=a.dtype == "bf16",
@@ -221,6 +237,9 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         help="same full-length pairs in the same order on both sides, checked (default: on with --preset)",
     )
+    add_memory_args(p)
+    p.add_argument("--settings", nargs="+", choices=["live", "precomputed"], default=["live", "precomputed"])
+    p.add_argument("--json-out", help="also write every run's figures and the matmul peak to this JSON file")
     p.add_argument("--framework", choices=["synpref", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--precompute", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--pairs-file", dest="pairs_file", help=argparse.SUPPRESS)
@@ -245,8 +264,13 @@ def main() -> None:
 
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     peak = matmul_peak(dtype)
+    print(
+        f"model={a.model} pairs/step={a.batch_size} max_length={a.max_length} {a.dtype} steps={a.steps} "
+        f"equal_work={a.equal_work} {' '.join(memory_argv(a))}",
+        flush=True,
+    )
     results = {}
-    for setting in ("live", "precomputed"):
+    for setting in a.settings:
         for fw in ("synpref", "trl"):
             cmd = [
                 sys.executable,
@@ -273,7 +297,7 @@ def main() -> None:
                 str(a.warmup),
             ]
             cmd += ["--precompute"] if setting == "precomputed" else []
-            cmd += ["--equal-work" if a.equal_work else "--no-equal-work"]
+            cmd += ["--equal-work" if a.equal_work else "--no-equal-work", *memory_argv(a)]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True)
             line = [x for x in out.stdout.splitlines() if x.startswith("BENCH ")]
             if out.returncode or not line:
@@ -289,19 +313,19 @@ def main() -> None:
             )
     if a.equal_work:
         check_equal_work({" ".join(key): r["tokens"] for key, r in results.items()})
-    speed = {
-        s: results[("synpref", s)]["tokens_per_s"] / results[("trl", s)]["tokens_per_s"]
-        for s in ("live", "precomputed")
-    }
-    memory = max(
-        results[("synpref", s)]["peak_rss_mb"] / results[("trl", s)]["peak_rss_mb"] for s in ("live", "precomputed")
-    )
+    speed = {s: results[("synpref", s)]["tokens_per_s"] / results[("trl", s)]["tokens_per_s"] for s in a.settings}
+    memory = max(results[("synpref", s)]["peak_rss_mb"] / results[("trl", s)]["peak_rss_mb"] for s in a.settings)
     peak = max(peak, matmul_peak(dtype))  # measured before and after the runs; the higher counts
     mfu = {}
     for key, r in results.items():
         if "flops" in r:
             mfu[key] = r["flops"] / r["seconds"] / peak
             print(mfu_line(" ".join(key), r["flops"], r["seconds"], peak))
+    if a.json_out:
+        runs = {" ".join(key): r for key, r in results.items()}
+        Path(a.json_out).write_text(json.dumps({"runs": runs, "matmul_peak": peak}, indent=1))
+    if len(a.settings) < 2:
+        return  # the RESULT line compares both settings
     print(
         f"pairs={a.pairs} batch_size={a.batch_size} max_length={a.max_length} precision={a.dtype} model={a.model} "
         f"steps={a.steps or 'one epoch'}"

@@ -19,11 +19,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from realshape import preset_model, random_batch  # noqa: E402
 
-CASES = [  # stage, batch, max_length, precompute, chunk (small: the machine is 2 shared cores)
-    ("sft", 2, 256, False, 256),
-    ("sft", 2, 256, False, 0),
-    ("dpo", 1, 256, False, 256),
-    ("dpo", 1, 256, True, 256),
+# stage, batch, max_length, precompute, chunk, gradient checkpointing + optimizer in backward
+# (small: the machine is 2 shared cores)
+CASES = [
+    ("sft", 2, 256, False, 256, False),
+    ("sft", 2, 256, False, 0, False),
+    ("dpo", 1, 256, False, 256, False),
+    ("dpo", 1, 256, True, 256, False),
+    ("sft", 2, 1024, False, 256, True),
+    ("dpo", 1, 1024, False, 256, True),
 ]
 
 
@@ -37,10 +41,14 @@ def child(a) -> None:
         from synpref.modules import DPOModule  # noqa: F401
     else:
         from synpref.modules import DPOModule, SFTModule
+        from synpref.modules.base import step_in_backward
 
-        module = (SFTModule if a.stage == "sft" else DPOModule)(a.model, logits_chunk_size=a.chunk)
+        lean = {"gradient_checkpointing": a.lean}
+        module = (SFTModule if a.stage == "sft" else DPOModule)(a.model, logits_chunk_size=a.chunk, **lean)
         module.configure_model()
-        opt = torch.optim.AdamW(module.model.parameters(), lr=1e-5)
+        opt = torch.optim.AdamW(module.model.parameters(), lr=1e-5, fused=True)  # as the module's
+        if a.lean:
+            step_in_backward(module.model, opt)
         batch = random_batch(a.stage, a.batch, a.length, module.model.config.vocab_size)
         if a.stage == "dpo" and a.precompute:
             module.hparams.precompute_ref_logps = True
@@ -70,6 +78,7 @@ def main() -> None:
     for name in ("batch", "length", "chunk"):
         p.add_argument(f"--{name}", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--precompute", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--lean", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         return child(a)
@@ -82,7 +91,7 @@ def main() -> None:
     for preset in a.presets:
         model = preset_model(preset)
         shape = Shape.from_config(AutoConfig.from_pretrained(model))
-        for stage, batch, length, precompute, chunk in CASES:
+        for stage, batch, length, precompute, chunk, lean in CASES:
             argv = [
                 "--stage",
                 stage,
@@ -95,8 +104,10 @@ def main() -> None:
                 "--chunk",
                 str(chunk),
             ]
-            measured = measure(argv + ["--precompute"] * precompute)
-            predicted = peak_bytes(shape, stage, batch, length, precompute, chunk)
+            measured = measure(argv + ["--precompute"] * precompute + ["--lean"] * lean)
+            predicted = peak_bytes(
+                shape, stage, batch, length, precompute, chunk, gradient_checkpointing=lean, optimizer_in_backward=lean
+            )
             print(
                 "CASE "
                 + json.dumps(
@@ -107,6 +118,7 @@ def main() -> None:
                         "max_length": length,
                         "precompute": precompute,
                         "chunk": chunk,
+                        "checkpointing_and_optimizer_in_backward": lean,
                         "measured_gb": round(measured / 1e9, 3),
                         "predicted_gb": round(predicted["total"] / 1e9, 3),
                         "error": round(predicted["total"] / measured - 1, 3),

@@ -140,3 +140,30 @@ def check_equal_work(tokens: dict[str, int], tolerance: float = 0.01) -> None:
         sys.exit(
             f"unequal work: timed non-pad tokens differ by more than {tolerance:.0%} ({tokens}); figures not comparable"
         )
+
+
+# -- the memory settings both training benchmarks take ---------------------------------------------
+def add_memory_args(p) -> None:
+    """--gradient-checkpointing (both sides; TRL 1.16's default is on) and --optimizer-in-backward (synpref)."""
+    import argparse
+
+    p.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="recompute each layer's activations in the backward, on both sides (TRL's default: on)",
+    )
+    p.add_argument(
+        "--optimizer-in-backward",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="synpref steps each parameter as its gradient completes (TRL has no such setting)",
+    )
+
+
+def memory_argv(a) -> list[str]:
+    """The memory settings of `a` as the command-line flags a worker subprocess reads back."""
+    return [
+        "--gradient-checkpointing" if a.gradient_checkpointing else "--no-gradient-checkpointing",
+        "--optimizer-in-backward" if a.optimizer_in_backward else "--no-optimizer-in-backward",
+    ]

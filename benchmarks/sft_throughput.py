@@ -30,7 +30,16 @@ from pathlib import Path
 from synpref.resources import sample
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from realshape import StepMeter, check_equal_work, matmul_peak, mfu_line, preset_model, shape  # noqa: E402
+from realshape import (
+    StepMeter,
+    add_memory_args,
+    check_equal_work,
+    matmul_peak,
+    memory_argv,
+    mfu_line,
+    preset_model,
+    shape,
+)  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(sample("sft_messages.jsonl"))
@@ -105,7 +114,15 @@ def run_synpref(args) -> dict:
     dm.collate = meter.wrap(dm.collate)
     if args.equal_work:  # file order, as TRL's sequential sampler
         dm.train_dataloader = lambda: dm._loader(dm.train_set, dm.batch_size, shuffle=False)
-    module = SFTModule(args.model, lr=args.lr, dtype="float32", warmup_ratio=0.1, logits_chunk_size=args.chunk)
+    module = SFTModule(
+        args.model,
+        lr=args.lr,
+        dtype="float32",
+        warmup_ratio=0.1,
+        logits_chunk_size=args.chunk,
+        gradient_checkpointing=args.gradient_checkpointing,
+        optimizer_in_backward=args.optimizer_in_backward,
+    )
 
     class Timer(L.Callback):
         def on_train_batch_end(self, *_):
@@ -150,6 +167,7 @@ def run_trl(args) -> dict:
         warmup_steps=0.1,
         max_length=args.max_length,
         completion_only_loss=True,
+        gradient_checkpointing=args.gradient_checkpointing,
         bf16=args.dtype == "bf16",
         fp16=False,
         use_cpu=True,
@@ -219,6 +237,7 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         help="same full-length rows in the same order on both sides, checked (default: on with --preset)",
     )
+    add_memory_args(p)
     p.add_argument("--data", default=str(DATA), help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=["synpref", "trl"], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -258,11 +277,11 @@ def main() -> None:
         args.data,
     ]
     argv += ["--trl-group-by-length"] * args.trl_group_by_length
-    argv += ["--equal-work" if args.equal_work else "--no-equal-work"]
+    argv += ["--equal-work" if args.equal_work else "--no-equal-work", *memory_argv(args)]
     print(
         f"model={args.model} batch={args.batch_size} max_length={args.max_length} {args.dtype} steps={args.steps} "
         f"(first {args.warmup} not timed) cpus={os.cpu_count()} trl_group_by_length={args.trl_group_by_length} "
-        f"equal_work={args.equal_work}"
+        f"equal_work={args.equal_work} {' '.join(memory_argv(args))}"
     )
     peak = matmul_peak(torch_dtype(args.dtype))
     runs = {"trl": [], "synpref": []}

@@ -55,27 +55,38 @@ def peak_bytes(
     chunk: Optional[int] = 256,
     response_fraction: float = 0.5,
     bf16: bool = False,
+    gradient_checkpointing: bool = False,
+    optimizer_in_backward: bool = False,
+    ref_bf16: bool = False,
 ) -> dict[str, float]:
     """The terms of the expected peak of one training step (fp32 master weights), in bytes.
 
-    params: weights 4 + gradients 4 + AdamW moments 8 bytes per parameter (+ 2 for the bf16 weight
-    copies autocast keeps during a forward); a live DPO reference adds 4 per parameter.
+    params: weights 4 + AdamW moments 8 bytes per parameter (+ 2 for the bf16 weight copies autocast
+    keeps during a forward); a live DPO reference adds 4 per parameter (2 in bf16).
+    gradients: 4 bytes per parameter; stepped in the backward, only the embedding's (tied to the LM head,
+    complete at the very end of the backward) is held whole.
     activations: per token and layer, the tensors autograd saves in a Qwen2/Llama block (eager SDPA,
     repeated k/v), about 12·hidden + 2·kv + 4·intermediate values, 4 bytes each (2 under bf16 autocast);
-    tokens = batch × max_length, doubled for DPO (chosen and rejected): the padded worst case.
+    tokens = batch × max_length, doubled for DPO (chosen and rejected): the padded worst case. With
+    gradient checkpointing: each layer's fp32 input, plus one layer's saved tensors while it recomputes.
     logits: LOGIT_COPIES × (chunk or every labelled position) × vocab × 4 bytes.
     """
     if stage not in ("sft", "dpo"):
         raise ValueError(f"stage must be 'sft' or 'dpo', got {stage!r}")
     tokens = batch_size * max_length * (2 if stage == "dpo" else 1)
-    per_param = 16 + (2 if bf16 else 0) + (4 if stage == "dpo" and not precompute_ref_logps else 0)
+    live_ref = stage == "dpo" and not precompute_ref_logps
+    per_param = 12 + (2 if bf16 else 0) + ((2 if ref_bf16 else 4) if live_ref else 0)
     per_token_layer = 12 * shape.hidden + 2 * shape.kv_width + 4 * shape.intermediate
-    activations = ACTIVATION_SCALE * tokens * shape.layers * per_token_layer * (2 if bf16 else 4)
+    saved_layers = 1 if gradient_checkpointing else shape.layers
+    activations = ACTIVATION_SCALE * tokens * saved_layers * per_token_layer * (2 if bf16 else 4)
+    if gradient_checkpointing:
+        activations += tokens * shape.layers * shape.hidden * 4
     labelled = max(1, int(tokens * response_fraction))
     rows = min(chunk, labelled) if chunk else labelled
     terms = {
         "runtime": RUNTIME_BYTES,
         "params": per_param * shape.params,
+        "gradients": 4 * (shape.vocab * shape.hidden if optimizer_in_backward else shape.params),
         "activations": activations,
         "logits": LOGIT_COPIES * rows * shape.vocab * 4,
     }
@@ -94,6 +105,9 @@ def estimate(
     chunk: int = 256,
     response_fraction: float = 0.5,
     bf16: bool = False,
+    gradient_checkpointing: bool = False,
+    optimizer_in_backward: bool = False,
+    ref_bf16: bool = False,
 ) -> dict:
     """Print the expected peak memory of one SFT or DPO training step (fp32 master weights, AdamW).
 
@@ -109,6 +123,9 @@ def estimate(
         chunk: logits_chunk_size (0: the LM head over every labelled position at once).
         response_fraction: share of the tokens that are labelled (matters only when chunk is 0).
         bf16: bf16 autocast over fp32 weights.
+        gradient_checkpointing: recompute each layer's activations in the backward.
+        optimizer_in_backward: step each parameter as its gradient completes (CausalLMModule's setting).
+        ref_bf16: the frozen DPO reference held in bf16 (`ref_model.dtype: bfloat16`).
     """
     from transformers import AutoConfig, Qwen2Config
 
@@ -131,11 +148,18 @@ def estimate(
     else:
         config = AutoConfig.from_pretrained(model)
     shape = Shape.from_config(config)
-    terms = peak_bytes(shape, stage, batch_size, max_length, precompute_ref_logps, chunk, response_fraction, bf16)
+    settings = {
+        "bf16": bf16,
+        "gradient_checkpointing": gradient_checkpointing,
+        "optimizer_in_backward": optimizer_in_backward,
+        "ref_bf16": ref_bf16 and stage == "dpo" and not precompute_ref_logps,
+    }
+    terms = peak_bytes(shape, stage, batch_size, max_length, precompute_ref_logps, chunk, response_fraction, **settings)
     print(
         f"{stage} step, {shape.params / 1e6:.0f}M parameters, batch {batch_size} x {max_length} tokens"
         f"{', precomputed reference' if precompute_ref_logps and stage == 'dpo' else ''}, chunk {chunk or 'off'}"
-        f"{', bf16 autocast' if bf16 else ''}:"
+        + "".join(f", {k}" for k, on in settings.items() if on)
+        + ":"
     )
     for name, value in terms.items():
         print(f"  {name:12s}{value / 1e9:8.2f} GB")

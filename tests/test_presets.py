@@ -124,12 +124,28 @@ def test_estimate_adds_the_documented_terms(capsys):
 
     live = estimate(stage="dpo", preset="qwen2.5-0.5b", max_length=1024, batch_size=4, chunk=256)
     assert "494M parameters" in capsys.readouterr().out
-    # By hand: 20 bytes per parameter (weights, gradients, AdamW, live reference); 8,192 tokens x 24 layers
-    # x (12*896 + 2*128 + 4*4864) values x 4 bytes; 3 x 256 x 151,936 x 4 bytes of logits.
-    assert live["params"] == round(20 * 494_032_768 / 1e9, 3)
+    # By hand: 16 bytes per parameter (weights, AdamW, live reference) + 4 of gradients; 8,192 tokens x 24
+    # layers x (12*896 + 2*128 + 4*4864) values x 4 bytes; 3 x 256 x 151,936 x 4 bytes of logits.
+    assert live["params"] == round(16 * 494_032_768 / 1e9, 3)
+    assert live["gradients"] == round(4 * 494_032_768 / 1e9, 3)
     assert live["activations"] == round(8192 * 24 * (12 * 896 + 2 * 128 + 4 * 4864) * 4 / 1e9, 3)
     assert live["logits"] == round(3 * 256 * QWEN_VOCAB * 4 / 1e9, 3)
     precomputed = estimate(stage="dpo", preset="qwen2.5-0.5b", max_length=1024, batch_size=4, precompute_ref_logps=True)
-    assert precomputed["params"] == round(16 * 494_032_768 / 1e9, 3)
+    assert precomputed["params"] == round(12 * 494_032_768 / 1e9, 3)
+    lean = estimate(
+        stage="dpo",
+        preset="qwen2.5-0.5b",
+        max_length=1024,
+        batch_size=4,
+        ref_bf16=True,
+        gradient_checkpointing=True,
+        optimizer_in_backward=True,
+    )
+    # Reference in bf16: 12 + 2 bytes; only the tied embedding's gradient is held whole; checkpointing keeps
+    # each layer's fp32 input (8,192 x 24 x 896 x 4 bytes) and one layer's saved tensors.
+    assert lean["params"] == round(14 * 494_032_768 / 1e9, 3)
+    assert lean["gradients"] == round(4 * QWEN_VOCAB * 896 / 1e9, 3)
+    per_layer = 8192 * (12 * 896 + 2 * 128 + 4 * 4864) * 4
+    assert lean["activations"] == round((per_layer + 8192 * 24 * 896 * 4) / 1e9, 3)
     unchunked = estimate(stage="sft", preset="qwen2.5-0.5b", max_length=1024, batch_size=4, chunk=0)
     assert unchunked["logits"] == round(3 * 2048 * QWEN_VOCAB * 4 / 1e9, 3)  # half of 4,096 tokens labelled
