@@ -96,6 +96,7 @@ def run_synpref(a) -> dict:
 
     from synpref.data.preferences import PreferenceDataModule, PreferenceSource
     from synpref.modules.dpo import DPOModule
+    from synpref.specs import ModelSpec
 
     L.seed_everything(0, verbose=False)
     meter = Meter()
@@ -111,7 +112,7 @@ def run_synpref(a) -> dict:
     if a.equal_work:  # file order, as TRL's sequential sampler
         dm.train_dataloader = lambda: dm._loader(dm.train_set, dm.batch_size, shuffle=False)
     module = DPOModule(
-        a.model,
+        ModelSpec(a.model),
         lr=a.lr,
         precompute_ref_logps=a.precompute,
         ref_cache_dir=tempfile.mkdtemp(),

@@ -101,6 +101,7 @@ def run_synpref(args) -> dict:
 
     from synpref.data import SmolTalkDataModule
     from synpref.modules import SFTModule
+    from synpref.specs import ModelSpec
 
     torch.manual_seed(0)
     meter = Meter()
@@ -115,9 +116,8 @@ def run_synpref(args) -> dict:
     if args.equal_work:  # file order, as TRL's sequential sampler
         dm.train_dataloader = lambda: dm._loader(dm.train_set, dm.batch_size, shuffle=False)
     module = SFTModule(
-        args.model,
+        ModelSpec(args.model, dtype="float32"),
         lr=args.lr,
-        dtype="float32",
         warmup_ratio=0.1,
         logits_chunk_size=args.chunk,
         gradient_checkpointing=args.gradient_checkpointing,

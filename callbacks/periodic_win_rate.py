@@ -8,10 +8,10 @@ from typing import Optional
 import lightning as L
 
 from synpref.callbacks.win_rate import WinRateRecorder
-from synpref.generation import check_decoding
 from synpref.head_to_head import compare_batch
 from synpref.outputs import check_writable
 from synpref.rewards.base import OnBadScore, RewardScorer
+from synpref.specs import Decoding, ModelSpec
 
 
 class PeriodicWinRate(L.Callback):
@@ -27,10 +27,10 @@ class PeriodicWinRate(L.Callback):
         every_n_steps: evaluate every N optimizer steps (≥ 1).
         prompts_path, prompts_split, max_prompts, max_prompt_length, batch_size: the prompt set
             (a PromptDataModule's; prompts over max_prompt_length tokens are dropped and counted).
-        baseline: the model to compare against (an SFT export).
+        baseline: the model to compare against (a ModelSpec; `name_or_path`: an SFT export).
         reward: the judge (a RewardScorer by class_path).
         output_dir: where `eval/step_<N>/eval.jsonl` go (None: a temporary folder).
-        max_new_tokens, do_sample, temperature, top_k, top_p, seed: decoding, the same for both models.
+        decoding: a Decoding, the same for both models (max_new_tokens 128 by default).
         tie_tolerance, length_match_ratio, figures: as WinRateModule's.
         on_bad_score: a reward that is not a finite float is an `error` naming the scorer and the
             prompt, or with `skip` the pair is left out and counted (`eval/dropped/bad_scores`).
@@ -40,19 +40,14 @@ class PeriodicWinRate(L.Callback):
         self,
         every_n_steps: int,
         prompts_path: str,
-        baseline: str,
+        baseline: ModelSpec,
         reward: RewardScorer,
         output_dir: Optional[str] = None,
         prompts_split: str = "test_prefs",
         max_prompts: int = 16,
         max_prompt_length: Optional[int] = 512,
         batch_size: int = 8,
-        max_new_tokens: int = 128,
-        do_sample: bool = True,
-        temperature: float = 0.7,
-        top_k: int = 50,
-        top_p: float = 1.0,
-        seed: int = 0,
+        decoding: Decoding = Decoding(max_new_tokens=128),
         tie_tolerance: float = 0.0,
         length_match_ratio: float = 0.1,
         figures: bool = True,
@@ -60,8 +55,8 @@ class PeriodicWinRate(L.Callback):
     ):
         if every_n_steps < 1:
             raise ValueError(f"PeriodicWinRate(every_n_steps={every_n_steps}): evaluate every N ≥ 1 steps")
-        check_decoding(max_new_tokens, do_sample, temperature, top_p, top_k)
-        self.every_n_steps, self.baseline_path, self.reward = every_n_steps, baseline, reward
+        self.every_n_steps, self.baseline, self.reward = every_n_steps, baseline, reward
+        self.baseline_path = baseline.require("PeriodicWinRate.baseline")
         self.output_dir = output_dir
         self.prompts = {
             "path": prompts_path,
@@ -70,16 +65,9 @@ class PeriodicWinRate(L.Callback):
             "max_prompt_length": max_prompt_length,
             "batch_size": batch_size,
         }
-        self.decoding = {
-            "max_new_tokens": max_new_tokens,
-            "do_sample": do_sample,
-            "temperature": temperature,
-            "top_k": top_k,
-            "top_p": top_p,
-        }
-        self.seed, self.on_bad_score = seed, on_bad_score
+        self.decoding, self.on_bad_score = decoding, on_bad_score
         self.recorder = WinRateRecorder(
-            output_dir, tie_tolerance, length_match_ratio, figures, seed=seed, param_prefix="eval/"
+            output_dir, tie_tolerance, length_match_ratio, figures, seed=decoding.seed, param_prefix="eval/"
         )
         self._baseline = self._baseline_tokenizer = self._batches = None
         self._last_step = -1
@@ -117,7 +105,6 @@ class PeriodicWinRate(L.Callback):
                     self.reward,
                     batch["prompt"],
                     self.decoding,
-                    seed=self.seed,
                     indices=batch["index"],
                     on_bad_score=self.on_bad_score,
                 )
@@ -131,7 +118,7 @@ class PeriodicWinRate(L.Callback):
             params = {
                 "baseline_name": baseline_name,
                 "reward": self.reward.name,
-                "seed": self.seed,
+                "seed": self.decoding.seed,
                 "every_n_steps": self.every_n_steps,
             }
             self._params_logged = True
@@ -145,8 +132,8 @@ class PeriodicWinRate(L.Callback):
             return
         from synpref.models import load_frozen_causal_lm, load_tokenizer
 
-        self._baseline = load_frozen_causal_lm(self.baseline_path).to(device)
-        self._baseline_tokenizer = load_tokenizer(self.baseline_path)
+        self._baseline = load_frozen_causal_lm(self.baseline).to(device)
+        self._baseline_tokenizer = load_tokenizer(self.baseline_path, self.baseline.trust_remote_code)
         self.reward = self.reward.to(device)
         self._batches = load_prompt_batches(self.baseline_path, **self.prompts)
 

@@ -6,6 +6,7 @@ import csv
 import logging
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -16,6 +17,15 @@ from synpref.pairs import kept_vs_threshold, select_pair, threshold_grid
 from synpref.tracking import log_artifacts, mlflow_loggers
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationCounters:
+    """What this process generated: tokens and seconds (the SamplingModule adds each batch's;
+    skipped batches of a resumed run are not counted)."""
+
+    tokens: int = 0
+    seconds: float = 0.0
 
 
 class PairStats:
@@ -68,20 +78,22 @@ class SamplingStatsCallback(L.Callback):
 
     Args:
         writer: the SampleWriter whose merge produced the statistics.
+        generation: the sampling module's GenerationCounters, for `generate_tokens_per_sec`.
+        reward: the reward's name, logged as the run's `reward` param.
         bins: histogram bins.
     """
 
-    def __init__(self, writer: "SampleWriter", bins: int = 30):  # noqa: F821
-        self.writer, self.bins = writer, bins
+    def __init__(self, writer: "SampleWriter", generation: GenerationCounters, reward: str, bins: int = 30):  # noqa: F821
+        self.writer, self.generation, self.reward, self.bins = writer, generation, reward, bins
 
     @rank_zero_only
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         stats, gaps = self.writer.stats
         stats = dict(stats)
         threshold = self.writer.threshold
-        if pl_module.generate_seconds > 0:
+        if self.generation.seconds > 0:
             # This process's own sampling speed (rank 0; skipped batches of a resumed run excluded).
-            stats["generate_tokens_per_sec"] = pl_module.generated_tokens / pl_module.generate_seconds
+            stats["generate_tokens_per_sec"] = self.generation.tokens / self.generation.seconds
         # Prompts the data module dropped (too long, duplicates, held out) are counted here too.
         for reason, n in trainer.datamodule.drop_counts.items():
             stats[f"dropped_prompts_{reason.replace(':', '_').replace(' ', '_')}"] = float(n)
@@ -92,7 +104,7 @@ class SamplingStatsCallback(L.Callback):
             client, run_id = logger.experiment, logger.run_id
             for k, v in stats.items():
                 client.log_metric(run_id, f"sampling/{k}", v)
-            client.log_param(run_id, "reward", pl_module.reward.name)
+            client.log_param(run_id, "reward", self.reward)
         if loggers:
             with tempfile.TemporaryDirectory() as tmp:
                 log_artifacts(trainer, self.artifacts(Path(tmp), gaps, table, threshold), "sampling")

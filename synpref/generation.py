@@ -8,7 +8,6 @@ import torch
 
 from synpref.batching import pad
 from synpref.chat import encode_prompt
-from synpref.errors import ConfigError
 from synpref.models import end_of_turn_ids
 
 
@@ -61,20 +60,3 @@ def generate(
     return [texts[i * k : (i + 1) * k] for i in range(len(prompts))], [
         counts[i * k : (i + 1) * k] for i in range(len(prompts))
     ]
-
-
-def check_decoding(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, top_k: int) -> None:
-    """ConfigError, at construction, for decoding settings generate() would reject (or misread) later."""
-    key = "model.init_args."
-    if max_new_tokens < 1:
-        raise ConfigError(key + "max_new_tokens", f"must be ≥ 1, got {max_new_tokens}")
-    if do_sample and not temperature > 0:
-        raise ConfigError(
-            key + "temperature",
-            f"must be > 0 when sampling, got {temperature}; "
-            "for greedy decoding set do_sample: false where the module has it",
-        )
-    if do_sample and not 0 < top_p <= 1:
-        raise ConfigError(key + "top_p", f"must lie in (0, 1], got {top_p}")
-    if do_sample and top_k < 0:
-        raise ConfigError(key + "top_k", f"must be ≥ 0 (0 = off), got {top_k}")

@@ -12,6 +12,7 @@ from typing import Literal, Optional, Sequence
 from synpref.chat import render
 from synpref.http import MalformedReply, map_concurrent, post_json
 from synpref.models import end_of_turn_ids
+from synpref.specs import Decoding
 
 log = logging.getLogger(__name__)
 
@@ -249,19 +250,29 @@ def generate_texts(
     name: str,
     prompts: Sequence[Sequence[dict]],
     indices: Sequence[int],
-    seed: int,
+    decoding: Decoding,
     num_return_sequences: int = 1,
-    **decoding,
 ):
     """K texts and generated-token counts per prompt: from `generator`, or in-process (`synpref.generation.generate`,
-    the batch seeded with `seed` + its first prompt index) when it is None. `name` is the model's path."""
+    the batch seeded with `decoding.seed` + its first prompt index) when it is None. `name` is the model's path."""
     indices = [int(i) for i in indices]
     if generator is None:
         from synpref.generation import generate
 
         return generate(
-            model, tokenizer, prompts, num_return_sequences=num_return_sequences, seed=seed + indices[0], **decoding
+            model,
+            tokenizer,
+            prompts,
+            num_return_sequences=num_return_sequences,
+            seed=decoding.seed + indices[0],
+            **decoding.generate_kwargs(),
         )
     return generator.generate(
-        name, tokenizer, prompts, indices, num_return_sequences=num_return_sequences, seed=seed, **decoding
+        name,
+        tokenizer,
+        prompts,
+        indices,
+        num_return_sequences=num_return_sequences,
+        seed=decoding.seed,
+        **decoding.generate_kwargs(),
     )

@@ -205,7 +205,7 @@ def expand(study: Study, shared: list[Stage]) -> tuple[list[Stage], dict[str, Ar
                             config=list(study.sample_config),
                             args=list(study.sample_args)
                             + [
-                                f"--model.init_args.model_name_or_path={policy_dir}",
+                                f"--model.init_args.policy.name_or_path={policy_dir}",
                                 f"--model.init_args.output_dir={out}",
                                 f"--data.init_args.skip_prompts={(r - 1) * m}",
                                 f"--data.init_args.max_prompts={m}",
@@ -259,8 +259,8 @@ def expand(study: Study, shared: list[Stage]) -> tuple[list[Stage], dict[str, Ar
                     config=list(study.dpo_config),
                     args=list(study.dpo_args)
                     + [
-                        f"--model.init_args.model_name_or_path={policy_dir}",
-                        f"--model.init_args.ref_model_name_or_path={reference or 'null'}",
+                        f"--model.init_args.policy.name_or_path={policy_dir}",
+                        f"--model.init_args.ref_model.name_or_path={reference or 'null'}",
                         "--data.init_args.sources=" + json.dumps(sources),
                         f"--export.dirpath={export}",
                     ]
@@ -284,8 +284,8 @@ def expand(study: Study, shared: list[Stage]) -> tuple[list[Stage], dict[str, Ar
                     config=list(study.eval_config),
                     args=list(study.eval_args)
                     + [
-                        f"--model.init_args.model_name_or_path={export}",
-                        f"--model.init_args.baseline_name_or_path={sft_dir}",
+                        f"--model.init_args.policy.name_or_path={export}",
+                        f"--model.init_args.baseline.name_or_path={sft_dir}",
                         f"--model.init_args.output_dir={out}",
                     ],
                     needs=[study.sft, dpo],

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 from synpref.generators import Generator, generate_texts
 from synpref.judges import Judge, judge_batch, judge_labels
 from synpref.rewards.base import OnBadScore, RewardScorer, score_checked
+from synpref.specs import Decoding
 
 
 def compare_batch(
@@ -16,8 +17,7 @@ def compare_batch(
     baseline_tokenizer,
     reward: RewardScorer,
     prompts: Sequence[Sequence[dict]],
-    decoding: dict,
-    seed: int,
+    decoding: Decoding,
     indices: Sequence[int],
     generators: Sequence[Optional[Generator]] = (None, None),
     names: Sequence[str] = ("", ""),
@@ -30,7 +30,7 @@ def compare_batch(
     k of both models shares its random numbers), all scored by `reward`; one record per response
     pair, prompt-major, with its prompt's `index` (and `sample` = k when there are several).
 
-    `seed` is the run's seed and `indices` the prompts' indices (see `generate_texts`). A model
+    `decoding.seed` is the run's seed and `indices` the prompts' indices (see `generate_texts`). A model
     whose entry in `generators` is set is asked through it under its name in `names` (its path);
     the others generate in-process.
 
@@ -46,7 +46,7 @@ def compare_batch(
     n = samples_per_prompt
     prompts = [list(p) for p in prompts]
     policy_texts, policy_lengths = generate_texts(
-        generators[0], policy, policy_tokenizer, names[0], prompts, indices, seed, num_return_sequences=n, **decoding
+        generators[0], policy, policy_tokenizer, names[0], prompts, indices, decoding, num_return_sequences=n
     )
     baseline_texts, baseline_lengths = generate_texts(
         generators[1],
@@ -55,9 +55,8 @@ def compare_batch(
         names[1],
         prompts,
         indices,
-        seed,
+        decoding,
         num_return_sequences=n,
-        **decoding,
     )
     flat = [(int(i), p, k) for i, p in zip(indices, prompts) for k in range(n)]
     prompts = [p for _, p, _ in flat]

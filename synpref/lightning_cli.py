@@ -38,4 +38,4 @@ class SynprefCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(HFExportCallback, "export")
         # The tokenizer is the policy's: given once, as the model path.
-        parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.tokenizer_name_or_path")
+        parser.link_arguments("model.init_args.policy.name_or_path", "data.init_args.tokenizer_name_or_path")

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from synpref.errors import ConfigError, SynprefError
+from synpref.specs import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def check_same_tokenizer(
         problems.append(f"special tokens differ ({specials} vs {other_specials})")
     if problems:
         raise ConfigError(
-            "model.init_args.ref_model_name_or_path",
+            "model.init_args.ref_model.name_or_path",
             f"the tokenizers of {path} and {other_path} differ: {'; '.join(problems)}; "
             "the reference must share the policy's tokenizer (usually: the SFT export it starts from)",
         )
@@ -140,13 +141,8 @@ def load_causal_lm(
         raise model_path_error(name_or_path, e) from e
 
 
-def load_frozen_causal_lm(
-    name_or_path: str,
-    dtype: Optional[str] = None,
-    trust_remote_code: bool = False,
-    attn_implementation: Optional[str] = None,
-) -> torch.nn.Module:
+def load_frozen_causal_lm(spec: ModelSpec) -> torch.nn.Module:
     """A causal LM for inference only (eval mode, no gradients): a reference, baseline or sampler."""
-    model = load_causal_lm(name_or_path, dtype, trust_remote_code, attn_implementation).eval()
+    model = load_causal_lm(spec.name_or_path, spec.dtype, spec.trust_remote_code, spec.attn_implementation).eval()
     model.requires_grad_(False)
     return model

@@ -48,7 +48,7 @@ def pipeline_params(configs: list[dict]) -> dict[str, str]:
     values = {
         "pipeline_config": _config_paths(INVOCATION) if INVOCATION[:1] == ["reproduce"] else [],
         "seed": _distinct(configs, "seed_everything"),
-        "base_model": _distinct(configs, "model.init_args.model_name_or_path", "SFTModule"),
+        "base_model": _distinct(configs, "model.init_args.policy.name_or_path", "SFTModule"),
         "reward": rewards,
         "n_prompts": _distinct(configs, "data.init_args.max_prompts", "WinRateModule"),
     }

@@ -74,7 +74,7 @@ def test_fit_logs_to_mlflow_and_exports(in_tmp, sample_dir, tiny_model):
 
 def test_print_config_does_not_run(in_tmp, capsys):
     config = print_config(capsys, "--config", "configs/tiny/sft.yaml")
-    assert config["model"]["init_args"]["model_name_or_path"] == "artifacts/tiny/base"
+    assert config["model"]["init_args"]["policy"]["name_or_path"] == "artifacts/tiny/base"
     assert config["data"]["class_path"] == "synpref.data.SmolTalkDataModule"
     assert config["export"]["dirpath"] == "artifacts/tiny/sft"
     assert config["trainer"]["logger"]["class_path"].endswith("MLFlowLogger")

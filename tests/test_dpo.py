@@ -16,6 +16,7 @@ from synpref.data.preferences import PreferenceDataModule, PreferenceSource
 from synpref.losses import dpo_loss
 from synpref.models import load_causal_lm, load_tokenizer
 from synpref.modules.dpo import DPOModule, sequence_logps
+from synpref.specs import ModelSpec
 from tests.conftest import ROOT, assert_run_params, read_jsonl
 
 UF = {"format": "ultrafeedback_binarized"}
@@ -163,7 +164,7 @@ def fit(module, dm, tmp_path, max_epochs=2, ckpt=None, **trainer_kw):
 
 def test_frozen_reference_checkpoint_and_exact_resume(sample_dir, tiny_model, tmp_path):
     L.seed_everything(0)
-    module = DPOModule(tiny_model, lr=1e-3, warmup_steps=0)
+    module = DPOModule(ModelSpec(tiny_model), lr=1e-3, warmup_steps=0)
     saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
     steps = fit(module, data(sample_dir, 40, tiny_model=tiny_model), tmp_path, callbacks=[saver])
     ref = module.reference()
@@ -182,7 +183,7 @@ def test_frozen_reference_checkpoint_and_exact_resume(sample_dir, tiny_model, tm
 
     L.seed_everything(0)
     resumed = fit(
-        DPOModule(tiny_model, lr=1e-3, warmup_steps=0),
+        DPOModule(ModelSpec(tiny_model), lr=1e-3, warmup_steps=0),
         data(sample_dir, 40, tiny_model=tiny_model),
         tmp_path / "resume",
         ckpt=str(first),
@@ -197,7 +198,7 @@ def test_dpo_learns_the_preferences(sample_dir, tiny_model, tmp_path):
     train accuracy over the last of 3 epochs > 0.9 (epoch 1 is at chance, ~0.5)."""
     L.seed_everything(0)
     dm = data(sample_dir, None, max_length=128, batch_size=16, tiny_model=tiny_model)
-    module = DPOModule(tiny_model, beta=0.1, lr=5e-3, warmup_steps=2, scheduler="constant")
+    module = DPOModule(ModelSpec(tiny_model), beta=0.1, lr=5e-3, warmup_steps=2, scheduler="constant")
     steps = fit(module, dm, tmp_path, max_epochs=3)
     last = steps[-len(steps) // 3 :]
     acc = sum(s["train/rewards/accuracies"] for s in last) / len(last)
@@ -208,7 +209,7 @@ def test_dpo_learns_the_preferences(sample_dir, tiny_model, tmp_path):
 def test_precomputed_reference_equals_live_and_is_cached(sample_dir, tiny_model, tmp_path, caplog):
     def validate(**kw):
         L.seed_everything(0)
-        module = DPOModule(tiny_model, ref_cache_dir=str(tmp_path / "cache"), **kw)
+        module = DPOModule(ModelSpec(tiny_model), ref_cache_dir=str(tmp_path / "cache"), **kw)
         dm = data(sample_dir, 24, batch_size=4, val_fraction=0.25, tiny_model=tiny_model)
         trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
         module.model = load_causal_lm(tiny_model)

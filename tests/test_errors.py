@@ -15,6 +15,7 @@ import pytest
 
 from synpref.cli import main
 from synpref.errors import DataError
+from synpref.specs import Decoding, ModelSpec
 from tests.conftest import ROOT, http_server
 
 NO_MLFLOW = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -25,26 +26,26 @@ DPO = [
     "configs/tiny/dpo.yaml",
     "--config",
     "configs/tiny/dpo_ultrafeedback.yaml",
-    "--model.init_args.model_name_or_path=artifacts/tiny/base",
+    "--model.init_args.policy.name_or_path=artifacts/tiny/base",
     *NO_MLFLOW,
 ]
 SAMPLE = [
     "predict",
     "--config",
     "configs/tiny/sample.yaml",
-    "--model.init_args.model_name_or_path=artifacts/tiny/base",
+    "--model.init_args.policy.name_or_path=artifacts/tiny/base",
     "--data.init_args.max_prompts=2",
-    "--model.init_args.max_new_tokens=4",
+    "--model.init_args.decoding.max_new_tokens=4",
     *NO_MLFLOW,
 ]
 EVAL = [
     "predict",
     "--config",
     "configs/tiny/eval.yaml",
-    "--model.init_args.model_name_or_path=artifacts/tiny/base",
-    "--model.init_args.baseline_name_or_path=artifacts/tiny/base",
+    "--model.init_args.policy.name_or_path=artifacts/tiny/base",
+    "--model.init_args.baseline.name_or_path=artifacts/tiny/base",
     "--data.init_args.max_prompts=2",
-    "--model.init_args.max_new_tokens=4",
+    "--model.init_args.decoding.max_new_tokens=4",
     "--model.init_args.figures=false",
     *NO_MLFLOW,
 ]
@@ -103,7 +104,7 @@ def test_missing_export_names_the_stage_that_writes_it(bare, capsys):
 def test_missing_reference_fails_at_construction(in_tmp, capsys):
     fails(
         capsys,
-        [*DPO, "--model.init_args.ref_model_name_or_path=artifacts/tiny/ref"],
+        [*DPO, "--model.init_args.ref_model.name_or_path=artifacts/tiny/ref"],
         "artifacts/tiny/ref does not exist",
     )
     assert not (in_tmp / "artifacts/tiny/dpo_ultrafeedback").exists()
@@ -112,7 +113,7 @@ def test_missing_reference_fails_at_construction(in_tmp, capsys):
 def test_missing_eval_baseline(in_tmp, capsys):
     fails(
         capsys,
-        [*EVAL, "--model.init_args.baseline_name_or_path=artifacts/tiny/sft"],
+        [*EVAL, "--model.init_args.baseline.name_or_path=artifacts/tiny/sft"],
         "artifacts/tiny/sft does not exist",
         "configs/tiny/sft.yaml",
     )
@@ -128,7 +129,7 @@ def test_reference_with_another_tokenizer_names_both_paths(in_tmp, tiny_model, c
     tok.save_pretrained(other)
     fails(
         capsys,
-        [*DPO, f"--model.init_args.ref_model_name_or_path={other}"],
+        [*DPO, f"--model.init_args.ref_model.name_or_path={other}"],
         "tokenizers of artifacts/tiny/base and",
         str(other),
         "vocabularies differ",
@@ -228,11 +229,20 @@ def test_no_prompts_left_names_the_filters(in_tmp, capsys):
         ([*DPO, "--model.init_args.beta=0"], "'model.init_args.beta': must be > 0, got 0.0"),
         ([*DPO, "--model.init_args.beta=-1"], "'model.init_args.beta': must be > 0, got -1.0"),
         ([*DPO, "--model.init_args.label_smoothing=0.5"], "'model.init_args.label_smoothing': must lie in [0, 0.5)"),
-        ([*SAMPLE, "--model.init_args.max_new_tokens=0"], "'model.init_args.max_new_tokens': must be ≥ 1, got 0"),
-        ([*SAMPLE, "--model.init_args.temperature=0"], "'model.init_args.temperature': must be > 0 when sampling"),
+        (
+            [*SAMPLE, "--model.init_args.decoding.max_new_tokens=0"],
+            "'model.init_args.decoding.max_new_tokens': must be ≥ 1, got 0",
+        ),
+        (
+            [*SAMPLE, "--model.init_args.decoding.temperature=0"],
+            "'model.init_args.decoding.temperature': must be > 0 when sampling",
+        ),
         ([*SAMPLE, "--model.init_args.num_samples=1"], "'model.init_args.num_samples': must be ≥ 2"),
-        ([*EVAL, "--model.init_args.max_new_tokens=0"], "'model.init_args.max_new_tokens': must be ≥ 1, got 0"),
-        ([*EVAL, "--model.init_args.temperature=0"], "do_sample: false"),
+        (
+            [*EVAL, "--model.init_args.decoding.max_new_tokens=0"],
+            "'model.init_args.decoding.max_new_tokens': must be ≥ 1, got 0",
+        ),
+        ([*EVAL, "--model.init_args.decoding.temperature=0"], "do_sample: false"),
         ([*SFT, "--data.init_args.val_fraction=1.5"], "'data.init_args.val_fraction': must lie in [0, 1)"),
     ],
     ids=[
@@ -255,7 +265,8 @@ def test_greedy_evaluation_ignores_temperature(tiny_model):
     from synpref.modules import WinRateModule
     from synpref.rewards import RuleReward
 
-    WinRateModule(tiny_model, tiny_model, RuleReward(), do_sample=False, temperature=0.0)  # no error
+    greedy = Decoding(do_sample=False, temperature=0.0)  # no error
+    WinRateModule(ModelSpec(tiny_model), ModelSpec(tiny_model), RuleReward(), decoding=greedy)
 
 
 # -- config errors: the key and the problem, not 45 lines of usage -----------------------------

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from synpref.modules import WinRateModule
 from synpref.rewards import FunctionReward
 from synpref.rewards.base import RewardError
+from synpref.specs import Decoding, ModelSpec
 from tests.conftest import read_jsonl
 from tests.test_evaluation import perturbed_copy
 
@@ -46,11 +47,11 @@ def batches(size: int) -> list[dict]:
 
 def evaluate(policy, baseline, tmp_path, on_bad_score, judges=None):
     module = WinRateModule(
-        policy,
-        baseline,
+        ModelSpec(policy),
+        ModelSpec(baseline),
         reward=FunctionReward(f"{__name__}:flaky_words"),
         output_dir=str(tmp_path / on_bad_score),
-        max_new_tokens=10,
+        decoding=Decoding(max_new_tokens=10),
         figures=False,
         on_bad_score=on_bad_score,
         judges=judges,

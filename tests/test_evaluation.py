@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from synpref.modules import WinRateModule
 from synpref.rewards.base import RewardScorer
+from synpref.specs import Decoding, ModelSpec
 from tests.conftest import TRAINING_EVAL_PARAMS, assert_run_params, read_jsonl
 
 
@@ -138,7 +139,11 @@ def get_json(url: str, path: str, **query) -> dict:
 def test_predict_logs_to_a_real_mlflow_server(mlflow_server, tiny_model, baseline_model, sample_dir, tmp_path):
     out = tmp_path / "eval"
     module = WinRateModule(
-        tiny_model, baseline_model, reward=DistinctWords(), output_dir=str(out), max_new_tokens=24, seed=3
+        ModelSpec(tiny_model),
+        ModelSpec(baseline_model),
+        reward=DistinctWords(),
+        output_dir=str(out),
+        decoding=Decoding(max_new_tokens=24, seed=3),
     )
     logger = MLFlowLogger(experiment_name="server-test", tracking_uri=mlflow_server, run_name="eval")
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=logger, enable_progress_bar=False)
@@ -205,7 +210,7 @@ def test_cli_predict_logged_win_rate_matches_the_artifact(in_tmp, tiny_model, ba
     fast = [
         "--data.init_args.max_prompts=10",
         "--data.init_args.max_prompt_length=160",
-        "--model.init_args.max_new_tokens=16",
+        "--model.init_args.decoding.max_new_tokens=16",
     ]
     main(["predict", "--config", "configs/tiny/eval.yaml", *fast])
     client, runs = eval_run("synpref-tiny")
@@ -252,7 +257,7 @@ def test_cli_predict_logged_win_rate_matches_the_artifact(in_tmp, tiny_model, ba
             "--config",
             "configs/tiny/eval.yaml",
             *fast,
-            "--model.init_args.model_name_or_path=artifacts/tiny/dpo_ultrafeedback",
+            "--model.init_args.policy.name_or_path=artifacts/tiny/dpo_ultrafeedback",
             "--model.init_args.output_dir=artifacts/tiny/eval/dpo_ultrafeedback",
         ]
     )

@@ -17,6 +17,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from synpref.specs import ModelSpec
 from tests.conftest import ROOT, read_jsonl
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -38,7 +39,7 @@ def dpo_fit(tiny_model, sample_dir, root: Path, ckpt_path=None, callbacks=()):
     from tests.test_dpo import data
 
     L.seed_everything(0)
-    module = DPOModule(tiny_model, lr=1e-3, warmup_ratio=0.2)
+    module = DPOModule(ModelSpec(tiny_model), lr=1e-3, warmup_ratio=0.2)
     trainer = L.Trainer(
         max_epochs=2,
         accelerator="cpu",
@@ -82,8 +83,8 @@ def sample_args(out, prompts="prompts.jsonl", model="artifacts/tiny/base", n=8):
         "predict",
         "--config",
         "configs/tiny/sample.yaml",
-        f"--model.init_args.model_name_or_path={model}",
-        "--model.init_args.max_new_tokens=8",
+        f"--model.init_args.policy.name_or_path={model}",
+        "--model.init_args.decoding.max_new_tokens=8",
         f"--model.init_args.output_dir={out}",
         f"--data.init_args.path={prompts}",
         f"--data.init_args.max_prompts={n}",
@@ -173,7 +174,7 @@ def test_second_sampler_on_a_folder_fails_and_a_dead_holders_lock_is_taken_over(
     from synpref.cli import main
 
     # Long replies: the first sampler is still sampling when the second one starts.
-    slow = [*sample_args("run", n=24), "--model.init_args.max_new_tokens=256"]
+    slow = [*sample_args("run", n=24), "--model.init_args.decoding.max_new_tokens=256"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "synpref", *slow],
         env=ENV,
@@ -214,7 +215,7 @@ def eval_args(out):
         "--data.init_args.max_prompts=10",
         "--data.init_args.batch_size=2",
         "--data.init_args.max_prompt_length=160",
-        "--model.init_args.max_new_tokens=8",
+        "--model.init_args.decoding.max_new_tokens=8",
         f"--model.init_args.output_dir={out}",
         "--model.init_args.figures=false",
         "--trainer.enable_progress_bar=false",

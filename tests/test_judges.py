@@ -16,6 +16,7 @@ from synpref.judges import judge_labels, judge_metrics, labellers, read_provenan
 from synpref.report import judge_columns, judges_table, power_lines, self_judged_warnings
 from synpref.rewards import FunctionReward, RuleReward
 from synpref.rewards.heuristics import clarity
+from synpref.specs import Decoding, ModelSpec
 from synpref.stats import (
     agreement,
     cluster_bootstrap_interval,
@@ -242,14 +243,13 @@ def test_two_judges_and_several_answers_per_prompt(tiny_model, baseline_model, s
     shutil.copytree(tiny_model, policy)
     write_provenance(policy, ["distinct-words"])  # as if DistinctWords had labelled its training pairs
     module = WinRateModule(
-        str(policy),
-        baseline_model,
+        ModelSpec(str(policy)),
+        ModelSpec(baseline_model),
         reward=DistinctWords(),
         output_dir=str(out),
         judges=[RuleReward()],
         samples_per_prompt=3,
-        max_new_tokens=12,
-        seed=1,
+        decoding=Decoding(max_new_tokens=12, seed=1),
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     logger = MLFlowLogger(experiment_name="judges", tracking_uri=uri, run_name="eval")

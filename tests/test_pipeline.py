@@ -23,11 +23,11 @@ from tests.conftest import ROOT, read_jsonl
 # the command are the real ones.
 REDUCED = {
     "sft": ["--trainer.max_steps=4", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1"],
-    "sample": ["--data.init_args.max_prompts=12", "--model.init_args.max_new_tokens=12"],
+    "sample": ["--data.init_args.max_prompts=12", "--model.init_args.decoding.max_new_tokens=12"],
     "dpo_ultrafeedback": ["--trainer.max_steps=3", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1"],
     "dpo_synthetic": ["--trainer.max_steps=3", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1"],
-    "eval_dpo_ultrafeedback": ["--data.init_args.max_prompts=6", "--model.init_args.max_new_tokens=12"],
-    "eval_dpo_synthetic": ["--data.init_args.max_prompts=6", "--model.init_args.max_new_tokens=12"],
+    "eval_dpo_ultrafeedback": ["--data.init_args.max_prompts=6", "--model.init_args.decoding.max_new_tokens=12"],
+    "eval_dpo_synthetic": ["--data.init_args.max_prompts=6", "--model.init_args.decoding.max_new_tokens=12"],
 }
 
 

@@ -75,7 +75,7 @@ def test_pipeline_config_stages_resolve_and_form_a_graph(name, tmp_path, monkeyp
     steps = plan(stages, tmp_path, ["sft"], ContentHashes(tmp_path / "hashes.json"))
     assert [why for _, why, _ in steps] == ["forced; new"] + ["new"] * 5
     configs = {stage.name: config["config"] for stage, _, config in steps}
-    assert configs["eval_dpo_synthetic"]["model.init_args.model_name_or_path"].endswith("/dpo_synthetic")
+    assert configs["eval_dpo_synthetic"]["model.init_args.policy.name_or_path"].endswith("/dpo_synthetic")
     assert "trainer.logger.init_args.run_name" not in configs["sft"]  # where it logs is not what it computes
     needed = {n for s in stages for n in s.needs}
     assert needed <= {"sft", "sample", "dpo_ultrafeedback", "dpo_synthetic"}
@@ -115,7 +115,7 @@ def _parent(in_tmp: Path):
 def test_failed_stage_names_itself_shows_its_log_and_fails_the_parent(in_tmp, capsys):
     bad = {
         **SFT_ONE_STEP,
-        "args": SFT_ONE_STEP["args"] + ["--model.init_args.model_name_or_path=artifacts/tiny/absent"],
+        "args": SFT_ONE_STEP["args"] + ["--model.init_args.policy.name_or_path=artifacts/tiny/absent"],
     }
     path = _pipeline(in_tmp, [bad])
     with pytest.raises(SystemExit) as failed:
@@ -128,7 +128,7 @@ def test_failed_stage_names_itself_shows_its_log_and_fails_the_parent(in_tmp, ca
     assert "artifacts/tiny/absent" in message
     assert (
         "rerun it alone:  synpref fit --config configs/tiny/sft.yaml --trainer.max_steps=1 "
-        "--trainer.limit_val_batches=0 --model.init_args.model_name_or_path=artifacts/tiny/absent"
+        "--trainer.limit_val_batches=0 --model.init_args.policy.name_or_path=artifacts/tiny/absent"
     ) in message
     assert f"synpref reproduce --config {path}" in message
     assert "Traceback" not in message

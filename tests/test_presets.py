@@ -57,7 +57,7 @@ def test_every_stage_runs_on_the_real_vocabulary(in_tmp, qwen_small_model, sampl
             "fit",
             "--config",
             "configs/tiny/sft.yaml",
-            f"--model.init_args.model_name_or_path={qwen_small_model}",
+            f"--model.init_args.policy.name_or_path={qwen_small_model}",
             "--trainer.logger.init_args.run_name=sft",
             "--export.dirpath=artifacts/q/sft",
             *short,
@@ -75,7 +75,7 @@ def test_every_stage_runs_on_the_real_vocabulary(in_tmp, qwen_small_model, sampl
                 "configs/tiny/dpo.yaml",
                 "--config",
                 "configs/tiny/dpo_ultrafeedback.yaml",
-                "--model.init_args.model_name_or_path=artifacts/q/sft",
+                "--model.init_args.policy.name_or_path=artifacts/q/sft",
                 f"--data.init_args.sources={pairs('train_prefs.jsonl', 6)}",
                 f"--data.init_args.val_sources={pairs('test_prefs.jsonl', 2)}",
                 f"--model.init_args.precompute_ref_logps={mode == 'precomputed'}",
@@ -92,13 +92,13 @@ def test_every_stage_runs_on_the_real_vocabulary(in_tmp, qwen_small_model, sampl
     assert after["model.embed_tokens.weight"].shape[0] == QWEN_VOCAB
     assert not torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
 
-    decode = ["--data.init_args.max_prompts=2", "--model.init_args.max_new_tokens=4"]
+    decode = ["--data.init_args.max_prompts=2", "--model.init_args.decoding.max_new_tokens=4"]
     main(
         [
             "predict",
             "--config",
             "configs/tiny/sample.yaml",
-            "--model.init_args.model_name_or_path=artifacts/q/sft",
+            "--model.init_args.policy.name_or_path=artifacts/q/sft",
             "--model.init_args.output_dir=artifacts/q/samples",
             *decode,
         ]
@@ -110,8 +110,8 @@ def test_every_stage_runs_on_the_real_vocabulary(in_tmp, qwen_small_model, sampl
             "predict",
             "--config",
             "configs/tiny/eval.yaml",
-            "--model.init_args.model_name_or_path=artifacts/q/dpo_live",
-            "--model.init_args.baseline_name_or_path=artifacts/q/sft",
+            "--model.init_args.policy.name_or_path=artifacts/q/dpo_live",
+            "--model.init_args.baseline.name_or_path=artifacts/q/sft",
             "--model.init_args.output_dir=artifacts/q/eval",
             *decode,
         ]

@@ -15,6 +15,7 @@ from synpref.data import PromptDataModule
 from synpref.data.prompts import text_key
 from synpref.modules import SamplingModule
 from synpref.rewards import RuleReward
+from synpref.specs import Decoding, ModelSpec
 from tests.conftest import assert_run_params, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +70,9 @@ def test_same_seed_same_samples_whatever_ran_before(tiny_model, tmp_path, sample
     )
     dm.setup("predict")
     first, second = list(dm.predict_dataloader())
-    module = SamplingModule(tiny_model, RuleReward(), max_new_tokens=8, seed=7, output_dir=str(tmp_path))
+    module = SamplingModule(
+        ModelSpec(tiny_model), RuleReward(), decoding=Decoding(max_new_tokens=8, seed=7), output_dir=str(tmp_path)
+    )
     module.configure_model()
     a = module.predict_step(second, 1)
     torch.rand(100)
@@ -77,7 +80,9 @@ def test_same_seed_same_samples_whatever_ran_before(tiny_model, tmp_path, sample
     assert module.predict_step(second, 1) == a
     assert [r["index"] for r in a] == second["index"] and all(len(r["samples"]) == 2 for r in a)
     assert all(s["score"] == RuleReward().score([r["prompt"]], [s["text"]])[0] for r in a for s in r["samples"])
-    other = SamplingModule(tiny_model, RuleReward(), max_new_tokens=8, seed=8, output_dir=str(tmp_path))
+    other = SamplingModule(
+        ModelSpec(tiny_model), RuleReward(), decoding=Decoding(max_new_tokens=8, seed=8), output_dir=str(tmp_path)
+    )
     other.configure_model()
     assert [s["text"] for r in other.predict_step(second, 1) for s in r["samples"]] != [
         s["text"] for r in a for s in r["samples"]
@@ -89,8 +94,8 @@ def args(out, extra=()):
         "predict",
         "--config",
         "configs/tiny/sample.yaml",
-        "--model.init_args.model_name_or_path=artifacts/tiny/base",
-        "--model.init_args.max_new_tokens=8",
+        "--model.init_args.policy.name_or_path=artifacts/tiny/base",
+        "--model.init_args.decoding.max_new_tokens=8",
         f"--model.init_args.output_dir={out}",
         "--data.init_args.max_prompts=12",
         "--data.init_args.batch_size=2",

@@ -206,8 +206,8 @@ STEPS = ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.lo
 def test_reduced_tiny_grid_end_to_end(in_tmp, capsys):
     config = yaml.safe_load((ROOT / "configs" / "tiny" / "scaling.yaml").read_text())
     config["stages"][0]["args"] += STEPS
-    config["stages"][1]["args"] += ["--data.init_args.max_prompts=16", "--model.init_args.max_new_tokens=8"]
-    short = ["--model.init_args.max_new_tokens=8"]
+    config["stages"][1]["args"] += ["--data.init_args.max_prompts=16", "--model.init_args.decoding.max_new_tokens=8"]
+    short = ["--model.init_args.decoding.max_new_tokens=8"]
     config["study"].update(
         dpo_args=STEPS,
         eval_args=short + ["--data.init_args.max_prompts=6"],
@@ -269,11 +269,11 @@ def test_full_scale_grid_expands_and_its_stages_resolve(monkeypatch):
     by_kind = {s.name.split("-", 1)[0]: s for s in stages}  # the last of each kind: a round-3 arm
     dpo = resolve_config(by_kind["dpo"])
     assert (
-        dpo["model.init_args.model_name_or_path"].startswith("artifacts/scaling/dpo/")
+        dpo["model.init_args.policy.name_or_path"].startswith("artifacts/scaling/dpo/")
         and dpo["model.init_args.beta"] == 0.1
     )
-    assert dpo["model.init_args.ref_model_name_or_path"] is None  # reference: previous = the round's init
-    assert resolve_config(by_kind["eval"])["model.init_args.baseline_name_or_path"] == "artifacts/sft"
+    assert dpo["model.init_args.ref_model.name_or_path"] is None  # reference: previous = the round's init
+    assert resolve_config(by_kind["eval"])["model.init_args.baseline.name_or_path"] == "artifacts/sft"
     assert resolve_config(by_kind["sample"])["data.init_args.skip_prompts"] == 40000
     pairs = resolve_config(by_kind["pairs"])
     assert (pairs["k"], pairs["rule"], pairs["exclude"][0]) == (

@@ -45,11 +45,11 @@ def test_endpoint_key_stays_out_of_mlflow_and_logs(in_tmp, server, capfd, caplog
             "predict",
             "--config",
             "configs/tiny/sample.yaml",
-            "--model.init_args.model_name_or_path=artifacts/tiny/base",
+            "--model.init_args.policy.name_or_path=artifacts/tiny/base",
             "--model.init_args.reward=synpref.rewards.EndpointReward",
             f"--model.init_args.reward.init_args.base_url={server}",
             "--model.init_args.reward.init_args.api_key_env=SYNPREF_TEST_KEY",
-            "--model.init_args.max_new_tokens=8",
+            "--model.init_args.decoding.max_new_tokens=8",
             "--data.init_args.max_prompts=4",
             "--trainer.enable_progress_bar=false",
         ]

@@ -76,10 +76,10 @@ def predict_args(server_url, model, out, extra=()):
         "configs/tiny/sample.yaml",
         "--config",
         "configs/tiny/sample_served.yaml",
-        f"--model.init_args.model_name_or_path={model}",
+        f"--model.init_args.policy.name_or_path={model}",
         f"--model.init_args.generator.init_args.base_url={server_url}",
         f"--model.init_args.output_dir={out}",
-        "--model.init_args.max_new_tokens=8",
+        "--model.init_args.decoding.max_new_tokens=8",
         "--data.init_args.max_prompts=6",
         "--data.init_args.batch_size=2",
         "--trainer.enable_progress_bar=false",
@@ -121,11 +121,11 @@ def test_evaluation_serves_policy_and_baseline_by_their_paths(server, in_tmp, ti
             "configs/tiny/eval.yaml",
             "--config",
             "configs/tiny/eval_served.yaml",
-            f"--model.init_args.model_name_or_path={tiny_model}",
-            f"--model.init_args.baseline_name_or_path={baseline}",
+            f"--model.init_args.policy.name_or_path={tiny_model}",
+            f"--model.init_args.baseline.name_or_path={baseline}",
             f"--model.init_args.generator.init_args.base_url={server[0]}",
             "--model.init_args.output_dir=eval",
-            "--model.init_args.max_new_tokens=8",
+            "--model.init_args.decoding.max_new_tokens=8",
             "--data.init_args.max_prompts=3",
             "--trainer.enable_progress_bar=false",
         ]
@@ -150,8 +150,8 @@ def test_reproduce_starts_the_server_for_served_stages_and_stops_it(in_tmp, tiny
     config["services"] = [{**svc, "stages": ["sample", "eval_dpo_synthetic"]}]
     config["build_tiny_model"] = None
     keep = {
-        "sample": ["--data.init_args.max_prompts=4", "--model.init_args.max_new_tokens=6"],
-        "eval_dpo_synthetic": ["--data.init_args.max_prompts=3", "--model.init_args.max_new_tokens=6"],
+        "sample": ["--data.init_args.max_prompts=4", "--model.init_args.decoding.max_new_tokens=6"],
+        "eval_dpo_synthetic": ["--data.init_args.max_prompts=3", "--model.init_args.decoding.max_new_tokens=6"],
     }
     config["stages"] = [
         {

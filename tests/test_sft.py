@@ -11,6 +11,7 @@ from synpref.chat import IGNORE_INDEX, encode_conversation
 from synpref.data.collate import collate_sft
 from synpref.models import load_tokenizer
 from synpref.modules import SFTModule
+from synpref.specs import ModelSpec
 from tests.conftest import read_jsonl
 
 
@@ -51,7 +52,7 @@ def batch(sharp_model, conversations):
 
 @pytest.fixture(scope="module")
 def module(sharp_model):
-    m = SFTModule(sharp_model, dtype="float32")
+    m = SFTModule(ModelSpec(sharp_model, dtype="float32"))
     m.configure_model()
     return m
 
@@ -132,7 +133,7 @@ def test_no_forward_holds_the_previous_steps_gradients(tiny_model, sample_dir, t
             held.append(sum(p.grad is not None for p in self.model.parameters()))
             return super().training_step(batch, batch_idx)
 
-    module = Probe(tiny_model, dtype="float32", lr=1e-2)
+    module = Probe(ModelSpec(tiny_model, dtype="float32"), lr=1e-2)
     data = SmolTalkDataModule(
         tiny_model, path=str(sample_dir / "sft_messages.jsonl"), max_rows=12, max_length=128, batch_size=4
     )

@@ -13,6 +13,7 @@ import torch
 
 from synpref.errors import ConfigError
 from synpref.models import end_of_turn_ids, load_causal_lm, load_tokenizer
+from synpref.specs import ModelSpec
 
 # Drop counts sort after every other metric section in the MLflow UI (the results come first).
 DROPPED_PREFIX = "zz_data/dropped/"
@@ -68,6 +69,9 @@ def step_in_backward(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
 class CausalLMModule(L.LightningModule):
     """Owns `self.model` (policy) and `self.tokenizer`; subclasses write `training_step`/`validation_step`.
 
+    `policy` (a ModelSpec: `name_or_path`, `dtype`, `attn_implementation`, `trust_remote_code`) is
+    the model trained, loaded from its starting weights.
+
     The LM head and log-softmax run over `logits_chunk_size` labelled positions at a time, so a step
     never holds more than (chunk, vocab) logits (`synpref.logprobs`); None or 0 runs them all at once.
 
@@ -80,7 +84,7 @@ class CausalLMModule(L.LightningModule):
 
     def __init__(
         self,
-        model_name_or_path: str,
+        policy: ModelSpec,
         lr: float = 2e-5,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -89,32 +93,27 @@ class CausalLMModule(L.LightningModule):
         warmup_ratio: float = 0.1,
         warmup_steps: Optional[int] = None,
         min_lr_ratio: float = 0.0,
-        dtype: Optional[str] = None,
-        attn_implementation: Optional[str] = None,
         gradient_checkpointing: bool = False,
-        trust_remote_code: bool = False,
         logits_chunk_size: Optional[int] = 256,
         optimizer_in_backward: bool = False,
     ):
         super().__init__()
         # Collects the arguments of every __init__ in the chain; MLflow gets run_params() instead.
         self.save_hyperparameters(logger=False)
-        self.model_name_or_path = model_name_or_path
+        self.policy = policy
+        self.model_name_or_path = policy.require("model.init_args.policy")
         self.model: Optional[torch.nn.Module] = None
-        self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
+        self.tokenizer = load_tokenizer(self.model_name_or_path, policy.trust_remote_code)
         self._step_started = 0.0
         self._step_tokens = 0
         self._step_lr = 0.0
 
     # -- models --------------------------------------------------------------------------------
-    def load_model(self, name_or_path: str) -> torch.nn.Module:
-        hp = self.hparams
-        return load_causal_lm(name_or_path, hp.dtype, hp.trust_remote_code, hp.attn_implementation)
-
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = self.load_model(self.model_name_or_path)
+        spec = self.policy
+        self.model = load_causal_lm(spec.name_or_path, spec.dtype, spec.trust_remote_code, spec.attn_implementation)
         self.model.train()  # from_pretrained returns eval mode; Lightning toggles from here
         if self.hparams.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()

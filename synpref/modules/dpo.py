@@ -19,6 +19,7 @@ from synpref.losses import LossType, dpo_loss
 from synpref.models import check_same_tokenizer, load_frozen_causal_lm, load_tokenizer
 from synpref.modules.base import CausalLMModule
 from synpref.outputs import check_writable
+from synpref.specs import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,12 @@ def fingerprint(model: torch.nn.Module, datasets_: list, extra: str = "") -> str
 
 
 class DPOModule(CausalLMModule):
-    """Direct preference optimisation of the policy (`model_name_or_path`, the SFT export).
+    """Direct preference optimisation of the policy (`policy.name_or_path`, the SFT export).
 
-    The reference is a frozen copy loaded from `ref_model_name_or_path` (default: the policy's
-    path): eval mode, no gradients, outside the optimizer and outside checkpoints (it is held in a
+    The reference is a frozen model loaded as `ref_model` says; its unset fields follow the
+    policy's (`name_or_path` None = the policy's starting weights, `dtype` None = the dtype the
+    policy trains in, so `ref_model: {dtype: bfloat16}` is a bf16 copy of the policy's start;
+    remote code runs if either allows it): eval mode, no gradients, outside the optimizer and outside checkpoints (it is held in a
     plain list, not registered as a submodule), rebuilt from its path on resume. With
     `precompute_ref_logps`, the reference log-probs of every train and val pair are computed once
     before training (sharded over ranks), cached in `ref_cache_dir` under a fingerprint of the
@@ -65,20 +68,20 @@ class DPOModule(CausalLMModule):
     and the reference model is freed.
 
     Args:
-        model_name_or_path: policy init (HF directory or hub id).
-        ref_model_name_or_path: reference model; None = the policy's initial weights.
+        policy: the policy's ModelSpec (its `name_or_path`: the SFT export).
+        ref_model: the reference's ModelSpec; unset fields follow the policy's.
         beta: β, the KL-penalty strength (τ for IPO).
         loss_type: `sigmoid` (DPO) or `ipo`; see `synpref.losses.dpo_loss`.
         label_smoothing: ε of conservative DPO (sigmoid only); 0 = plain DPO.
         precompute_ref_logps: compute the reference log-probs once before training.
         ref_cache_dir: where precomputed reference log-probs are cached.
-        **kwargs: CausalLMModule's arguments (lr, scheduler, warmup, dtype, ...).
+        **kwargs: CausalLMModule's arguments (lr, scheduler, warmup, ...).
     """
 
     def __init__(
         self,
-        model_name_or_path: str,
-        ref_model_name_or_path: Optional[str] = None,
+        policy: ModelSpec,
+        ref_model: ModelSpec = ModelSpec(),
         beta: float = 0.1,
         loss_type: LossType = "sigmoid",
         label_smoothing: float = 0.0,
@@ -86,7 +89,7 @@ class DPOModule(CausalLMModule):
         ref_cache_dir: str = "artifacts/cache/ref_logps",
         **kwargs,
     ):
-        super().__init__(model_name_or_path, **kwargs)
+        super().__init__(policy, **kwargs)
         if loss_type not in ("sigmoid", "ipo"):
             raise ConfigError("model.init_args.loss_type", f"unknown {loss_type!r}; expected 'sigmoid' or 'ipo'")
         if not beta > 0:  # 0 leaves the policy at the reference; < 0 trains the reverse preference
@@ -95,13 +98,14 @@ class DPOModule(CausalLMModule):
             raise ConfigError("model.init_args.label_smoothing", "applies to the sigmoid loss only")
         if not 0.0 <= label_smoothing < 0.5:
             raise ConfigError("model.init_args.label_smoothing", f"must lie in [0, 0.5), got {label_smoothing}")
-        self.ref_path = ref_model_name_or_path or model_name_or_path
-        if self.ref_path != model_name_or_path:
+        self.ref_spec = ref_model.following(policy)
+        self.ref_path = self.ref_spec.name_or_path
+        if self.ref_path != self.model_name_or_path:
             # Here, not at the first step: the path must exist and score the policy's token ids.
             check_same_tokenizer(
                 self.tokenizer,
-                model_name_or_path,
-                load_tokenizer(self.ref_path, self.hparams.trust_remote_code),
+                self.model_name_or_path,
+                load_tokenizer(self.ref_path, self.ref_spec.trust_remote_code),
                 self.ref_path,
             )
         self._ref: list[torch.nn.Module] = []  # a list, not an attribute: kept out of state_dict and .to()
@@ -118,11 +122,13 @@ class DPOModule(CausalLMModule):
 
     # -- reference -----------------------------------------------------------------------------
     def reference(self) -> torch.nn.Module:
-        """The frozen reference model, loaded on first use on the policy's device and dtype."""
+        """The frozen reference model, loaded on first use on the policy's device, in `ref_model.dtype`
+        or else the dtype the policy trains in."""
         if not self._ref:
-            hp = self.hparams
-            ref = load_frozen_causal_lm(self.ref_path, hp.dtype, hp.trust_remote_code, hp.attn_implementation)
-            dtype = next(self.model.parameters()).dtype if self.model is not None else None
+            ref = load_frozen_causal_lm(self.ref_spec)
+            dtype = None
+            if self.hparams.ref_model.dtype is None and self.model is not None:
+                dtype = next(self.model.parameters()).dtype
             self._ref.append(ref.to(device=self.device, dtype=dtype))
         ref = self._ref[0]
         if ref.device != self.device:

@@ -7,21 +7,23 @@ from typing import Optional
 import lightning as L
 import torch
 
-from synpref.generation import check_decoding
 from synpref.generators import Generator
 from synpref.head_to_head import compare_batch
 from synpref.judges import Judge, judge_labels, read_provenance, self_judged
 from synpref.models import load_frozen_causal_lm, load_tokenizer
 from synpref.modules.base import log_data_drops, log_run_params, model_name
 from synpref.rewards.base import OnBadScore, RewardScorer
+from synpref.specs import Decoding, ModelSpec
 
 
 class WinRateModule(L.LightningModule):
     """`synpref predict`: policy vs baseline on held-out prompts, judged by `reward` (and `judges`).
 
-    Decoding is the same for both models and, per batch, so is the seed (`seed` + the batch's
-    first prompt index), so a batch's result does not depend on what ran before it. The default
-    is the paper's sampling (top-k 50, temperature 0.7); `do_sample: false` is greedy.
+    `policy` and `baseline` are ModelSpecs (`name_or_path`: the candidate and the SFT export;
+    `dtype`, `attn_implementation`, `trust_remote_code`). `decoding` (a Decoding) is the same for
+    both models and, per batch, so is the seed (`decoding.seed` + the batch's first prompt index),
+    so a batch's result does not depend on what ran before it. The default is the paper's
+    sampling (top-k 50, temperature 0.7, max_new_tokens 256); `do_sample: false` is greedy.
     predict_step returns one record per prompt; the WinRateRecorder this module attaches writes
     them to `output_dir/eval.jsonl`, aggregates the WinRate metric and logs to MLflow. A killed
     run resumes when rerun (prompts on disk are not generated again); `overwrite: true` starts afresh.
@@ -45,23 +47,15 @@ class WinRateModule(L.LightningModule):
 
     def __init__(
         self,
-        model_name_or_path: str,
-        baseline_name_or_path: str,
+        policy: ModelSpec,
+        baseline: ModelSpec,
         reward: Optional[RewardScorer] = None,
         output_dir: Optional[str] = None,
-        max_new_tokens: int = 256,
-        do_sample: bool = True,
-        temperature: float = 0.7,
-        top_k: int = 50,
-        top_p: float = 1.0,
-        seed: int = 0,
+        decoding: Decoding = Decoding(max_new_tokens=256),
         tie_tolerance: float = 0.0,
         length_match_ratio: float = 0.1,
         figures: bool = True,
         overwrite: bool = False,
-        dtype: Optional[str] = None,
-        attn_implementation: Optional[str] = None,
-        trust_remote_code: bool = False,
         generator: Optional[Generator] = None,
         baseline_generator: Optional[Generator] = None,
         judges: Optional[list[Judge]] = None,
@@ -69,7 +63,6 @@ class WinRateModule(L.LightningModule):
         on_bad_score: OnBadScore = "error",
     ):
         super().__init__()
-        check_decoding(max_new_tokens, do_sample, temperature, top_p, top_k)
         # The reward object is not a hyperparameter (it may hold a model); its name is logged.
         # logger=False: MLflow gets run_params() (stable names), not every argument.
         self.save_hyperparameters(ignore=["reward", "generator", "baseline_generator", "judges"], logger=False)
@@ -84,37 +77,29 @@ class WinRateModule(L.LightningModule):
                 f"own baseline_generator (or leave generator.model unset to ask by each model's path)"
             )
         self.generators = (generator, baseline_generator or generator)
-        self.model_name_or_path = model_name_or_path
-        self.baseline_name_or_path = baseline_name_or_path
+        self.specs = (policy, baseline)
+        self.model_name_or_path = policy.require("model.init_args.policy")
+        self.baseline_name_or_path = baseline.require("model.init_args.baseline")
         self.reward = judges[0]
         # One judge keeps the records as they were; several add each judge's verdict by label.
         self.judges = judges if len(judges) > 1 else []
         self.judge_labels = judge_labels(judges)
-        self.self_judged = self_judged(judges, self.judge_labels, read_provenance(model_name_or_path))
+        self.self_judged = self_judged(judges, self.judge_labels, read_provenance(self.model_name_or_path))
         self.output_dir = output_dir
-        self.seed = seed
-        self.decoding = {
-            "max_new_tokens": max_new_tokens,
-            "do_sample": do_sample,
-            "temperature": temperature,
-            "top_k": top_k,
-            "top_p": top_p,
-        }
-        self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
-        self.baseline_tokenizer = load_tokenizer(baseline_name_or_path, trust_remote_code)
+        self.decoding = decoding
+        self.tokenizer = load_tokenizer(self.model_name_or_path, policy.trust_remote_code)
+        self.baseline_tokenizer = load_tokenizer(self.baseline_name_or_path, baseline.trust_remote_code)
         self.model: Optional[torch.nn.Module] = None
         self.baseline: Optional[torch.nn.Module] = None
         # Set by configure_callbacks: it knows which prompts a resumed run already has on disk.
         self.recorder = None
 
     def configure_model(self) -> None:
-        hp = self.hparams
-        load = lambda path: load_frozen_causal_lm(path, hp.dtype, hp.trust_remote_code, hp.attn_implementation)  # noqa: E731
         # A served model is not loaded here: its server holds it.
         if self.model is None and self.generators[0] is None:
-            self.model = load(self.model_name_or_path)
+            self.model = load_frozen_causal_lm(self.specs[0])
         if self.baseline is None and self.generators[1] is None:
-            self.baseline = load(self.baseline_name_or_path)
+            self.baseline = load_frozen_causal_lm(self.specs[1])
 
     def configure_callbacks(self):
         from synpref.callbacks.win_rate import WinRateRecorder
@@ -147,11 +132,11 @@ class WinRateModule(L.LightningModule):
             "baseline_name": model_name(self.baseline_name_or_path),
             "baseline_path": self.baseline_name_or_path,
             "reward": self.reward.name,
-            "seed": self.seed,
+            "seed": self.decoding.seed,
             "samples_per_prompt": self.hparams.samples_per_prompt,
             "policy_labelled_by": ",".join(read_provenance(self.model_name_or_path)) or "not recorded",
             **{f"judge.{label}": getattr(j, "name", label) for j, label in zip(self.judges, self.judge_labels)},
-            **self.decoding,
+            **self.decoding.generate_kwargs(),
         }
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
@@ -167,7 +152,6 @@ class WinRateModule(L.LightningModule):
             self.reward,
             batch["prompt"],
             self.decoding,
-            seed=self.seed,
             indices=index,
             generators=self.generators,
             names=(self.model_name_or_path, self.baseline_name_or_path),

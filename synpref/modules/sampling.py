@@ -9,12 +9,13 @@ from typing import Optional
 import lightning as L
 import torch
 
+from synpref.callbacks.sampling_stats import GenerationCounters
 from synpref.errors import ConfigError
-from synpref.generation import check_decoding
 from synpref.generators import Generator, generate_texts
 from synpref.models import load_frozen_causal_lm, load_tokenizer
 from synpref.modules.base import log_run_params, model_name
 from synpref.rewards.base import OnBadScore, RewardScorer, score_checked
+from synpref.specs import Decoding, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -25,27 +26,23 @@ class SamplingModule(L.LightningModule):
     `predict_step` returns one record per prompt (`index`, `prompt_id`, `prompt`, `samples` with
     `text`, `score`, `num_tokens`); the SampleWriter callback streams them to disk and builds the
     pairs (best vs worst, kept when the gap ≥ `threshold`). Each batch is seeded with
-    `seed + its first prompt index`, so a batch's samples do not depend on what ran before it
+    `decoding.seed + its first prompt index`, so a batch's samples do not depend on what ran before it
     (resume, DDP).
 
     Args:
-        model_name_or_path: the policy to sample from (base model as in the paper, or an SFT export).
+        policy: the model to sample from (base model as in the paper, or an SFT export), a ModelSpec
+            (`name_or_path`, `dtype` ('bfloat16' on GPU; None keeps the checkpoint's),
+            `attn_implementation`, `trust_remote_code`).
         reward: a RewardScorer by class_path (synpref.rewards.*).
         num_samples: completions per prompt (K; the paper uses 2).
-        temperature: sampling temperature (paper: 0.7).
-        top_k: top-k sampling (paper: 50).
-        top_p: nucleus sampling (1.0 = off).
-        max_new_tokens: longest completion in tokens.
-        seed: base seed of the per-batch sampling RNG.
+        decoding: a Decoding (`max_new_tokens` 512, `temperature` 0.7 and `top_k` 50 as in the paper,
+            `top_p`, `seed` of the per-batch sampling RNG); `do_sample` must stay true.
         threshold: keep a pair only if score_chosen − score_rejected ≥ threshold (ties always dropped).
         on_bad_score: a reward that is not a finite float (NaN, None, a string) is an `error` naming
             the scorer and the prompt, or with `skip` the sample is dropped and counted
             (`sampling/bad_scores`); a prompt left with fewer than 2 samples is dropped.
         output_dir: where the SampleWriter puts samples.jsonl, pairs.jsonl, run.json and parts/.
         overwrite: start afresh instead of resuming what an earlier run left in output_dir.
-        dtype: model dtype ('bfloat16' on GPU; None keeps the checkpoint's).
-        attn_implementation: e.g. 'sdpa'; None = transformers' default.
-        trust_remote_code: allow custom model code from the hub.
         generator: where samples come from: None = in-process (`synpref.generation.generate`, the
             model loaded here); `synpref.generators.OpenAIGenerator` = a serving engine (vLLM,
             SGLang, `transformers serve`) over the OpenAI API, no model loaded here.
@@ -53,21 +50,14 @@ class SamplingModule(L.LightningModule):
 
     def __init__(
         self,
-        model_name_or_path: str,
+        policy: ModelSpec,
         reward: RewardScorer,
         num_samples: int = 2,
-        temperature: float = 0.7,
-        top_k: int = 50,
-        top_p: float = 1.0,
-        max_new_tokens: int = 512,
-        seed: int = 0,
+        decoding: Decoding = Decoding(max_new_tokens=512),
         threshold: float = 0.0,
         on_bad_score: OnBadScore = "error",
         output_dir: str = "artifacts/samples",
         overwrite: bool = False,
-        dtype: Optional[str] = None,
-        attn_implementation: Optional[str] = None,
-        trust_remote_code: bool = False,
         generator: Optional[Generator] = None,
     ):
         super().__init__()
@@ -75,23 +65,26 @@ class SamplingModule(L.LightningModule):
             raise ConfigError(
                 "model.init_args.num_samples", f"must be ≥ 2 (a pair needs 2 samples per prompt), got {num_samples}"
             )
-        check_decoding(max_new_tokens, True, temperature, top_p, top_k)
+        if not decoding.do_sample:
+            raise ConfigError(
+                "model.init_args.decoding.do_sample", "must be true: a pair needs K different samples per prompt"
+            )
         self.save_hyperparameters(ignore=["reward", "generator"], logger=False)  # MLflow params: run_params()
-        self.model_name_or_path, self.reward, self.threshold = model_name_or_path, reward, threshold
+        self.policy, self.decoding = policy, decoding
+        self.model_name_or_path = policy.require("model.init_args.policy")
+        self.reward, self.threshold = reward, threshold
         self.generator = generator
-        self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
+        self.tokenizer = load_tokenizer(self.model_name_or_path, policy.trust_remote_code)
         self.model: Optional[torch.nn.Module] = None
         # Set by configure_callbacks: it knows which prompts a resumed run already has on disk.
         self.writer = None
-        self.generated_tokens, self.generate_seconds, self.score_seconds = 0, 0.0, 0.0
+        self.generation = GenerationCounters()  # read by the SamplingStatsCallback (configure_callbacks)
+        self.score_seconds = 0.0
         self.bad_scores = 0
 
     def configure_model(self) -> None:
         if self.model is None and self.generator is None:
-            hp = self.hparams
-            self.model = load_frozen_causal_lm(
-                self.model_name_or_path, hp.dtype, hp.trust_remote_code, hp.attn_implementation
-            )
+            self.model = load_frozen_causal_lm(self.policy)
 
     def configure_callbacks(self) -> list[L.Callback]:
         # The writer and the statistics belong to this module's output; a config's
@@ -100,31 +93,41 @@ class SamplingModule(L.LightningModule):
 
         hp = self.hparams
         self.writer = SampleWriter(hp.output_dir, self.fingerprint(), hp.threshold, hp.overwrite)
-        return [self.writer, SamplingStatsCallback(self.writer)]
+        return [self.writer, SamplingStatsCallback(self.writer, self.generation, self.reward.name)]
 
     def on_predict_start(self) -> None:
         self.reward.to(self.device)
         log_run_params(self, n_prompts=len(getattr(self.trainer.datamodule, "prompts", None) or []))
 
     def run_params(self) -> dict:
-        hp = self.hparams
+        hp, d = self.hparams, self.decoding
         return {
             "policy_name": model_name(self.model_name_or_path),
             "reward": self.reward.name,
             "num_samples": hp.num_samples,
             "threshold": hp.threshold,
-            "seed": hp.seed,
-            "max_new_tokens": hp.max_new_tokens,
-            "temperature": hp.temperature,
-            "top_k": hp.top_k,
-            "top_p": hp.top_p,
+            "seed": d.seed,
+            "max_new_tokens": d.max_new_tokens,
+            "temperature": d.temperature,
+            "top_k": d.top_k,
+            "top_p": d.top_p,
         }
 
     def fingerprint(self) -> dict:
-        """What fixes the samples: a resumed run must match it."""
-        keys = ("model_name_or_path", "num_samples", "temperature", "top_k", "top_p", "max_new_tokens", "seed")
+        """What fixes the samples: a resumed run must match it (flat keys, as earlier runs wrote them)."""
+        d = self.decoding
         served = {"generator": self.generator.name} if self.generator is not None else {}
-        return {**{k: self.hparams[k] for k in keys}, "reward": self.reward.name, **served}
+        return {
+            "model_name_or_path": self.model_name_or_path,
+            "num_samples": self.hparams.num_samples,
+            "temperature": d.temperature,
+            "top_k": d.top_k,
+            "top_p": d.top_p,
+            "max_new_tokens": d.max_new_tokens,
+            "seed": d.seed,
+            "reward": self.reward.name,
+            **served,
+        }
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> Optional[list[dict]]:
         if self.writer is not None and self.writer.has_all(batch["index"]):
@@ -138,16 +141,11 @@ class SamplingModule(L.LightningModule):
             self.model_name_or_path,
             batch["prompt"],
             batch["index"],
-            hp.seed,
+            self.decoding,
             num_return_sequences=hp.num_samples,
-            max_new_tokens=hp.max_new_tokens,
-            temperature=hp.temperature,
-            top_k=hp.top_k,
-            top_p=hp.top_p,
-            do_sample=True,
         )
-        self.generate_seconds += time.perf_counter() - start
-        self.generated_tokens += sum(map(sum, counts))
+        self.generation.seconds += time.perf_counter() - start
+        self.generation.tokens += sum(map(sum, counts))
         start = time.perf_counter()
         flat_prompts = [p for p in batch["prompt"] for _ in range(hp.num_samples)]
         scores = score_checked(self.reward, flat_prompts, [t for row in texts for t in row], hp.on_bad_score)

@@ -1,0 +1,84 @@
+"""Argument groups the modules share, as dataclasses jsonargparse reads: Decoding and ModelSpec."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from synpref.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How completions are generated; the same for every model a module or callback compares.
+
+    Args:
+        max_new_tokens: longest completion in tokens.
+        temperature: sampling temperature (paper: 0.7).
+        top_k: top-k sampling (paper: 50; 0 = off).
+        top_p: nucleus sampling (1.0 = off).
+        do_sample: sample (True) or decode greedily (False: temperature, top_k, top_p unused).
+        seed: base seed; each batch is seeded with `seed` + its first prompt index.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_k: int = 50
+    top_p: float = 1.0
+    do_sample: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # At construction: settings generate() would reject (or misread) later fail here, by name.
+        key = "decoding."  # model.init_args.decoding, or a PeriodicWinRate's decoding
+        if self.max_new_tokens < 1:
+            raise ConfigError(key + "max_new_tokens", f"must be ≥ 1, got {self.max_new_tokens}")
+        if self.do_sample and not self.temperature > 0:
+            raise ConfigError(
+                key + "temperature",
+                f"must be > 0 when sampling, got {self.temperature}; "
+                "for greedy decoding set do_sample: false where the module allows it",
+            )
+        if self.do_sample and not 0 < self.top_p <= 1:
+            raise ConfigError(key + "top_p", f"must lie in (0, 1], got {self.top_p}")
+        if self.do_sample and self.top_k < 0:
+            raise ConfigError(key + "top_k", f"must be ≥ 0 (0 = off), got {self.top_k}")
+
+    def generate_kwargs(self) -> dict:
+        """The settings `generate`/`Generator.generate` take besides the seed."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "seed"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which HF causal LM to load, and how.
+
+    Args:
+        name_or_path: HF directory or hub id (required for a policy or baseline; a DPO reference
+            left at None starts from the policy's weights).
+        dtype: e.g. 'bfloat16' (None keeps the checkpoint's; a DPO reference: the policy's).
+        attn_implementation: e.g. 'sdpa' (None = transformers' default; a DPO reference: the policy's).
+        trust_remote_code: allow custom model code from the hub (off by default).
+    """
+
+    name_or_path: Optional[str] = None
+    dtype: Optional[str] = None
+    attn_implementation: Optional[str] = None
+    trust_remote_code: bool = False
+
+    def require(self, key: str) -> str:
+        """The path, or a ConfigError naming `key` (e.g. 'model.init_args.policy') when it is unset."""
+        if not self.name_or_path:
+            raise ConfigError(key + ".name_or_path", "required: an HF model directory or hub id")
+        return self.name_or_path
+
+    def following(self, other: "ModelSpec") -> "ModelSpec":
+        """This spec with its unset fields taken from `other` (a reference follows its policy);
+        remote code runs where either allows it, as the reference always loaded with the policy's flag."""
+        return ModelSpec(
+            name_or_path=self.name_or_path or other.name_or_path,
+            dtype=self.dtype if self.dtype is not None else other.dtype,
+            attn_implementation=self.attn_implementation or other.attn_implementation,
+            trust_remote_code=self.trust_remote_code or other.trust_remote_code,
+        )
