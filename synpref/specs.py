@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from synpref.errors import ConfigError
 
 
@@ -82,3 +84,8 @@ class ModelSpec:
             attn_implementation=self.attn_implementation or other.attn_implementation,
             trust_remote_code=self.trust_remote_code or other.trust_remote_code,
         )
+
+
+# Checkpoints keep the modules' hyperparameters, these groups among them; resuming loads them with
+# torch.load(weights_only=True), which unpickles only allowlisted classes (plain fields: safe).
+torch.serialization.add_safe_globals([Decoding, ModelSpec])

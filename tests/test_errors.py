@@ -231,16 +231,16 @@ def test_no_prompts_left_names_the_filters(in_tmp, capsys):
         ([*DPO, "--model.init_args.label_smoothing=0.5"], "'model.init_args.label_smoothing': must lie in [0, 0.5)"),
         (
             [*SAMPLE, "--model.init_args.decoding.max_new_tokens=0"],
-            "'model.init_args.decoding.max_new_tokens': must be ≥ 1, got 0",
+            "'decoding.max_new_tokens': must be ≥ 1, got 0",
         ),
         (
             [*SAMPLE, "--model.init_args.decoding.temperature=0"],
-            "'model.init_args.decoding.temperature': must be > 0 when sampling",
+            "'decoding.temperature': must be > 0 when sampling",
         ),
         ([*SAMPLE, "--model.init_args.num_samples=1"], "'model.init_args.num_samples': must be ≥ 2"),
         (
             [*EVAL, "--model.init_args.decoding.max_new_tokens=0"],
-            "'model.init_args.decoding.max_new_tokens': must be ≥ 1, got 0",
+            "'decoding.max_new_tokens': must be ≥ 1, got 0",
         ),
         ([*EVAL, "--model.init_args.decoding.temperature=0"], "do_sample: false"),
         ([*SFT, "--data.init_args.val_fraction=1.5"], "'data.init_args.val_fraction': must lie in [0, 1)"),

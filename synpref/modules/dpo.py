@@ -98,7 +98,7 @@ class DPOModule(CausalLMModule):
             raise ConfigError("model.init_args.label_smoothing", "applies to the sigmoid loss only")
         if not 0.0 <= label_smoothing < 0.5:
             raise ConfigError("model.init_args.label_smoothing", f"must lie in [0, 0.5), got {label_smoothing}")
-        self.ref_spec = ref_model.following(policy)
+        self.ref_model, self.ref_spec = ref_model, ref_model.following(policy)
         self.ref_path = self.ref_spec.name_or_path
         if self.ref_path != self.model_name_or_path:
             # Here, not at the first step: the path must exist and score the policy's token ids.
@@ -127,7 +127,7 @@ class DPOModule(CausalLMModule):
         if not self._ref:
             ref = load_frozen_causal_lm(self.ref_spec)
             dtype = None
-            if self.hparams.ref_model.dtype is None and self.model is not None:
+            if self.ref_model.dtype is None and self.model is not None:
                 dtype = next(self.model.parameters()).dtype
             self._ref.append(ref.to(device=self.device, dtype=dtype))
         ref = self._ref[0]
