@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
 import sys
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ import pytest
 from synpref.cli import main
 from synpref.errors import DataError
 from synpref.specs import Decoding, ModelSpec
-from tests.conftest import ROOT, http_server
+from tests.conftest import ROOT
 
 NO_MLFLOW = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 SFT = ["fit", "--config", "configs/tiny/sft.yaml", *NO_MLFLOW]
@@ -136,92 +134,6 @@ def test_reference_with_another_tokenizer_names_both_paths(in_tmp, tiny_model, c
     )
 
 
-# -- bad data files, each stage ----------------------------------------------------------------
-BAD_CHATS = {
-    "non-UTF-8": (
-        json.dumps(CHAT).encode() + b"\n" + json.dumps(CHAT).encode().replace(b"Blue", b"Bl\xe9u") + b"\n",
-        "row 1: not valid UTF-8 (byte 0xe9",
-    ),
-    "empty": (b"", "the file is empty"),
-    "integer content": (
-        [CHAT, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}]}],
-        "row 1: field 'messages[1].content': expected a string, got int",
-    ),
-    "cut JSON": (json.dumps(CHAT).encode() + b"\n" + json.dumps(CHAT).encode()[:-9] + b"\n", "row 1: not valid JSON"),
-    "unknown sharegpt from": (
-        [CHAT, {"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}]}],
-        "row 1: field 'conversations[1].from': unknown sharegpt role 'bot'",
-    ),
-    "no assistant turn": ([{"messages": CHAT["messages"][:1]}], "row 0: field 'messages': no assistant turn"),
-}
-
-
-@pytest.mark.parametrize("case", BAD_CHATS)
-def test_bad_sft_file(in_tmp, capsys, case):
-    content, expected = BAD_CHATS[case]
-    path = write(in_tmp / "sft.jsonl", content)
-    fails(capsys, [*SFT, f"--data.init_args.path={path}"], path, expected)
-
-
-def test_one_row_sft_file_with_val_fraction(in_tmp, capsys):
-    path = write(in_tmp / "one.jsonl", [CHAT])
-    fails(
-        capsys,
-        [*SFT, f"--data.init_args.path={path}"],
-        "'data.init_args.val_fraction'",
-        "0.05 of 1 usable rows",
-        "val_fraction: 0",
-    )
-
-
-def test_missing_data_file(in_tmp, capsys):
-    fails(capsys, [*SFT, "--data.init_args.path=data/nope.jsonl"], "data/nope.jsonl", "does not exist")
-
-
-BAD_PAIRS = {
-    "integer chosen": ([{**PAIR, "chosen": 7}], "row 0: field 'chosen': expected a non-empty list"),
-    "unknown sharegpt from": (
-        [{**PAIR, "rejected": [{"from": "robot", "value": "Cheese."}]}],
-        "row 0: field 'rejected[0].from': unknown sharegpt role 'robot'",
-    ),
-    "identical replies": ([{**PAIR, "rejected": "Blue."}], "row 0: field 'rejected': identical to chosen"),
-}
-
-
-@pytest.mark.parametrize("case", BAD_PAIRS)
-def test_bad_preference_file(in_tmp, capsys, case):
-    rows, expected = BAD_PAIRS[case]
-    path = write(in_tmp / "pairs.jsonl", rows)
-    fails(
-        capsys,
-        [*DPO, f"--data.init_args.sources=[{{path: {path}, format: trl}}]", "--data.init_args.on_bad_row=error"],
-        path,
-        expected,
-    )
-
-
-def test_bad_prompt_file(in_tmp, capsys):
-    path = write(in_tmp / "prompts.jsonl", [{"prompt": "Name a colour."}, {"prompt": ["not a message"]}])
-    fails(
-        capsys,
-        [*SAMPLE, f"--data.init_args.path={path}"],
-        path,
-        "row 1: field 'prompt[0]': expected a {role, content} object",
-    )
-
-
-def test_no_prompts_left_names_the_filters(in_tmp, capsys):
-    fails(
-        capsys,
-        [*SAMPLE, "--data.init_args.path=synpref://sample/test_prefs.jsonl", "--data.init_args.max_prompts=null"],
-        "no prompts left",
-        "'excluded': 92",
-        "'too_long': 8",
-        "synpref://sample/test_prefs.jsonl",
-    )
-    assert not (in_tmp / "artifacts/tiny/samples/samples.jsonl").exists()
-
-
 # -- bad values, caught when the modules are built ---------------------------------------------
 @pytest.mark.parametrize(
     "args, expected",
@@ -300,83 +212,6 @@ def test_build_tiny_bad_corpus_and_sizes(in_tmp, capsys):
         "'hidden_size': must be a multiple of the 4 attention heads",
     )
     assert not (in_tmp / "x").exists()
-
-
-# -- rewards -----------------------------------------------------------------------------------
-def none_reward(prompt: str, response: str):
-    return None
-
-
-def text_reward(prompt: str, response: str):
-    return "good"
-
-
-def nan_for_colour(prompt: str, response: str):
-    return math.nan if "colour" in prompt else 1.0
-
-
-@pytest.mark.parametrize(
-    "fn, shown", [("none_reward", "returned None (NoneType)"), ("text_reward", "returned 'good' (str)")]
-)
-def test_function_reward_not_a_float_names_the_reward(in_tmp, capsys, fn, shown):
-    reward = f"--model.init_args.reward={{class_path: synpref.rewards.FunctionReward, init_args: {{fn: 'tests.test_errors:{fn}'}}}}"
-    line = fails(
-        capsys, [*SAMPLE, reward], f"reward 'tests.test_errors:{fn}' {shown}", "for the prompt '", "on_bad_score: skip"
-    )
-    assert not (in_tmp / "artifacts/tiny/samples/samples.jsonl").exists(), line
-
-
-def test_unknown_reward_function(in_tmp, capsys):
-    reward = "--model.init_args.reward={class_path: synpref.rewards.FunctionReward, init_args: {fn: 'tests.test_errors:nope'}}"
-    fails(capsys, [*SAMPLE, reward], "'reward.init_args.fn'", "has no attribute 'nope'")
-
-
-def test_nan_reward_in_evaluation(in_tmp, capsys):
-    prompts = write(in_tmp / "p.jsonl", [{"prompt": "Name a colour."}, {"prompt": "Name a fruit."}])
-    reward = "--model.init_args.reward={class_path: synpref.rewards.FunctionReward, init_args: {fn: 'tests.test_errors:nan_for_colour'}}"
-    args = [*EVAL, f"--data.init_args.path={prompts}", reward, "--model.init_args.output_dir=out"]
-    fails(capsys, args, "returned nan (float), not a finite float", "for the prompt 'Name a colour.'")
-
-
-def test_nan_reward_in_sampling_and_skip(in_tmp, capsys):
-    prompts = write(in_tmp / "p.jsonl", [{"prompt": "Name a colour."}, {"prompt": "Name a fruit."}])
-    reward = "--model.init_args.reward={class_path: synpref.rewards.FunctionReward, init_args: {fn: 'tests.test_errors:nan_for_colour'}}"
-    args = [
-        *SAMPLE,
-        f"--data.init_args.path={prompts}",
-        reward,
-        "--model.init_args.output_dir=out",
-        "--model.init_args.threshold=-1",
-    ]
-    fails(capsys, args, "returned nan (float), not a finite float", "for the prompt 'Name a colour.'")
-    assert not Path("out/samples.jsonl").exists()
-    main([*args, "--model.init_args.on_bad_score=skip"])  # the NaN samples are dropped and counted
-    samples = [json.loads(line) for line in Path("out/samples.jsonl").read_text().splitlines()]
-    assert {r["prompt"][0]["content"] for r in samples} == {"Name a fruit."} and len(samples) == 2
-    assert all(r["score"] == 1.0 for r in samples)
-
-
-class RefusesKey(BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def do_POST(self):
-        body = json.dumps({"error": f"invalid key {self.headers['Authorization']}"}).encode()
-        self.send_response(401)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
-def test_endpoint_refusing_the_key_names_the_variable(in_tmp, capsys, monkeypatch):
-    key = "sk-secret-do-not-print"
-    with http_server(RefusesKey, monkeypatch, "SYNPREF_TEST_KEY", key) as url:
-        reward = (
-            "--model.init_args.reward={class_path: synpref.rewards.EndpointReward, init_args: "
-            f"{{base_url: '{url}', api_key_env: SYNPREF_TEST_KEY, max_retries: 0}}}}"
-        )
-        line = fails(capsys, [*SAMPLE, reward], "refused the API key from $SYNPREF_TEST_KEY (HTTP 401", code=1)
-    assert key not in line and "***" in line
 
 
 # -- --debug shows the traceback; the console shows only the line ------------------------------
