@@ -34,6 +34,7 @@ from synpref.models import end_of_turn_ids, load_causal_lm, load_tokenizer  # no
 from synpref.presets import build_tiny_model  # noqa: E402
 from synpref.resources import sample  # noqa: E402
 from synpref.rewards import HFRewardModel  # noqa: E402
+from synpref.specs import Decoding  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from realshape import matmul_peak, mfu_line, preset_model, shape  # noqa: E402
@@ -123,7 +124,9 @@ def main() -> None:
     start, tokens, prompts, responses = time.perf_counter(), 0, [], []
     for batch in dm.predict_dataloader():
         with autocast():
-            texts, counts = generate(model, tok, batch["prompt"], a.num_samples, seed=batch["index"][0], **decoding)
+            texts, counts = generate(
+                model, tok, batch["prompt"], Decoding(**decoding, seed=batch["index"][0]), a.num_samples
+            )
         tokens += sum(map(sum, counts))
         for p, row in zip(batch["prompt"], texts):
             prompts += [p] * len(row)
@@ -229,7 +232,7 @@ def served(a, model_dir: str, tok, dm, decoding: dict, in_process: float, tmp: P
     with running(svc, tmp / "serve.log"):
         gen = OpenAIGenerator(f"http://127.0.0.1:{port}/v1", server="transformers", max_concurrency=a.concurrency)
         # One request first: it loads the model (two at once crashed transformers 5.24's CB worker here).
-        gen.generate(model_dir, tok, prompts[:1], [0], num_return_sequences=1, seed=0, do_sample=True, **decoding)
+        gen.generate(model_dir, tok, prompts[:1], [0], Decoding(**decoding), num_return_sequences=1)
         gen.stats.clear()  # the first request loads the model: not timed
         start = time.perf_counter()
         _, counts = gen.generate(
@@ -237,10 +240,8 @@ def served(a, model_dir: str, tok, dm, decoding: dict, in_process: float, tmp: P
             tok,
             prompts,
             list(range(len(prompts))),
+            Decoding(**decoding),
             num_return_sequences=a.num_samples,
-            seed=0,
-            do_sample=True,
-            **decoding,
         )
         rate = sum(map(sum, counts)) / (time.perf_counter() - start)
     print(

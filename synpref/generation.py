@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
 from synpref.batching import pad
 from synpref.chat import encode_prompt
 from synpref.models import end_of_turn_ids
+from synpref.specs import Decoding
 
 
 @torch.no_grad()
@@ -16,31 +17,26 @@ def generate(
     model,
     tokenizer,
     prompts: Sequence[Sequence[dict]],
+    decoding: Decoding = Decoding(),
     num_return_sequences: int = 1,
-    max_new_tokens: int = 256,
-    temperature: float = 0.7,
-    top_k: int = 50,
-    top_p: float = 1.0,
-    do_sample: bool = True,
-    seed: Optional[int] = None,
 ) -> tuple[list[list[str]], list[list[int]]]:
     """`num_return_sequences` completions per prompt, as text and as generated-token counts.
 
     Prompts are left-padded into one batch and decoded with the KV cache; generation stops at the
-    end of the assistant turn (<|im_end|> or eos). `seed` seeds the sampling RNG for this call, so
-    a batch gives the same completions whatever ran before it.
+    end of the assistant turn (<|im_end|> or eos). `decoding.seed` seeds the sampling RNG for this
+    call, so a batch gives the same completions whatever ran before it.
     """
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     input_ids = pad(ids, tokenizer.pad_token_id, left=True).to(model.device)
     attention_mask = pad([[1] * len(s) for s in ids], 0, left=True).to(model.device)
-    if seed is not None:
-        torch.manual_seed(seed)
-    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else {}
+    torch.manual_seed(decoding.seed)
+    d = decoding
+    sampling = {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p} if d.do_sample else {}
     out = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
+        max_new_tokens=d.max_new_tokens,
+        do_sample=d.do_sample,
         num_return_sequences=num_return_sequences,
         eos_token_id=end_of_turn_ids(tokenizer),
         pad_token_id=tokenizer.pad_token_id,

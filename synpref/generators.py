@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -39,14 +40,9 @@ class Generator:
         tokenizer,
         prompts: Sequence[Sequence[dict]],
         indices: Sequence[int],
+        decoding: Decoding,
         *,
         num_return_sequences: int,
-        max_new_tokens: int,
-        do_sample: bool,
-        temperature: float,
-        top_k: int,
-        top_p: float,
-        seed: int,
     ) -> tuple[list[list[str]], list[list[int]]]:
         raise NotImplementedError
 
@@ -56,7 +52,7 @@ class OpenAIGenerator(Generator):
 
     One request per prompt asks for all K samples (`n`); a server that ignores `n` (one choice back)
     is asked K times, once per sample, and later prompts go straight to K requests. Each request's
-    `seed` is `request_seed(seed, prompt index, sample)`, so a rerun asks for the same samples:
+    `seed` is `request_seed(decoding.seed, prompt index, sample)`, so a rerun asks for the same samples:
     byte-identical where the server honours per-request seeds. Counts come from `usage`
     (one choice per reply) or, when one reply holds K choices, from re-tokenizing each text with
     the policy's tokenizer. Replies cut by `max_tokens` (`finish_reason: length`) are counted
@@ -121,26 +117,14 @@ class OpenAIGenerator(Generator):
         tokenizer,
         prompts,
         indices,
+        decoding,
         *,
         num_return_sequences,
-        max_new_tokens,
-        do_sample,
-        temperature,
-        top_k,
-        top_p,
-        seed,
     ):
-        decoding = {
-            "max_new_tokens": max_new_tokens,
-            "do_sample": do_sample,
-            "temperature": temperature,
-            "top_k": top_k,
-            "top_p": top_p,
-        }
         name = self.model or model
         before = self.stats["truncated"]
         rows = map_concurrent(
-            lambda job: self._samples(name, tokenizer, job[0], job[1], num_return_sequences, decoding, seed),
+            lambda job: self._samples(name, tokenizer, job[0], job[1], num_return_sequences, decoding),
             list(zip(prompts, indices)),
             self.max_concurrency,
         )
@@ -151,11 +135,12 @@ class OpenAIGenerator(Generator):
                 self.url,
                 cut,
                 len(prompts) * num_return_sequences,
-                max_new_tokens,
+                decoding.max_new_tokens,
             )
         return [[t for t, _ in row] for row in rows], [[n for _, n in row] for row in rows]
 
-    def _samples(self, model, tokenizer, prompt, index, k, decoding, seed) -> list[tuple[str, int]]:
+    def _samples(self, model, tokenizer, prompt, index, k, decoding) -> list[tuple[str, int]]:
+        seed = decoding.seed
         got: list[tuple[str, int]] = []
         if k > 1 and self._n_honoured is not False:
             got = self._request(model, tokenizer, prompt, decoding, request_seed(seed, index, 0), n=k)
@@ -175,7 +160,7 @@ class OpenAIGenerator(Generator):
     def _request(self, model, tokenizer, prompt, decoding, seed, n) -> list[tuple[str, int]]:
         payload = {
             "model": model,
-            "max_tokens": decoding["max_new_tokens"],
+            "max_tokens": decoding.max_new_tokens,
             "seed": seed,
             **self._sampling(decoding, tokenizer),
         }
@@ -201,23 +186,23 @@ class OpenAIGenerator(Generator):
             )
         return [(text, count) for text, count, _ in choices]
 
-    def _sampling(self, decoding: dict, tokenizer) -> dict:
-        greedy = not decoding["do_sample"]
+    def _sampling(self, decoding: Decoding, tokenizer) -> dict:
+        greedy = not decoding.do_sample
         fields = {
-            "temperature": 0.0 if greedy else decoding["temperature"],
-            "top_p": 1.0 if greedy else decoding["top_p"],
+            "temperature": 0.0 if greedy else decoding.temperature,
+            "top_p": 1.0 if greedy else decoding.top_p,
         }
         if self.server in ("vllm", "sglang") and not greedy:
-            fields["top_k"] = decoding["top_k"]
+            fields["top_k"] = decoding.top_k
         elif self.server == "transformers":
             config = {
                 "do_sample": not greedy,
-                "max_new_tokens": decoding["max_new_tokens"],
+                "max_new_tokens": decoding.max_new_tokens,
                 "eos_token_id": end_of_turn_ids(tokenizer),
                 "pad_token_id": tokenizer.pad_token_id,
             }
             if not greedy:
-                config.update(temperature=decoding["temperature"], top_k=decoding["top_k"], top_p=decoding["top_p"])
+                config.update(temperature=decoding.temperature, top_k=decoding.top_k, top_p=decoding.top_p)
             return {"generation_config": json.dumps(config)}
         return fields
 
@@ -259,20 +244,6 @@ def generate_texts(
     if generator is None:
         from synpref.generation import generate
 
-        return generate(
-            model,
-            tokenizer,
-            prompts,
-            num_return_sequences=num_return_sequences,
-            seed=decoding.seed + indices[0],
-            **decoding.generate_kwargs(),
-        )
-    return generator.generate(
-        name,
-        tokenizer,
-        prompts,
-        indices,
-        num_return_sequences=num_return_sequences,
-        seed=decoding.seed,
-        **decoding.generate_kwargs(),
-    )
+        batch_seed = dataclasses.replace(decoding, seed=decoding.seed + indices[0])
+        return generate(model, tokenizer, prompts, batch_seed, num_return_sequences=num_return_sequences)
+    return generator.generate(name, tokenizer, prompts, indices, decoding, num_return_sequences=num_return_sequences)

@@ -47,8 +47,8 @@ class Decoding:
         if self.do_sample and self.top_k < 0:
             raise ConfigError(key + "top_k", f"must be ≥ 0 (0 = off), got {self.top_k}")
 
-    def generate_kwargs(self) -> dict:
-        """The settings `generate`/`Generator.generate` take besides the seed."""
+    def without_seed(self) -> dict:
+        """The settings but the seed, by name (MLflow params; the seed is logged on its own)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "seed"}
 
 

@@ -12,10 +12,11 @@ import pytest
 from synpref.generators import OpenAIGenerator, request_seed
 from synpref.http import EndpointError, MalformedReply
 from synpref.models import end_of_turn_ids, load_tokenizer
+from synpref.specs import Decoding
 from tests.conftest import http_server
 
 PROMPTS = [[{"role": "user", "content": "Say hi"}], [{"role": "user", "content": "Name a colour"}]]
-DECODING = {"max_new_tokens": 7, "do_sample": True, "temperature": 0.7, "top_k": 50, "top_p": 0.9}
+DECODING = Decoding(max_new_tokens=7, do_sample=True, temperature=0.7, top_k=50, top_p=0.9, seed=3)
 
 
 class StubServer(BaseHTTPRequestHandler):
@@ -92,7 +93,7 @@ def tokenizer(tiny_model):
 
 def sample(url, tokenizer, model, k=2, **kw):
     gen = OpenAIGenerator(base_url=url, api_key_env="SYNPREF_GEN_KEY", backoff=0.01, max_concurrency=2, **kw)
-    return gen, gen.generate(model, tokenizer, PROMPTS, [4, 9], num_return_sequences=k, seed=3, **DECODING)
+    return gen, gen.generate(model, tokenizer, PROMPTS, [4, 9], DECODING, num_return_sequences=k)
 
 
 def test_n_honoured_one_request_per_prompt_choices_in_index_order(server, tokenizer):

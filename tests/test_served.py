@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 
 import pytest
 import yaml
@@ -17,10 +18,11 @@ from synpref.generation import generate
 from synpref.generators import OpenAIGenerator, request_seed
 from synpref.models import load_frozen_causal_lm, load_tokenizer
 from synpref.services import Service, running
+from synpref.specs import Decoding, ModelSpec
 from tests.conftest import ROOT, free_port, read_jsonl
 from tests.test_evaluation import perturbed_copy
 
-DECODING = {"max_new_tokens": 8, "do_sample": True, "temperature": 0.7, "top_k": 50, "top_p": 1.0}
+DECODING = Decoding(max_new_tokens=8, do_sample=True, temperature=0.7, top_k=50, top_p=1.0)
 
 
 def serve_service(port: int) -> Service:
@@ -55,14 +57,16 @@ def test_served_samples_equal_in_process_generate_at_the_same_seed(server, tiny_
     """transformers serve decodes with what synpref sends (top-k, temperature, end of turn) and
     honours the per-request seed: each served sample is in-process generate() at that seed, through
     chat completions (the server's chat template) and text completions (synpref's)."""
-    tok, model = load_tokenizer(tiny_model), load_frozen_causal_lm(tiny_model)
+    tok, model = load_tokenizer(tiny_model), load_frozen_causal_lm(ModelSpec(tiny_model))
     prompts = prompts_of(sample_dir, 2)
     for api, k in (("chat", 2), ("completions", 1)):
         gen = OpenAIGenerator(base_url=server[0], server="transformers", api=api, max_concurrency=1)
-        texts, counts = gen.generate(tiny_model, tok, prompts, [3, 7], num_return_sequences=k, seed=11, **DECODING)
+        texts, counts = gen.generate(
+            tiny_model, tok, prompts, [3, 7], replace(DECODING, seed=11), num_return_sequences=k
+        )
         for p, i, row, row_counts in zip(prompts, [3, 7], texts, counts):
             for j in range(k):
-                ref_texts, ref_counts = generate(model, tok, [p], seed=request_seed(11, i, j), **DECODING)
+                ref_texts, ref_counts = generate(model, tok, [p], replace(DECODING, seed=request_seed(11, i, j)))
                 assert (row[j], row_counts[j]) == (ref_texts[0][0], ref_counts[0][0])
         assert gen.stats["requests"] == 2 * k
         assert gen.stats["truncated"] == sum(c == 8 for row in counts for c in row)
@@ -134,9 +138,9 @@ def test_evaluation_serves_policy_and_baseline_by_their_paths(server, in_tmp, ti
     assert len(rows) == 3
     # Each model answered as itself, at the prompt's seed (independent reference: in-process generate).
     for key, path in (("policy", tiny_model), ("baseline", baseline)):
-        tok, model = load_tokenizer(path), load_frozen_causal_lm(path)
+        tok, model = load_tokenizer(path), load_frozen_causal_lm(ModelSpec(path))
         for row in rows:
-            texts, counts = generate(model, tok, [row["prompt"]], seed=request_seed(0, row["index"]), **DECODING)
+            texts, counts = generate(model, tok, [row["prompt"]], replace(DECODING, seed=request_seed(0, row["index"])))
             assert (row[f"{key}_response"], row[f"{key}_length"]) == (texts[0][0], counts[0][0])
     assert any(r["policy_response"] != r["baseline_response"] for r in rows)
 

@@ -34,7 +34,7 @@ def test_decoding_names_the_bad_field(kwargs, key, problem):
 
 
 def test_greedy_decoding_ignores_the_sampling_fields():
-    assert Decoding(do_sample=False, temperature=0.0, top_p=0.0, top_k=-1).generate_kwargs()["do_sample"] is False
+    assert Decoding(do_sample=False, temperature=0.0, top_p=0.0, top_k=-1).without_seed()["do_sample"] is False
 
 
 def test_a_reference_spec_follows_its_policy_where_unset():

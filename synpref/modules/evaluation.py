@@ -136,7 +136,7 @@ class WinRateModule(L.LightningModule):
             "samples_per_prompt": self.hparams.samples_per_prompt,
             "policy_labelled_by": ",".join(read_provenance(self.model_name_or_path)) or "not recorded",
             **{f"judge.{label}": getattr(j, "name", label) for j, label in zip(self.judges, self.judge_labels)},
-            **self.decoding.generate_kwargs(),
+            **self.decoding.without_seed(),
         }
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
