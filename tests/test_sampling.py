@@ -206,6 +206,8 @@ def test_kill_resume_and_ddp_give_the_uninterrupted_rows(in_tmp, sample_dir):
     scores = torch.tensor([s["score"] for s in samples], dtype=torch.float64)
     assert m["sampling/score_mean"] == pytest.approx(scores.mean().item())
     assert m["sampling/score_std"] == pytest.approx(scores.std(unbiased=False).item())
+    # The module's GenerationCounters, handed to the stats callback by configure_callbacks.
+    assert m["sampling/generate_tokens_per_sec"] > 0
     names = {a.path for a in client.list_artifacts(run.info.run_id, "sampling")}
     assert names == {"sampling/gap_histogram.png", "sampling/pairs_vs_threshold.csv", "sampling/pairs_vs_threshold.png"}
     table = (
