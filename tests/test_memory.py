@@ -9,6 +9,7 @@ import torch
 from synpref.data import SmolTalkDataModule
 from synpref.errors import ConfigError
 from synpref.modules import SFTModule
+from synpref.specs import ModelSpec
 
 
 class Probe(SFTModule):
@@ -23,7 +24,7 @@ class Probe(SFTModule):
 def fit(tiny_model, sample_dir, tmp_path, steps=3, **trainer_kwargs):
     def run(**module_kwargs):
         L.seed_everything(0, verbose=False)
-        module = Probe(tiny_model, dtype="float32", lr=1e-2, warmup_steps=1, **module_kwargs)
+        module = Probe(ModelSpec(tiny_model, dtype="float32"), lr=1e-2, warmup_steps=1, **module_kwargs)
         module.held = []
         data = SmolTalkDataModule(
             tiny_model, path=str(sample_dir / "sft_messages.jsonl"), max_rows=12, max_length=128, batch_size=4
