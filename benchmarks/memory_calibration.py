@@ -42,9 +42,10 @@ def child(a) -> None:
     else:
         from synpref.modules import DPOModule, SFTModule
         from synpref.modules.base import step_in_backward
+        from synpref.specs import ModelSpec
 
         lean = {"gradient_checkpointing": a.lean}
-        module = (SFTModule if a.stage == "sft" else DPOModule)(a.model, logits_chunk_size=a.chunk, **lean)
+        module = (SFTModule if a.stage == "sft" else DPOModule)(ModelSpec(a.model), logits_chunk_size=a.chunk, **lean)
         module.configure_model()
         opt = torch.optim.AdamW(module.model.parameters(), lr=1e-5, fused=True)  # as the module's
         if a.lean:

@@ -68,11 +68,12 @@ def main() -> None:
     import torch
 
     from synpref.modules import DPOModule, SFTModule
+    from synpref.specs import ModelSpec
 
     peaks = PhasePeaks()
     base = rss()
     model = preset_model(a.preset)
-    module = (SFTModule if a.stage == "sft" else DPOModule)(model, logits_chunk_size=a.chunk)
+    module = (SFTModule if a.stage == "sft" else DPOModule)(ModelSpec(model), logits_chunk_size=a.chunk)
     module.configure_model()
     loaded = rss()
     opt = torch.optim.AdamW(module.model.parameters(), lr=1e-5)

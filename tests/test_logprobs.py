@@ -89,6 +89,7 @@ def test_a_step_never_holds_more_than_chunk_by_vocab_logits(qwen_small_model, sa
     """A whole SFT step and a whole DPO step (live reference), forward and backward, on the real vocabulary."""
     from synpref.data.preferences import PreferenceDataModule, PreferenceSource
     from synpref.modules import DPOModule, SFTModule
+    from synpref.specs import ModelSpec
 
     src = PreferenceSource(str(sample_dir / "train_prefs.jsonl"), max_rows=4, format="ultrafeedback_binarized")
     dm = PreferenceDataModule(qwen_small_model, [src], max_length=128, batch_size=4, on_bad_row="skip")
@@ -99,7 +100,7 @@ def test_a_step_never_holds_more_than_chunk_by_vocab_logits(qwen_small_model, sa
     assert labelled > 2 * chunk  # several chunks
 
     for cls in (SFTModule, DPOModule):
-        module, sizes = cls(qwen_small_model), {}
+        module, sizes = cls(ModelSpec(qwen_small_model)), {}
         module.configure_model()
         step = (lambda: module.sft_loss(batch)[0]) if cls is SFTModule else (lambda: module.dpo_step(batch)["loss"])
         for size in (chunk, None):
