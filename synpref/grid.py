@@ -260,7 +260,8 @@ def expand(study: Study, shared: list[Stage]) -> tuple[list[Stage], dict[str, Ar
                     args=list(study.dpo_args)
                     + [
                         f"--model.init_args.policy.name_or_path={policy_dir}",
-                        f"--model.init_args.ref_model.name_or_path={reference or 'null'}",
+                        # As a mapping: a dotted `...name_or_path=null` reaches a nested group as 'None'.
+                        "--model.init_args.ref_model=" + json.dumps({"name_or_path": reference}),
                         "--data.init_args.sources=" + json.dumps(sources),
                         f"--export.dirpath={export}",
                     ]

@@ -69,6 +69,13 @@ class ModelSpec:
     attn_implementation: Optional[str] = None
     trust_remote_code: bool = False
 
+    def __post_init__(self) -> None:
+        # jsonargparse hands a dotted command-line `null` (--model.init_args.ref_model.dtype=null) to a
+        # group nested in init_args as the string 'None': read it as the null it was.
+        for field in ("name_or_path", "dtype", "attn_implementation"):
+            if getattr(self, field) in ("None", "null"):
+                object.__setattr__(self, field, None)
+
     def require(self, key: str) -> str:
         """The path, or a ConfigError naming `key` (e.g. 'model.init_args.policy') when it is unset."""
         if not self.name_or_path:

@@ -41,6 +41,7 @@ def test_a_reference_spec_follows_its_policy_where_unset():
     policy = ModelSpec("artifacts/sft", dtype="float32", attn_implementation="sdpa")
     assert ModelSpec(dtype="bfloat16").following(policy) == ModelSpec("artifacts/sft", "bfloat16", "sdpa", False)
     assert ModelSpec("other").following(policy) == ModelSpec("other", "float32", "sdpa", False)
+    assert ModelSpec("None", dtype="null") == ModelSpec()  # a command-line null, as jsonargparse passes it
     with pytest.raises(ConfigError, match="'model.init_args.policy.name_or_path': required"):
         ModelSpec().require("model.init_args.policy")
 
