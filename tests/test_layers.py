@@ -98,3 +98,27 @@ def test_every_module_imports_in_a_fresh_interpreter():
         [sys.executable, "-c", code], input="\n".join(names), cwd=ROOT, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def readme_layers() -> list[list[str]]:
+    """The README Layout's synpref/ lines, top down: the modules (`x.py`, `x/`) each line names."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8").split("## Layout", 1)[1].split("```")[1]
+    body = text.split("\ncallbacks/", 1)[0].splitlines()[2:]  # the lines under `synpref/`
+    return [[n.rstrip("/").removesuffix(".py") for n in re.findall(r"\b(\w+(?:\.py|/))", line)] for line in body]
+
+
+def test_readme_layout_names_every_module_and_reads_bottom_up():
+    layers = readme_layers()
+    level = {name: i for i, names in enumerate(layers) for name in names}
+    top = {n.split(".")[1] for n in module_names() if n.count(".") >= 1}
+    assert top - {"__init__"} <= set(level), f"modules the README's Layout leaves out: {sorted(top - set(level))}"
+    files = {p.name for p in (ROOT / "callbacks").glob("*.py")} - {"__init__.py"}
+    listed = (ROOT / "README.md").read_text(encoding="utf-8").split("\ncallbacks/", 1)[1].split("\nconfigs/")[0]
+    assert all(f in listed for f in files), f"callbacks/ files the Layout leaves out: {sorted(files)}"
+    upward = sorted(
+        (a, b)
+        for a, deps in import_graph().items()
+        for b in deps
+        if a.split(".")[1] in level and b.split(".")[1] in level and level[b.split(".")[1]] > level[a.split(".")[1]]
+    )
+    assert not upward, f"imports pointing up the README's Layout: {upward}"
