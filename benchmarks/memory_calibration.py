@@ -44,8 +44,8 @@ def child(a) -> None:
         from synpref.modules.base import step_in_backward
         from synpref.specs import ModelSpec
 
-        lean = {"gradient_checkpointing": a.lean}
-        module = (SFTModule if a.stage == "sft" else DPOModule)(ModelSpec(a.model), logits_chunk_size=a.chunk, **lean)
+        stage = SFTModule if a.stage == "sft" else DPOModule
+        module = stage(ModelSpec(a.model), logits_chunk_size=a.chunk, gradient_checkpointing=a.lean)
         module.configure_model()
         opt = torch.optim.AdamW(module.model.parameters(), lr=1e-5, fused=True)  # as the module's
         if a.lean:

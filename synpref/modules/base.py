@@ -107,6 +107,7 @@ class CausalLMModule(L.LightningModule):
         self._step_started = 0.0
         self._step_tokens = 0
         self._step_lr = 0.0
+        self._in_backward_hooks: list = []  # optimizer_in_backward's, removed when fit ends
 
     # -- models --------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -165,8 +166,9 @@ class CausalLMModule(L.LightningModule):
         self._in_backward_hooks = step_in_backward(self.model, optimizer)
 
     def on_fit_end(self) -> None:
-        for handle in getattr(self, "_in_backward_hooks", []):
+        for handle in self._in_backward_hooks:
             handle.remove()
+        self._in_backward_hooks = []
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
