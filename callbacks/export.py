@@ -10,6 +10,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
+from synpref.fingerprints import write_model_digest
 from synpref.outputs import atomic_dir, check_writable
 from synpref.tracking import mlflow_loggers
 
@@ -17,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 class HFExportCallback(L.Callback):
-    """`save_pretrained` to `dirpath` when fit ends (rank 0); the path is tagged on the MLflow run.
+    """`save_pretrained` to `dirpath` when fit ends (rank 0); its path and content digest are tagged on the MLflow run.
 
     Before the first step, the folders fit will write are checked (an unwritable one fails in
     seconds, naming it): the export's parent and every ModelCheckpoint folder. A ModelCheckpoint
@@ -56,7 +57,10 @@ class HFExportCallback(L.Callback):
             return
         with atomic_dir(self.dirpath) as tmp:
             pl_module.export(tmp)
+            # What the model is, hashed once here: sampling and evaluation key their records on it.
+            digest = write_model_digest(tmp)
         out = Path(self.dirpath)
         log.info("exported %s to %s", type(pl_module).__name__, out)
         for logger in mlflow_loggers(trainer):
             logger.experiment.set_tag(logger.run_id, "synpref.export_dir", str(out.resolve()))
+            logger.experiment.set_tag(logger.run_id, "synpref.export_sha256", digest)

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import lightning as L
 
 from synpref.callbacks.sampling_stats import PairStats
-from synpref.callbacks.shards import ShardWriter, prompt_settings
+from synpref.callbacks.shards import OnMismatch, ShardWriter, prompt_settings
 from synpref.outputs import atomic_file
 from synpref.pairs import pair_row
 
@@ -33,17 +33,19 @@ class SampleWriter(L.Callback):
         settings: what fixes the samples (the module's fingerprint); a resumed run must match it.
         threshold: keep a pair when score_chosen − score_rejected ≥ threshold.
         overwrite: start afresh, deleting what an earlier run left in output_dir.
+        on_mismatch: records of other settings or prompts: `error`, or `set_aside` (see ShardWriter).
     """
 
     def __init__(
-        self, output_dir: str, settings: Optional[dict] = None, threshold: float = 0.0, overwrite: bool = False
+        self,
+        output_dir: str,
+        settings: Optional[dict] = None,
+        threshold: float = 0.0,
+        overwrite: bool = False,
+        on_mismatch: OnMismatch = "error",
     ):
-        self.output_dir, self.settings, self.threshold, self.overwrite = (
-            output_dir,
-            settings or {},
-            threshold,
-            overwrite,
-        )
+        self.output_dir, self.settings, self.threshold = output_dir, settings or {}, threshold
+        self.overwrite, self.on_mismatch = overwrite, on_mismatch
         self.shards: Optional[ShardWriter] = None
         self.stats: Optional[tuple[dict[str, float], list[float]]] = None
 
@@ -54,7 +56,8 @@ class SampleWriter(L.Callback):
         trainer.predict_loop.return_predictions = False
         data = prompt_settings(trainer.datamodule)
         settings = None if data is None else {"module": self.settings, "data": data}
-        self.shards = ShardWriter(self.output_dir, settings, self.overwrite, ("samples.jsonl", "pairs.jsonl"))
+        outputs = ("samples.jsonl", "pairs.jsonl")
+        self.shards = ShardWriter(self.output_dir, settings, self.overwrite, outputs, on_mismatch=self.on_mismatch)
         self.shards.open(trainer)
 
     def has_all(self, indices: Sequence[int]) -> bool:

@@ -6,14 +6,21 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Literal, Optional, Sequence
 
 import lightning as L
 
+from synpref.fingerprints import config_changes, flatten
 from synpref.outputs import OutputError, OutputLock, ResumeMismatchError, atomic_file, check_writable
 
 log = logging.getLogger(__name__)
+
+# Part of every run.json: bump it when a release changes what a record holds or how it is computed
+# from the same inputs, so records written by the older code are never resumed into newer ones.
+RECORDS_VERSION = 2
+OnMismatch = Literal["error", "set_aside"]
 
 
 def read_records(path: Path) -> Iterator[tuple[int, dict]]:
@@ -68,7 +75,9 @@ class ShardWriter:
 
     `open` (every rank, before any work): rank 0 checks the folder is writable, takes its lock
     (`.lock`, naming its PID), and either starts afresh (`overwrite`, or no record on disk) or
-    checks that `run.json` matches `settings`; each rank cuts a torn last line off its own shard;
+    checks that `run.json` matches `settings` (plus RECORDS_VERSION): records of other settings are
+    never resumed, they are an error or, with `on_mismatch="set_aside"`, moved to
+    `stale/<time>/` and computed afresh; each rank cuts a torn last line off its own shard;
     the indices already on disk are returned, so their prompts are not computed again.
     `write` appends whole records, flushed and fsynced; `run.json` is written just before the
     first record, so a run that never wrote one leaves nothing that blocks a rerun.
@@ -77,7 +86,10 @@ class ShardWriter:
     Args:
         output_dir: the folder.
         settings: what fixes the records (JSON-able); a resumed run must match it. None: never resume.
-        overwrite: delete what an earlier run left (parts, run.json and `outputs`) and start afresh.
+        overwrite: delete what an earlier run left (parts, run.json and `outputs`) and start afresh
+            (with `on_mismatch="set_aside"`: move it to `stale/<time>/`, deleting nothing).
+        on_mismatch: records on disk made from other settings are an `error` (ResumeMismatchError
+            naming what changed) or `set_aside` (moved, then computed afresh).
         outputs: the merged files this folder holds (deleted by `overwrite`).
         per_index: records per prompt index (evaluation with `samples_per_prompt: n` writes n, told
             apart by their `sample` field); a prompt counts as done once all of them are on disk.
@@ -90,10 +102,12 @@ class ShardWriter:
         overwrite: bool = False,
         outputs: Sequence[str] = (),
         per_index: int = 1,
+        on_mismatch: OnMismatch = "error",
     ):
         self.output_dir, self.outputs = Path(output_dir), tuple(outputs)
         self.overwrite = overwrite or settings is None
-        self.settings = json.loads(json.dumps(settings or {}))
+        self.on_mismatch = on_mismatch
+        self.settings = json.loads(json.dumps({**(settings or {}), "records_version": RECORDS_VERSION}))
         self.parts = self.output_dir / "parts"
         self.per_index = per_index
         self.done: set[tuple[int, int]] = set()  # (index, sample) of every record on disk
@@ -110,26 +124,38 @@ class ShardWriter:
         self._lock.acquire()
         run_json = self.output_dir / "run.json"
         on_disk = any(True for shard in self._shards() for _ in read_records(shard))
+        if on_disk and not self.overwrite:
+            saved = json.loads(run_json.read_text()) if run_json.exists() else None
+            if saved is None:
+                self._mismatch("holds records but no run.json saying what made them")
+            elif saved != self.settings:
+                changed = config_changes(flatten(saved), flatten(self.settings), limit=4)
+                self._mismatch(f"holds records made from other inputs or settings ({changed})")
+        elif on_disk and self.on_mismatch == "set_aside":
+            self._set_aside("overwrite: true")
+        elif on_disk:
+            log.info("overwrite: deleting the earlier run's records in %s", self.output_dir)
         if self.overwrite or not on_disk:
-            if on_disk:
-                log.info("overwrite: deleting the earlier run's records in %s", self.output_dir)
             for name in ("parts", "run.json", *self.outputs):
                 target = self.output_dir / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        elif not run_json.exists():
-            raise ResumeMismatchError(
-                f"{self.output_dir} holds records but no run.json saying what made them; "
-                f"use another output_dir or set overwrite: true"
-            )
-        else:
-            saved = json.loads(run_json.read_text())
-            if saved != self.settings:
-                diff = {k: (saved.get(k), v) for k, v in self.settings.items() if saved.get(k) != v}
-                raise ResumeMismatchError(
-                    f"{self.output_dir} holds records made from other inputs or settings "
-                    f"(saved, now): {diff}; use another output_dir or set overwrite: true"
-                )
         self.parts.mkdir(parents=True, exist_ok=True)
+
+    def _mismatch(self, problem: str) -> None:
+        """Records that must not be resumed: an error, or set aside so the run computes afresh."""
+        if self.on_mismatch == "error":
+            raise ResumeMismatchError(f"{self.output_dir} {problem}; use another output_dir or set overwrite: true")
+        self._set_aside(problem)
+        self.overwrite = True
+
+    def _set_aside(self, why: str) -> None:
+        """Move the parts, run.json and merged outputs to `stale/<time>/` (kept, never deleted)."""
+        dest = self.output_dir / "stale" / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        dest.mkdir(parents=True)
+        for name in ("parts", "run.json", *self.outputs):
+            if (self.output_dir / name).exists():
+                os.replace(self.output_dir / name, dest / name)
+        log.warning("%s %s: moved to %s; computing afresh", self.output_dir, why, dest)
 
     def open(self, trainer: L.Trainer) -> set[int]:
         problem: Optional[Exception] = None

@@ -13,7 +13,7 @@ from typing import Optional
 import lightning as L
 import torch
 
-from synpref.callbacks.shards import ShardWriter, prompt_settings
+from synpref.callbacks.shards import OnMismatch, ShardWriter, prompt_settings
 from synpref.judges import judge_metrics, metric_name
 from synpref.metrics import WinRate, length_matched, outcome, plot_average_rewards, plot_win_rates
 from synpref.tracking import mlflow_loggers
@@ -41,6 +41,7 @@ class WinRateRecorder(L.Callback):
         settings: what fixes the records (WinRateModule.run_params()); run.json keys resume on it,
             and its policy_name and baseline_name label the figures.
         overwrite: start afresh instead of resuming.
+        on_mismatch: records of other settings or prompts: `error`, or `set_aside` (see ShardWriter).
         self_judged: judge label -> True when that judge labelled the policy's training pairs.
         samples_per_prompt: records per prompt index (a prompt is done once all are on disk).
         seed: the seed of the bootstrap intervals computed from the merged records.
@@ -55,6 +56,7 @@ class WinRateRecorder(L.Callback):
         figures: bool = True,
         settings: Optional[dict] = None,
         overwrite: bool = False,
+        on_mismatch: OnMismatch = "error",
         self_judged: Optional[dict] = None,
         samples_per_prompt: int = 1,
         seed: int = 0,
@@ -64,7 +66,7 @@ class WinRateRecorder(L.Callback):
         self.output_dir = output_dir
         self.metric_args = {"tie_tolerance": tie_tolerance, "length_match_ratio": length_match_ratio}
         self.figures = figures
-        self.settings, self.overwrite = settings or {}, overwrite
+        self.settings, self.overwrite, self.on_mismatch = settings or {}, overwrite, on_mismatch
         self.self_judged = self_judged or {}
         self.samples_per_prompt, self.seed = samples_per_prompt, seed
         self.prefix, self.param_prefix = prefix, param_prefix
@@ -85,7 +87,9 @@ class WinRateRecorder(L.Callback):
         """Shards under `<dir>/<subdir>`, resumed when `settings` (what fixes the records) match, else
         fresh; the metric on `device` (None: moved at predict start)."""
         outputs = ("eval.jsonl", "win_rate.png", "avg_reward.png")
-        self._shards = ShardWriter(self._dir() / subdir, settings, self.overwrite, outputs, self.samples_per_prompt)
+        self._shards = ShardWriter(
+            self._dir() / subdir, settings, self.overwrite, outputs, self.samples_per_prompt, self.on_mismatch
+        )
         self._shards.open(trainer)
         self._metric = WinRate(**self.metric_args)
         if device is not None:

@@ -9,6 +9,7 @@ from typing import Optional
 
 from synpref.errors import ConfigError
 from synpref.report import judge_columns, judge_fields, judges_table, model_cell, power_lines, self_judged_warnings
+from synpref.tracking import pipeline_runs
 from synpref.tracking import tracking_uri as default_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,11 @@ def eval_runs(experiment: str, tracking_uri: Optional[str] = None, parent_run_id
         )
     query = f"metrics.`{METRIC_PREFIX}win_rate` >= 0"
     if parent_run_id:
-        query += f" and tags.mlflow.parentRunId = '{parent_run_id}'"
+        runs = pipeline_runs(client, parent_run_id, query)
+    else:
+        runs = client.search_runs([exp.experiment_id], query, order_by=["attributes.start_time ASC"], max_results=5000)
     latest: dict[tuple, dict] = {}
-    for run in client.search_runs([exp.experiment_id], query, order_by=["attributes.start_time ASC"], max_results=5000):
+    for run in runs:
         p, m = run.data.params, run.data.metrics
         if "baseline_name" not in p:
             continue
@@ -115,6 +118,7 @@ def compare(
     parent_run_id: Optional[str] = None,
     figures_dir: Optional[str] = None,
     head_to_head: list[list[str]] = [],
+    log_to_parent: bool = True,
 ) -> str:
     """Read the experiment's `synpref predict --config configs/eval.yaml` runs; print and return the
     table as markdown, and write it as CSV.
@@ -123,13 +127,14 @@ def compare(
         experiment: MLflow experiment name (configs/tiny: synpref-tiny).
         tracking_uri: MLflow store; default MLFLOW_TRACKING_URI or sqlite:///mlflow.db.
         csv: CSV output path (all columns, rates as fractions); none written if omitted.
-        parent_run_id: only runs nested under this run (one pipeline run); the table (win_rates.md,
+        parent_run_id: only the runs of this pipeline run (its children and the runs it reuses); the table (win_rates.md,
             and the CSV and figures when written) is also logged to that run.
         figures_dir: write win_rates.png (Figure 1) and avg_rewards.png (Figure 2) of all rows here;
             for a scaling grid also scaling.csv, win_rate_vs_pairs.png and win_rate_per_round.png.
         head_to_head: pairs of arms (their labels or model names) compared prompt by prompt: the
             difference of their win rates with a paired 95% interval and the prompts needed to
             resolve it (synpref.study_report).
+        log_to_parent: log the table to `parent_run_id` (False: a finished run, only read).
     """
     from mlflow import MlflowClient
 
@@ -162,7 +167,7 @@ def compare(
             writer.writerows(flat)
         log.info("wrote %s", csv)
     figures = write_figures(rows, Path(figures_dir)) if figures_dir else []
-    if parent_run_id:
+    if parent_run_id and log_to_parent:
         client.log_text(parent_run_id, table + "\n", "win_rates.md")
         for path in ([csv] if csv else []) + figures + study_files:
             client.log_artifact(parent_run_id, str(path))

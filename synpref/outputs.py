@@ -110,11 +110,15 @@ class OutputLock:
     """`<folder>/.lock` names the one process (PID and host) writing the folder.
 
     A second process fails naming the holder; a lock whose holder is no longer running on this
-    host (killed, crashed) is taken over with a warning.
+    host (killed, crashed) is taken over with a warning. `user` and `advice` word the refusal
+    (what holds the folder, what to do instead).
     """
 
-    def __init__(self, folder: str | Path):
+    def __init__(
+        self, folder: str | Path, user: str = "process", advice: str = "wait for it to end, or use another output_dir"
+    ):
         self.path = Path(folder) / ".lock"
+        self.user, self.advice = user, advice
         self.held = False
 
     def _holder(self) -> tuple[int, str] | None:
@@ -133,8 +137,8 @@ class OutputLock:
                 holder = self._holder()
                 if holder is not None and holder != me and (holder[1] != me[1] or _alive(holder[0])):
                     raise OutputError(
-                        f"{self.path.parent} is in use by process {holder[0]} on {holder[1]} "
-                        f"(lock file {self.path}); wait for it to end, or use another output_dir"
+                        f"{self.path.parent} is in use by {self.user} {holder[0]} on {holder[1]} "
+                        f"(lock file {self.path}); {self.advice}"
                     ) from None
                 log.warning("%s: taking over the lock of process %s, which is no longer running", self.path, holder)
                 self.path.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from synpref.invocation import INVOCATION
+from synpref.tracking import REUSED_RUNS_TAG, pipeline_runs
 
 STAGE_TAG = "synpref.pipeline_stage"
 
@@ -55,41 +56,52 @@ def pipeline_params(configs: list[dict]) -> dict[str, str]:
     return {k: ", ".join(map(str, v)) for k, v in values.items() if v}
 
 
-def parent_run(client, experiment: str, state_dir: Path, run_name: str, params: dict, kept: list[str]) -> str:
-    """The pipeline's parent MLflow run, reused when the command runs again with the same params.
-    Params cannot change in MLflow: new values start a new parent, which adopts the latest run of
-    every stage that does not run again, so it still holds the whole pipeline."""
-    from mlflow.entities import Param
+def previous_parent(client, state_dir: Path):
+    """The parent run recorded in the state folder (None: none, or the store was replaced)."""
     from mlflow.exceptions import MlflowException
 
     saved = state_dir / "parent_run.json"
-    old = None
-    if saved.exists():
-        try:
-            old = client.get_run(json.loads(saved.read_text())["run_id"])
-        except MlflowException:
-            old = None  # the store was replaced
-    if old is not None and all(old.data.params.get(k, v) == v for k, v in params.items()):
-        client.update_run(old.info.run_id, status="RUNNING")
-        client.log_batch(old.info.run_id, params=[Param(k, v) for k, v in params.items() if k not in old.data.params])
-        return old.info.run_id
+    if not saved.exists():
+        return None
+    try:
+        return client.get_run(json.loads(saved.read_text())["run_id"])
+    except (MlflowException, ValueError, KeyError):
+        return None
+
+
+def same_params(run, params: dict) -> bool:
+    return all(run.data.params.get(k, v) == v for k, v in params.items())
+
+
+def parent_run(client, experiment: str, state_dir: Path, run_name: str, params: dict, kept: list[str]) -> str:
+    """The pipeline's parent MLflow run for this invocation.
+
+    A parent left RUNNING by a pipeline that died (kill -9, a crash; the state folder's lock says
+    none is alive) is continued when its params match. A finished, failed or killed parent is
+    history: it never goes back to RUNNING. A new parent lists the latest run of every stage it
+    does not run again under REUSED_RUNS_TAG (and its predecessor under `synpref.previous_parent`),
+    so it still holds the whole pipeline, without taking those runs from the parent that made them.
+    """
+    from mlflow.entities import Param
+
+    old = previous_parent(client, state_dir)
+    if old is not None and old.info.status == "RUNNING":
+        if same_params(old, params):
+            new = [Param(k, v) for k, v in params.items() if k not in old.data.params]
+            client.log_batch(old.info.run_id, params=new)
+            return old.info.run_id
+        client.set_tag(old.info.run_id, "mlflow.note.content", "its pipeline process died; a later run replaced it")
+        client.set_terminated(old.info.run_id, status="KILLED")
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    run_id = client.create_run(exp_id, run_name=run_name, tags={"synpref.stage": "pipeline"}).info.run_id
-    client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+    tags = {"synpref.stage": "pipeline"}
     if old is not None:
-        latest = {}
-        for run in client.search_runs(
-            [old.info.experiment_id],
-            f"tags.mlflow.parentRunId = '{old.info.run_id}'",
-            order_by=["attributes.start_time ASC"],
-            max_results=5000,
-        ):
-            latest[run.data.tags.get(STAGE_TAG)] = run.info.run_id
-        for name in kept:
-            if name in latest:
-                client.set_tag(latest[name], "mlflow.parentRunId", run_id)
-    saved.write_text(json.dumps({"run_id": run_id, "experiment": experiment}))
+        latest = {run.data.tags.get(STAGE_TAG): run.info.run_id for run in pipeline_runs(client, old.info.run_id)}
+        tags[REUSED_RUNS_TAG] = json.dumps({name: latest[name] for name in kept if name in latest})
+        tags["synpref.previous_parent"] = old.info.run_id
+    run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+    (state_dir / "parent_run.json").write_text(json.dumps({"run_id": run_id, "experiment": experiment}))
     return run_id
 
 

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
-import codecs
 import json
 import logging
 import os
 import shlex
 import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Optional
 
 from synpref.grid import ArmStage, Study, expand, label, select
 from synpref.invocation import INVOCATION
-from synpref.parent_run import STAGE_TAG, end_parent, log_headline, parent_run, pipeline_params
+from synpref.outputs import OutputLock
+from synpref.parent_run import (
+    STAGE_TAG,
+    end_parent,
+    log_headline,
+    parent_run,
+    pipeline_params,
+    previous_parent,
+    same_params,
+    verdict,
+)
 from synpref.services import Service, for_stages
+from synpref.stage_process import Interrupted, log_tail, run_process
 from synpref.stages import (
     ContentHashes,
     Stage,
@@ -26,6 +34,7 @@ from synpref.stages import (
     input_paths,
     is_done,
     marker_path,
+    owned_records_args,
     plan,
     stage_argv,
     tracking_args,
@@ -37,10 +46,6 @@ __all__ = ["Stage", "is_done", "reproduce"]
 log = logging.getLogger(__name__)
 
 
-class Interrupted(Exception):
-    """reproduce received SIGINT/SIGTERM while a stage ran; the stage has exited."""
-
-
 def duration(seconds: float) -> str:
     s = round(seconds)
     if s < 60:
@@ -48,84 +53,13 @@ def duration(seconds: float) -> str:
     return f"{s // 60} min {s % 60} s" if s < 3600 else f"{s // 3600} h {s % 3600 // 60} min"
 
 
-def _signal_group(pgid: int, signum: int) -> None:
-    try:
-        os.killpg(pgid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _pump(src, sink, log_file, lock: threading.Lock) -> None:
-    """Copy a stage's stream to our own stream and to its log as it arrives (progress bars included)."""
-    decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    for chunk in iter(lambda: os.read(src.fileno(), 1 << 16), b""):
-        with lock:
-            log_file.write(chunk)
-            log_file.flush()
-        sink.write(decoder.decode(chunk))
-        sink.flush()
-
-
-def run_process(cmd: list[str], log_path: Path, env: dict) -> int:
-    """Run `cmd` in its own process group, its output streamed and teed to `log_path`; its exit code.
-
-    SIGINT/SIGTERM sent to this process are forwarded to the stage's group (a second one kills it),
-    and we wait for it to exit before raising Interrupted: nothing is left running.
-    """
-    received: list[int] = []
-    proc: Optional[subprocess.Popen] = None
-
-    def forward(signum, frame):
-        received.append(signum)
-        if proc is not None:
-            _signal_group(proc.pid, signum if len(received) == 1 else signal.SIGKILL)
-
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
-    try:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "wb") as log_file:
-            # Own session: a terminal's Ctrl-C reaches only us, so the stage gets it exactly once.
-            proc = subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True
-            )
-            if received:
-                _signal_group(proc.pid, received[0])
-            lock = threading.Lock()
-            pumps = [
-                threading.Thread(target=_pump, args=(src, sink, log_file, lock), daemon=True)
-                for src, sink in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))
-            ]
-            for t in pumps:
-                t.start()
-            # Wait without reaping, so the group id stays ours while we clear what the stage left in it.
-            os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
-            _signal_group(proc.pid, signal.SIGKILL)
-            code = proc.wait()
-            for t in pumps:
-                t.join()
-            proc.stdout.close()
-            proc.stderr.close()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if received:
-        raise Interrupted(signal.Signals(received[0]).name, code)
-    return code
-
-
-def log_tail(path: Path, lines: int = 20) -> list[str]:
-    """The last lines of a stage log, a progress bar's `\\r` updates reduced to their final state."""
-    text = path.read_bytes()[-(1 << 16) :].decode("utf-8", "replace")
-    shown = [line.rstrip("\r").rsplit("\r", 1)[-1].rstrip() for line in text.split("\n")]
-    return [line for line in shown if line.strip()][-lines:]
-
-
-def run_stage(stage: Stage, state: Path, client, parent: str, experiment: str, uri: str) -> float:
-    """Run one stage as `python -m synpref ...`, a child of the parent run; seconds taken. A failure
-    or a signal ends the parent run and exits with a message (no traceback)."""
+def run_stage(
+    stage: Stage, state: Path, client, parent: str, experiment: str, uri: str, extra: list[str] = []
+) -> float:
+    """Run one stage as `python -m synpref ... <extra>`, a child of the parent run; seconds taken. A
+    failure or a signal ends the parent run and exits with a message (no traceback)."""
     tags = {"mlflow.parentRunId": parent, STAGE_TAG: stage.name}
-    cmd = [sys.executable, "-m", "synpref", *stage_argv(stage), *tracking_args(stage, experiment, uri, tags)]
+    cmd = [sys.executable, "-m", "synpref", *stage_argv(stage), *tracking_args(stage, experiment, uri, tags), *extra]
     log_path = state / "logs" / f"{stage.name}.log"
     start = time.perf_counter()
     try:
@@ -216,21 +150,32 @@ def reproduce(
             evaluation stages after `stages`, sharing every stage whose settings they share; the
             end adds the scaling table, curves and head-to-head comparisons.
     """
+    uri = tracking_uri or default_tracking_uri()
+    state = Path(state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    # One pipeline per state folder: a second one would train into the same exports and markers.
+    lock = OutputLock(
+        state, "synpref reproduce, process", "wait for it to end (or stop it), or give this pipeline another state_dir"
+    )
+    if not dry_run:
+        lock.acquire()
+    try:
+        if build_tiny_model and not dry_run:
+            from synpref.presets import build_tiny
+
+            build_tiny(build_tiny_model)
+        return _reproduce(stages, experiment, uri, state, run_name, comparison_csv, force, dry_run, services, study)
+    finally:
+        lock.release()
+
+
+def _reproduce(stages, experiment, uri, state, run_name, comparison_csv, force, dry_run, services, study):
     import mlflow
 
-    from synpref.compare import compare, eval_runs
-
-    if build_tiny_model and not dry_run:
-        from synpref.presets import build_tiny
-
-        build_tiny(build_tiny_model)
     arm_stages: dict[str, ArmStage] = {}
     if study is not None:
         extra, arm_stages = expand(study, stages)
         stages = list(stages) + extra
-    uri = tracking_uri or default_tracking_uri()
-    state = Path(state_dir)
-    state.mkdir(parents=True, exist_ok=True)
     hashes = ContentHashes(state / "content_hashes.json")
     try:
         steps = plan(stages, state, force, hashes)
@@ -247,7 +192,15 @@ def reproduce(
             marker_path(state, stage).unlink(missing_ok=True)
     client = mlflow.MlflowClient(uri)
     kept = [stage.name for stage, why, _ in steps if not why]
-    parent = parent_run(client, experiment, state, run_name, pipeline_params([c["config"] for *_, c in steps]), kept)
+    params = pipeline_params([c["config"] for *_, c in steps])
+    old = previous_parent(client, state)
+    h2h = [[arm_label(study, name) for name in pair] for pair in study.head_to_head] if study else []
+    if len(kept) == total and old is not None and old.info.status == "FINISHED" and same_params(old, params):
+        # Nothing to run: the finished parent already holds this result; show it, touch nothing.
+        for i, (stage, _, _) in enumerate(steps, 1):
+            print(f"[{i}/{total}] {stage.name} … skipped (up to date)", flush=True)
+        return _result(client, experiment, uri, old.info.run_id, stages, state, comparison_csv, h2h, finished=True)
+    parent = parent_run(client, experiment, state, run_name, params, kept)
     by_name = {s.name: s for s in stages}
     with for_stages(services, [s.name for s in stages], state) as servers:
         for i, (stage, why, current) in enumerate(steps, 1):
@@ -259,7 +212,8 @@ def reproduce(
             # The inputs as this stage reads them, now that the stages before it have finished.
             record = fingerprint(current["config"], {p: hashes.digest(p) for p in input_paths(stage, by_name)})
             hashes.save()
-            seconds = run_stage(stage, state, client, parent, experiment, uri)
+            extra = owned_records_args(current["config"], stage.name in force)
+            seconds = run_stage(stage, state, client, parent, experiment, uri, extra)
             record.update(
                 stage=stage.name,
                 command=shlex.join(["synpref", *stage_argv(stage)]),
@@ -273,6 +227,18 @@ def reproduce(
             if stage.name in arm_stages:
                 log_arm_params(client, parent, stage.name, arm_stages[stage.name])
             print(f"[{i}/{total}] {stage.name} … done in {duration(seconds)}", flush=True)
+    table = _result(client, experiment, uri, parent, stages, state, comparison_csv, h2h, finished=False)
+    if "synpref.failed_stage" in client.get_run(parent).data.tags:  # left by an earlier failed attempt
+        client.delete_tag(parent, "synpref.failed_stage")
+    client.set_terminated(parent, status="FINISHED")
+    return table
+
+
+def _result(client, experiment, uri, parent, stages, state, comparison_csv, h2h, finished: bool) -> Optional[str]:
+    """Print the table, verdict, figures and the MLflow line of a pipeline run; log them to the
+    parent unless it is `finished` (history is only read)."""
+    from synpref.compare import compare, eval_runs
+
     rows = eval_runs(experiment, uri, parent)
     table = None
     if rows:
@@ -283,9 +249,10 @@ def reproduce(
             csv=comparison_csv or str(state / "comparison.csv"),
             parent_run_id=parent,
             figures_dir=str(state),
-            head_to_head=[[arm_label(study, name) for name in pair] for pair in study.head_to_head] if study else [],
+            head_to_head=h2h,
+            log_to_parent=not finished,
         )
-        print("verdict: " + log_headline(client, parent, rows))
+        print("verdict: " + (verdict(rows) if finished else log_headline(client, parent, rows)))
     figures = sorted(
         {
             str(png)
@@ -296,10 +263,7 @@ def reproduce(
     )
     figures += sorted(str(p) for p in state.glob("*.png"))
     print("figures:\n" + "\n".join(f"  {p}" for p in figures))
-    if not rows:
-        client.set_tag(parent, "mlflow.note.content", f"{total} stages done; no evaluation stage")
-    if "synpref.failed_stage" in client.get_run(parent).data.tags:  # left by an earlier failed attempt
-        client.delete_tag(parent, "synpref.failed_stage")
-    client.set_terminated(parent, status="FINISHED")
+    if not rows and not finished:
+        client.set_tag(parent, "mlflow.note.content", f"{len(stages)} stages done; no evaluation stage")
     print(f"MLflow: mlflow ui --backend-store-uri {uri}  (experiment {experiment!r}, parent run {parent})")
     return table

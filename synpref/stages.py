@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
 import synpref
+from synpref.fingerprints import DIGEST_FILE, config_changes, file_sha256, flatten, tree_digest
 from synpref.resources import resolve
 
 # Where results are logged and which files were composed do not change what a stage computes.
@@ -81,22 +81,20 @@ def tracking_args(stage: Stage, experiment: str, uri: str, tags: dict) -> list[s
     ]
 
 
+def owned_records_args(config: dict, forced: bool) -> list[str]:
+    """The pipeline owns its stages' folders: records made from other inputs are set aside and
+    recomputed, not an error, and a forced stage starts afresh (its old records set aside too)."""
+    if "model.init_args.on_mismatch" not in config:  # not a resumable predict stage
+        return []
+    return ["--model.init_args.on_mismatch=set_aside"] + (["--model.init_args.overwrite=true"] if forced else [])
+
+
 def function_command(command: str):
     """The function behind a FUNCTION_COMMANDS entry."""
     import importlib
 
     module, name = FUNCTION_COMMANDS[command].split(":")
     return getattr(importlib.import_module(module), name)
-
-
-def flatten(tree, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} → {"a.b": 1}; lists stay values."""
-    if not isinstance(tree, dict) or not tree:
-        return {prefix: tree}
-    out = {}
-    for key, value in tree.items():
-        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
 
 
 class _Resolved(Exception):
@@ -153,29 +151,17 @@ class ContentHashes:
     def _file(self, path: Path) -> str:
         st = path.stat()
         key, stamp = str(path.resolve()), [st.st_size, st.st_mtime_ns]
-        if self.cache.get(key, [None])[:2] == stamp:
-            return self.cache[key][2]
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        self.cache[key] = [*stamp, h.hexdigest()]
-        return h.hexdigest()
+        if self.cache.get(key, [None])[:2] != stamp:
+            self.cache[key] = [*stamp, file_sha256(path)]
+        return self.cache[key][2]
 
     def digest(self, path: str) -> Optional[str]:
         """Content digest of a file or of a folder (relative names + file digests); None if missing."""
         p = Path(resolve(path))
         if p.is_file():
             return self._file(p)
-        if not p.is_dir():
-            return None
-        h = hashlib.sha256()
-        for root, dirs, files in os.walk(p, followlinks=True):
-            dirs.sort()
-            for name in sorted(files):
-                f = Path(root) / name
-                h.update(f"{f.relative_to(p).as_posix()}\0{self._file(f)}\n".encode())
-        return h.hexdigest()
+        # A model folder's stored digest records mtimes: it is a cache of the content, not content.
+        return tree_digest(p, self._file, (DIGEST_FILE,)) if p.is_dir() else None
 
     def save(self) -> None:
         self.cache_file.write_text(json.dumps(self.cache))
@@ -208,18 +194,6 @@ def read_marker(state_dir: Path, stage: Stage) -> Optional[dict]:
 def is_done(state_dir: Path, stage: Stage) -> bool:
     """Finished: its marker was written after a zero exit and every declared output still exists."""
     return read_marker(state_dir, stage) is not None and all(Path(p).exists() for p in stage.outputs)
-
-
-def _show(value) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else value
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def config_changes(old: dict, new: dict, limit: int = 3) -> str:
-    """`key: old → new` for the first `limit` changed keys (added/removed keys show as absent)."""
-    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, "<absent>") != new.get(k, "<absent>"))
-    shown = [f"{k}: {_show(old.get(k, '<absent>'))} → {_show(new.get(k, '<absent>'))}" for k in keys[:limit]]
-    return ", ".join(shown) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def why_stale(stage: Stage, marker: Optional[dict], current: dict, state_dir: Path) -> Optional[str]:

@@ -9,6 +9,9 @@ from typing import Iterable, Optional
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "synpref"
+# On a pipeline's parent run: {stage: run id} of the earlier runs it reuses (stages that were up to
+# date). They stay children of the parent that made them: history is never re-parented.
+REUSED_RUNS_TAG = "synpref.reused_runs"
 
 
 def tracking_uri() -> str:
@@ -53,3 +56,19 @@ class RunTracking:
         exp = client.get_experiment_by_name(self.experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment)
         return client.create_run(exp_id, run_name=self.run_name, tags=self.tags).info.run_id
+
+
+def pipeline_runs(client, parent_run_id: str, query: str = "") -> list:
+    """A pipeline's runs, oldest first: the parent's children and the earlier runs it reuses
+    (REUSED_RUNS_TAG), those matching `query` (an MLflow filter string) where one is given."""
+    import json
+
+    parent = client.get_run(parent_run_id)
+    own = f"tags.mlflow.parentRunId = '{parent_run_id}'" + (f" and {query}" if query else "")
+    runs = client.search_runs([parent.info.experiment_id], own, max_results=5000)
+    reused = list(json.loads(parent.data.tags.get(REUSED_RUNS_TAG, "{}")).values())
+    if reused:
+        ids = ", ".join(f"'{r}'" for r in reused)
+        filter_ = f"attributes.run_id IN ({ids})" + (f" and {query}" if query else "")
+        runs += client.search_runs([parent.info.experiment_id], filter_, max_results=5000)
+    return sorted(runs, key=lambda r: r.info.start_time)

@@ -7,12 +7,14 @@ from typing import Optional
 import lightning as L
 import torch
 
+from synpref.callbacks.shards import OnMismatch
+from synpref.fingerprints import model_digest
 from synpref.generators import Generator
 from synpref.head_to_head import compare_batch
 from synpref.judges import Judge, judge_labels, read_provenance, self_judged
 from synpref.models import load_frozen_causal_lm, load_tokenizer
 from synpref.modules.base import log_data_drops, log_run_params, model_name
-from synpref.rewards.base import OnBadScore, RewardScorer
+from synpref.rewards.base import OnBadScore, RewardScorer, judge_identity
 from synpref.specs import Decoding, ModelSpec
 
 
@@ -27,6 +29,10 @@ class WinRateModule(L.LightningModule):
     predict_step returns one record per prompt; the WinRateRecorder this module attaches writes
     them to `output_dir/eval.jsonl`, aggregates the WinRate metric and logs to MLflow. A killed
     run resumes when rerun (prompts on disk are not generated again); `overwrite: true` starts afresh.
+    Records are keyed on both models by content (weights, config, tokenizer: `synpref_digest.json`
+    beside an export), every judge's identity and the settings: records of anything else are never
+    resumed; `on_mismatch` says what happens to them, an `error` naming what changed, or
+    `set_aside` (moved to output_dir/stale/<time>/, evaluated afresh; `synpref reproduce` sets it).
 
     `generator` (e.g. `synpref.generators.OpenAIGenerator`) serves the policy, and the baseline too
     unless `baseline_generator` is given (one server answering both model names, as
@@ -61,6 +67,7 @@ class WinRateModule(L.LightningModule):
         judges: Optional[list[Judge]] = None,
         samples_per_prompt: int = 1,
         on_bad_score: OnBadScore = "error",
+        on_mismatch: OnMismatch = "error",
     ):
         super().__init__()
         # The reward object is not a hyperparameter (it may hold a model); its name is logged.
@@ -110,8 +117,9 @@ class WinRateModule(L.LightningModule):
             tie_tolerance=hp.tie_tolerance,
             length_match_ratio=hp.length_match_ratio,
             figures=hp.figures,
-            settings=self.run_params(),
+            settings=self.record_settings(),
             overwrite=hp.overwrite,
+            on_mismatch=hp.on_mismatch,
             self_judged=self.self_judged,
             samples_per_prompt=hp.samples_per_prompt,
         )
@@ -137,6 +145,15 @@ class WinRateModule(L.LightningModule):
             "policy_labelled_by": ",".join(read_provenance(self.model_name_or_path)) or "not recorded",
             **{f"judge.{label}": getattr(j, "name", label) for j, label in zip(self.judges, self.judge_labels)},
             **self.decoding.without_seed(),
+        }
+
+    def record_settings(self) -> dict:
+        """What fixes the records: the settings, and both models and every judge by content."""
+        return {
+            **self.run_params(),
+            "policy_sha256": model_digest(self.model_name_or_path),
+            "baseline_sha256": model_digest(self.baseline_name_or_path),
+            "judge_identities": [judge_identity(j) for j in [self.reward, *self.judges]],
         }
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:

@@ -10,7 +10,9 @@ import lightning as L
 import torch
 
 from synpref.callbacks.sampling_stats import GenerationCounters
+from synpref.callbacks.shards import OnMismatch
 from synpref.errors import ConfigError
+from synpref.fingerprints import model_digest
 from synpref.generators import Generator, generate_texts
 from synpref.models import load_frozen_causal_lm, load_tokenizer
 from synpref.modules.base import log_run_params, model_name
@@ -43,6 +45,10 @@ class SamplingModule(L.LightningModule):
             (`sampling/bad_scores`); a prompt left with fewer than 2 samples is dropped.
         output_dir: where the SampleWriter puts samples.jsonl, pairs.jsonl, run.json and parts/.
         overwrite: start afresh instead of resuming what an earlier run left in output_dir.
+        on_mismatch: records in output_dir made from another model (by content: weights, config,
+            tokenizer), prompts, reward or settings are never resumed: `error` names what changed;
+            `set_aside` moves them to output_dir/stale/<time>/ and samples afresh (`synpref
+            reproduce` sets it for its stages: the pipeline owns its folders).
         generator: where samples come from: None = in-process (`synpref.generation.generate`, the
             model loaded here); `synpref.generators.OpenAIGenerator` = a serving engine (vLLM,
             SGLang, `transformers serve`) over the OpenAI API, no model loaded here.
@@ -59,6 +65,7 @@ class SamplingModule(L.LightningModule):
         output_dir: str = "artifacts/samples",
         overwrite: bool = False,
         generator: Optional[Generator] = None,
+        on_mismatch: OnMismatch = "error",
     ):
         super().__init__()
         if num_samples < 2:
@@ -92,7 +99,7 @@ class SamplingModule(L.LightningModule):
         from synpref.callbacks import SampleWriter, SamplingStatsCallback
 
         hp = self.hparams
-        self.writer = SampleWriter(hp.output_dir, self.fingerprint(), hp.threshold, hp.overwrite)
+        self.writer = SampleWriter(hp.output_dir, self.fingerprint(), hp.threshold, hp.overwrite, hp.on_mismatch)
         return [self.writer, SamplingStatsCallback(self.writer, self.generation, self.reward.name)]
 
     def on_predict_start(self) -> None:
@@ -114,11 +121,13 @@ class SamplingModule(L.LightningModule):
         }
 
     def fingerprint(self) -> dict:
-        """What fixes the samples: a resumed run must match it (flat keys, as earlier runs wrote them)."""
+        """What fixes the samples, the model and reward by content: a resumed run must match it."""
         d = self.decoding
         served = {"generator": self.generator.name} if self.generator is not None else {}
         return {
             "model_name_or_path": self.model_name_or_path,
+            "model_sha256": model_digest(self.model_name_or_path),
+            "reward_identity": self.reward.identity(),
             "num_samples": self.hparams.num_samples,
             "temperature": d.temperature,
             "top_k": d.top_k,

@@ -25,6 +25,16 @@ class RewardScorer:
         """Move any local model to `device` (the predict loop's); remote scorers ignore it."""
         return self
 
+    def identity(self) -> str:
+        """What the scores depend on, for resume keys: the name, or more where the scorer can
+        tell (a local model's content digest, a function's source)."""
+        return self.name
+
+
+def judge_identity(judge) -> str:
+    """A judge's identity() where it has one (reward scorers), else its name (pairwise judges)."""
+    return judge.identity() if hasattr(judge, "identity") else str(getattr(judge, "name", type(judge).__name__))
+
 
 OnBadScore = Literal["error", "skip"]
 

@@ -10,6 +10,7 @@ import torch
 
 from synpref.batching import length_batches, pad
 from synpref.chat import render
+from synpref.fingerprints import model_digest
 from synpref.models import load_tokenizer, resolve_dtype
 from synpref.rewards.base import RewardScorer, check_lengths
 
@@ -65,6 +66,9 @@ class _LocalReward(RewardScorer):
                 kwargs["dtype"] = resolve_dtype(self.dtype)
             self._model = self._load(self.model_name_or_path, **kwargs).to(self.device).eval()
         return self._model
+
+    def identity(self) -> str:
+        return f"{self.name}@{model_digest(self.model_name_or_path)}"
 
     def to(self, device) -> "_LocalReward":
         self.device = torch.device(device)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import inspect
 import math
 import re
 from typing import Callable, Sequence
@@ -49,6 +51,14 @@ class FunctionReward(RewardScorer):
         self.fn_spec = fn
         self.fn = load_function(fn)
         self.name = fn
+
+    def identity(self) -> str:
+        # An edited function must not resume records scored by the old one.
+        try:
+            source = inspect.getsource(self.fn)
+        except (OSError, TypeError):  # built-in or generated: the name is all there is
+            return self.name
+        return f"{self.name}@{hashlib.sha256(source.encode()).hexdigest()[:16]}"
 
     def score(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str]) -> list[float]:
         check_lengths(prompts, responses)
