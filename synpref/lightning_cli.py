@@ -8,7 +8,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from synpref.callbacks import HFExportCallback, MLflowSaveConfigCallback
-from synpref.tracking import DEFAULT_EXPERIMENT, tracking_uri
+from synpref.tracking import DEFAULT_EXPERIMENT, experiment_id, mlflow_loggers, tracking_uri
 
 
 class SynprefCLI(LightningCLI):
@@ -39,3 +39,9 @@ class SynprefCLI(LightningCLI):
         parser.add_lightning_class_args(HFExportCallback, "export")
         # The tokenizer is the policy's: given once, as the model path.
         parser.link_arguments("model.init_args.policy.name_or_path", "data.init_args.tokenizer_name_or_path")
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # Made here, before the logger makes it: a relative store keeps its artifact paths relative.
+        for logger in mlflow_loggers(self.trainer):
+            experiment_id(logger._mlflow_client, logger._experiment_name, logger._tracking_uri or tracking_uri())
