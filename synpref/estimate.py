@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from synpref.errors import ConfigError
+
 # Calibration (benchmarks/memory_calibration.py, CPU peak RSS, fp32, AdamW, no gradient checkpointing):
 # RUNTIME is the resident size of a process with torch, transformers and lightning imported and no
 # model; ACTIVATION_SCALE multiplies the per-token count of saved activations below. See
@@ -12,6 +14,10 @@ from typing import Optional
 RUNTIME_BYTES = 0.53e9
 ACTIVATION_SCALE = 1.0
 LOGIT_COPIES = 3  # a chunk's logits, its softmax/log-softmax and the gradient buffer coexist
+# Optimizer state per trained parameter: AdamW's two fp32 moments, two bf16 ones, two 8-bit ones
+# (blockwise scales add ~1%, left out).
+OPTIM_STATE_BYTES = {"adamw": 8, "adamw_bf16": 4, "adamw_8bit": 2}
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -46,6 +52,13 @@ class Shape:
         )
 
 
+def lora_params(shape: Shape, r: int) -> int:
+    """Adapter parameters of rank-r LoRA on every linear layer of the blocks (`all-linear`):
+    r·(inputs + outputs) for q, k, v, o, gate, up and down."""
+    h, kv, i = shape.hidden, shape.kv_width, shape.intermediate
+    return r * shape.layers * (9 * h + 2 * kv + 3 * i)
+
+
 def peak_bytes(
     shape: Shape,
     stage: str,
@@ -58,8 +71,12 @@ def peak_bytes(
     gradient_checkpointing: bool = False,
     optimizer_in_backward: bool = False,
     ref_bf16: bool = False,
+    lora_r: Optional[int] = None,
+    optim: str = "adamw",
+    gpus: int = 1,
+    strategy: str = "ddp",
 ) -> dict[str, float]:
-    """The terms of the expected peak of one training step (fp32 master weights), in bytes.
+    """The terms of the expected peak of one training step on one GPU (or the CPU), in bytes.
 
     params: weights 4 + AdamW moments 8 bytes per parameter (+ 2 for the bf16 weight copies autocast
     keeps during a forward); a live DPO reference adds 4 per parameter (2 in bf16).
@@ -70,12 +87,32 @@ def peak_bytes(
     tokens = batch × max_length, doubled for DPO (chosen and rejected): the padded worst case. With
     gradient checkpointing: each layer's fp32 input, plus one layer's saved tensors while it recomputes.
     logits: LOGIT_COPIES × (chunk or every labelled position) × vocab × 4 bytes.
+
+    `optim` sets the state bytes per trained parameter (OPTIM_STATE_BYTES). With `lora_r`, only the
+    adapters train (weights, gradients and state of lora_params); the base is frozen in its load
+    dtype (`bf16`: loaded in bf16, no autocast copies) and is also the DPO reference (adapters off),
+    so no reference is held. With `gpus` > 1 every term is per GPU and `batch_size` is per GPU: DDP
+    holds everything one GPU does plus a gradient bucket copy of what trains; FSDP shards the
+    weights, gradients and optimizer state of what trains (the whole model, or with LoRA only the
+    adapters, the frozen base staying whole; a live DPO reference stays whole too, as DPOModule holds
+    it outside the wrapped module), and gathers one unit (a block, or the embedding) at a time in
+    the compute dtype, with the next prefetched.
     """
     if stage not in ("sft", "dpo"):
         raise ValueError(f"stage must be 'sft' or 'dpo', got {stage!r}")
     tokens = batch_size * max_length * (2 if stage == "dpo" else 1)
-    live_ref = stage == "dpo" and not precompute_ref_logps
-    per_param = 12 + (2 if bf16 else 0) + ((2 if ref_bf16 else 4) if live_ref else 0)
+    live_ref = stage == "dpo" and not precompute_ref_logps and not lora_r
+    shards = gpus if strategy == "fsdp" else 1
+    state = OPTIM_STATE_BYTES[optim]
+    if lora_r:
+        trained = lora_params(shape, lora_r)
+        params = (2 if bf16 else 4) * shape.params + (4 + state) * trained / shards
+    else:
+        trained = shape.params
+        reference = (2 if ref_bf16 else 4) if live_ref else 0
+        # The frozen reference is not wrapped by FSDP (it lives outside the module's parameters): whole.
+        params = (4 + state) * shape.params / shards + reference * shape.params
+        params += 0 if shards > 1 else (2 if bf16 else 0) * shape.params  # autocast's bf16 weight copies
     per_token_layer = 12 * shape.hidden + 2 * shape.kv_width + 4 * shape.intermediate
     saved_layers = 1 if gradient_checkpointing else shape.layers
     activations = ACTIVATION_SCALE * tokens * saved_layers * per_token_layer * (2 if bf16 else 4)
@@ -83,13 +120,20 @@ def peak_bytes(
         activations += tokens * shape.layers * shape.hidden * 4
     labelled = max(1, int(tokens * response_fraction))
     rows = min(chunk, labelled) if chunk else labelled
+    if optimizer_in_backward and not lora_r:
+        gradients = 4 * shape.vocab * shape.hidden
+    else:
+        gradients = 4 * trained / shards + (4 * trained if gpus > 1 and strategy == "ddp" else 0)
     terms = {
         "runtime": RUNTIME_BYTES,
-        "params": per_param * shape.params,
-        "gradients": 4 * (shape.vocab * shape.hidden if optimizer_in_backward else shape.params),
+        "params": params,
+        "gradients": gradients,
         "activations": activations,
         "logits": LOGIT_COPIES * rows * shape.vocab * 4,
     }
+    if shards > 1 and not lora_r:  # the unit being computed and the one prefetched, unsharded
+        unit = max(shape.vocab * shape.hidden, (shape.params - shape.vocab * shape.hidden) // shape.layers)
+        terms["gathered"] = 2 * unit * (2 if bf16 else 4)
     terms["total"] = sum(terms.values())
     return terms
 
@@ -108,8 +152,12 @@ def estimate(
     gradient_checkpointing: bool = False,
     optimizer_in_backward: bool = False,
     ref_bf16: bool = False,
+    lora: Optional[int] = None,
+    optim: str = "adamw",
+    gpus: int = 1,
+    strategy: str = "ddp",
 ) -> dict:
-    """Print the expected peak memory of one SFT or DPO training step (fp32 master weights, AdamW).
+    """Print the expected peak memory of one SFT or DPO training step, per GPU (fp32 master weights).
 
     Built from bytes per parameter and per token (synpref.estimate; calibration in docs/benchmarks.md).
 
@@ -126,6 +174,12 @@ def estimate(
         gradient_checkpointing: recompute each layer's activations in the backward.
         optimizer_in_backward: step each parameter as its gradient completes (CausalLMModule's setting).
         ref_bf16: the frozen DPO reference held in bf16 (`ref_model.dtype: bfloat16`).
+        lora: train rank-`lora` adapters on every linear layer (`lora: {r: ...}`) instead of every
+            weight; with --bf16 the frozen base is loaded in bf16 (`policy.dtype: bfloat16`).
+        optim: adamw (fp32 moments), adamw_bf16 or adamw_8bit.
+        gpus: GPUs the step is spread over (batch_size is per GPU).
+        strategy: ddp (every GPU holds the model) or fsdp (weights, gradients and optimizer state
+            of what trains are sharded).
     """
     from transformers import AutoConfig, Qwen2Config
 
@@ -147,6 +201,14 @@ def estimate(
         config = Qwen2Config(**{"tie_word_embeddings": True, **(PRESETS[preset] or tiny)})
     else:
         config = AutoConfig.from_pretrained(model)
+    for key, ok, expected in (
+        ("lora", lora is None or lora >= 1, "a rank ≥ 1"),
+        ("optim", optim in OPTIM_STATE_BYTES, f"one of {', '.join(OPTIM_STATE_BYTES)}"),
+        ("gpus", gpus >= 1, "≥ 1"),
+        ("strategy", strategy in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
+    ):
+        if not ok:
+            raise ConfigError(key, f"must be {expected}, got {locals()[key]!r}")
     shape = Shape.from_config(config)
     settings = {
         "bf16": bf16,
@@ -154,9 +216,14 @@ def estimate(
         "optimizer_in_backward": optimizer_in_backward,
         "ref_bf16": ref_bf16 and stage == "dpo" and not precompute_ref_logps,
     }
-    terms = peak_bytes(shape, stage, batch_size, max_length, precompute_ref_logps, chunk, response_fraction, **settings)
+    plan = {"lora_r": lora, "optim": optim, "gpus": gpus, "strategy": strategy}
+    terms = peak_bytes(
+        shape, stage, batch_size, max_length, precompute_ref_logps, chunk, response_fraction, **settings, **plan
+    )
+    where = f", per GPU of {gpus} ({strategy})" if gpus > 1 else ""
+    trains = f", LoRA r={lora} ({lora_params(shape, lora) / 1e6:.1f}M trained)" if lora else ""
     print(
-        f"{stage} step, {shape.params / 1e6:.0f}M parameters, batch {batch_size} x {max_length} tokens"
+        f"{stage} step{where}, {shape.params / 1e6:.0f}M parameters{trains}, {optim}, batch {batch_size} x {max_length} tokens"
         f"{', precomputed reference' if precompute_ref_logps and stage == 'dpo' else ''}, chunk {chunk or 'off'}"
         + "".join(f", {k}" for k, on in settings.items() if on)
         + ":"

@@ -184,7 +184,7 @@ PRESETS: dict[str, dict] = {
         "num_attention_heads": 14,
         "num_key_value_heads": 2,
     },  # 494M, Qwen2.5-0.5B's config
-    # The next two serve `synpref estimate` (building them writes 6 and 30 GB of random weights).
+    # The next three serve `synpref estimate` (building them writes 6, 30 and 59 GB of random weights).
     "qwen2.5-1.5b": {
         **_QWEN,
         "hidden_size": 1536,
@@ -203,6 +203,16 @@ PRESETS: dict[str, dict] = {
         "num_key_value_heads": 4,
         "tie_word_embeddings": False,
     },  # 7.62B
+    "qwen2.5-14b": {
+        **_QWEN,
+        "vocab_size": 152_064,
+        "hidden_size": 5120,
+        "intermediate_size": 13824,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 40,
+        "num_key_value_heads": 8,
+        "tie_word_embeddings": False,
+    },  # 14.8B
 }
 
 

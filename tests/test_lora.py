@@ -151,3 +151,29 @@ def test_lora_with_a_separate_reference_is_refused(tiny_model):
     with pytest.raises(ConfigError, match="model.init_args.lora.r"):
         LoRA(r=0)
     copy.deepcopy(ADAPTER)  # a frozen group: copies as configs are composed
+
+
+def test_planner_counts_the_adapters_peft_makes_and_shards_what_trains(tiny_model):
+    from transformers import AutoConfig
+
+    from synpref.estimate import Shape, lora_params, peak_bytes
+    from synpref.presets import PRESETS
+
+    model = peft.get_peft_model(load_causal_lm(tiny_model), LoRA(r=8).config())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert lora_params(Shape.from_config(AutoConfig.from_pretrained(tiny_model)), 8) == trainable
+
+    from transformers import Qwen2Config
+
+    shape = Shape.from_config(Qwen2Config(**PRESETS["qwen2.5-7b"]))
+    one = peak_bytes(shape, "dpo", 2, 1024)
+    fsdp = peak_bytes(shape, "dpo", 2, 1024, gpus=8, strategy="fsdp")
+    # 4 weight + 8 AdamW bytes per parameter, an eighth of them per GPU, + the 4-byte reference, whole.
+    assert one["params"] == pytest.approx(16 * shape.params)
+    assert fsdp["params"] == pytest.approx(12 * shape.params / 8 + 4 * shape.params)
+    assert fsdp["gradients"] == pytest.approx(one["gradients"] / 8)
+    lora = peak_bytes(shape, "dpo", 2, 1024, bf16=True, lora_r=16, optim="adamw_8bit")
+    # bf16 frozen base (also the reference: none held) + fp32 adapters with 8-bit state.
+    assert lora["params"] == pytest.approx(2 * shape.params + 6 * lora_params(shape, 16))
+    ddp = peak_bytes(shape, "dpo", 2, 1024, bf16=True, lora_r=16, gpus=8)
+    assert ddp["gradients"] == pytest.approx(8 * lora_params(shape, 16))  # gradients + DDP's bucket copy

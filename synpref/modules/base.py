@@ -15,6 +15,7 @@ import torch
 
 from synpref.errors import ConfigError
 from synpref.models import end_of_turn_ids, load_causal_lm, load_tokenizer
+from synpref.optimizers import Optim, build_optimizer
 from synpref.specs import LoRA, ModelSpec
 
 # Drop counts sort after every other metric section in the MLflow UI (the results come first).
@@ -77,7 +78,8 @@ class CausalLMModule(L.LightningModule):
     The LM head and log-softmax run over `logits_chunk_size` labelled positions at a time, so a step
     never holds more than (chunk, vocab) logits (`synpref.logprobs`); None or 0 runs them all at once.
 
-    Optimizer: AdamW, no weight decay on biases and norms. Schedule: linear warmup (`warmup_steps`,
+    Optimizer: AdamW (`optim`: `adamw` fused fp32 moments, `adamw_bf16` bf16 moments, `adamw_8bit`
+    torchao's 8-bit moments; synpref.optimizers), no weight decay on biases and norms. Schedule: linear warmup (`warmup_steps`,
     else `warmup_ratio` of all optimizer steps) then cosine, linear or constant decay, stepped per
     optimizer step. AdamW is fused on CPU and CUDA. `optimizer_in_backward` steps each parameter as its
     gradient completes and frees it (as torchtune's `optimizer_in_bwd`): a step never holds all
@@ -104,6 +106,7 @@ class CausalLMModule(L.LightningModule):
         logits_chunk_size: Optional[int] = 256,
         optimizer_in_backward: bool = False,
         lora: Optional[LoRA] = None,
+        optim: Optim = "adamw",
     ):
         super().__init__()
         # Collects the arguments of every __init__ in the chain; MLflow gets run_params() instead.
@@ -159,10 +162,7 @@ class CausalLMModule(L.LightningModule):
             if p.requires_grad:
                 (decay if p.ndim >= 2 else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # Fused: one kernel per parameter, no parameter-sized temporaries (the for-loop AdamW makes
-        # 0.5 GB ones for a 0.5B model's embedding); TRL's default `adamw_torch_fused` too.
-        fused = self.device.type in ("cpu", "cuda")
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
+        optimizer = build_optimizer(hp.optim, groups, hp.lr, hp.betas, hp.eps, self.device)
         if hp.optimizer_in_backward:
             self._step_in_backward(optimizer)
         total = max(1, int(self.trainer.estimated_stepping_batches))
