@@ -10,7 +10,7 @@ Standard library only. Two functions:
   connection errors are retried with exponential backoff and jitter (`backoff`·2^attempt, capped at
   `max_backoff`; a `Retry-After` header wins). `retries`, a Counter, counts retried failures by kind
   ("timeout", "HTTP 429", ...). The key is read from the environment variable NAMED by
-  `api_key_env` and sent as a bearer token; it never reaches logs or error messages.
+  `api_key_env` and sent as a bearer token; it never reaches logs or error messages (synpref.secrets).
 - `map_concurrent(fn, items, max_concurrency) -> list`: `fn` over `items` on a thread pool, results
   in input order; the first failure is raised.
 
@@ -37,6 +37,7 @@ from typing import Callable, Iterable, Optional, TypeVar
 from urllib.parse import urlsplit
 
 from synpref.errors import SynprefError
+from synpref.secrets import redact, remember
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,9 @@ class _Retryable(Exception):
         self.problem, self.retry_after = problem, retry_after
 
 
-def snippet(raw: bytes, n: int = 200, secret: str = "") -> str:
-    """The start of a body, for error messages (`secret` redacted: a reply may echo the key)."""
-    text = raw.decode("utf-8", "replace")
-    if secret:
-        text = text.replace(secret, "***")
+def snippet(raw: bytes, n: int = 200) -> str:
+    """The start of a body, for error messages, secrets redacted (a reply may echo the key)."""
+    text = redact(raw.decode("utf-8", "replace"))
     return repr(text[:n] + ("…" if len(text) > n else ""))
 
 
@@ -76,6 +75,7 @@ def auth_headers(api_key_env: Optional[str], url: str) -> dict[str, str]:
             raise EndpointError(
                 f"environment variable {api_key_env} (api_key_env) is not set; export it with the API key for {url}"
             )
+        remember(key)  # from now on redacted wherever text leaves the process (synpref.secrets)
         headers["Authorization"] = f"Bearer {key}"
     return headers
 
@@ -198,8 +198,7 @@ def post_json(
         if status in (401, 403) and api_key_env:
             # The key's name, never the key.
             raise EndpointError(
-                f"{url} refused the API key from ${api_key_env} (HTTP {status}: "
-                f"{snippet(raw, secret=headers.get('Authorization', '')[7:])}); "
+                f"{url} refused the API key from ${api_key_env} (HTTP {status}: {snippet(raw)}); "
                 f"export a valid key in {api_key_env}"
             )
         if status != 200:
