@@ -87,3 +87,36 @@ def test_handlers_are_restored_after_a_call(limited):
     with pytest.raises(Exception, match="giving up after 1 attempts"):
         post_json(limited + "/chat/completions", {}, max_retries=0)
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_sigterm_ends_a_predict_run_waiting_out_a_retry_after(in_tmp, limited):
+    """`synpref predict` scoring through a rate-limited endpoint: Lightning's own SIGTERM handler is
+    in place; the run still ends within seconds, with 143, not after the 60 s Retry-After."""
+    args = [
+        "predict",
+        "--config",
+        "configs/tiny/sample.yaml",
+        "--model.init_args.policy.name_or_path=artifacts/tiny/base",
+        "--model.init_args.reward=synpref.rewards.EndpointReward",
+        f"--model.init_args.reward.init_args.base_url={limited}",
+        "--model.init_args.reward.init_args.api_key_env=SYNPREF_TEST_KEY",
+        "--model.init_args.reward.init_args.max_concurrency=2",
+        "--model.init_args.decoding.max_new_tokens=4",
+        "--data.init_args.max_prompts=2",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.logger=false",
+    ]
+    proc = subprocess.Popen([sys.executable, "-m", "synpref", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        with RateLimited.arrived:
+            assert RateLimited.arrived.wait_for(lambda: RateLimited.requests >= 2, timeout=300)
+        time.sleep(0.5)
+        start = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert time.monotonic() - start < 5, err[-2000:]
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
