@@ -14,17 +14,20 @@ MASK = "***"
 # mangle every line, and a key that short protects nothing.
 MIN_LENGTH = 6
 
-_secrets: set[str] = set()
+# Longest first (one may contain another); replaced whole under the lock, so readers in any thread
+# iterate a snapshot.
+_secrets: tuple[str, ...] = ()
 _lock = threading.Lock()
 _installed = False
 
 
 def remember(value: Optional[str]) -> None:
     """Treat `value` as a secret from now on (and install the hooks that redact it)."""
+    global _secrets
     if not value or len(value) < MIN_LENGTH or value in _secrets:
         return
     with _lock:
-        _secrets.add(value)
+        _secrets = tuple(sorted({*_secrets, value}, key=len, reverse=True))
     install()
 
 
@@ -46,8 +49,8 @@ def remember_env_keys(config: Any) -> list[str]:
 
 
 def redact(text: str) -> str:
-    """`text` with every remembered secret replaced by `***` (longest first: one may contain another)."""
-    for secret in sorted(_secrets, key=len, reverse=True):
+    """`text` with every remembered secret replaced by `***`."""
+    for secret in _secrets:
         if secret in text:
             text = text.replace(secret, MASK)
     return text
@@ -61,10 +64,10 @@ class StreamRedactor:
         self.held = b""
 
     def feed(self, data: bytes) -> bytes:
-        data = self.held + data
-        for secret in sorted((s.encode() for s in _secrets), key=len, reverse=True):
+        data, secrets = self.held + data, [s.encode() for s in _secrets]
+        for secret in secrets:
             data = data.replace(secret, MASK.encode())
-        keep = max((_begun(data, s.encode()) for s in list(_secrets)), default=0)
+        keep = max((_begun(data, s) for s in secrets), default=0)
         self.held = data[len(data) - keep :] if keep else b""
         return data[: len(data) - keep]
 
