@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -90,19 +91,25 @@ class ArmStage:
         return {f"arm.{k}": str(v) for k, v in {**self.values, "round": self.round, "label": self.label}.items()}
 
 
+def _whole(value) -> bool:
+    return type(value) is int  # YAML's `true` is an int to isinstance, and no count
+
+
 def _check(arm: dict, where: str) -> None:
     for key in arm:
         if key not in VARIABLES and "." not in key:
             raise ConfigError(
                 where, f"unknown variable {key!r}; variables: {', '.join(VARIABLES)} or a dotted DPO setting"
             )
+    number = type(arm["threshold"]) in (int, float) and math.isfinite(arm["threshold"])
     checks = [
         ("data", arm["data"] in DATA, f"one of {DATA}"),
         ("rule", arm["rule"] in RULES, f"one of {RULES}"),
         ("reference", arm["reference"] in REFERENCES, f"one of {REFERENCES}"),
-        ("k", arm["k"] is None or (isinstance(arm["k"], int) and arm["k"] >= 2), "an int ≥ 2 or null (all)"),
-        ("pairs", arm["pairs"] == "all" or (isinstance(arm["pairs"], int) and arm["pairs"] > 0), "an int or 'all'"),
-        ("rounds", isinstance(arm["rounds"], int) and arm["rounds"] >= 1, "an int ≥ 1"),
+        ("k", arm["k"] is None or (_whole(arm["k"]) and arm["k"] >= 2), "an int ≥ 2 or null (all)"),
+        ("threshold", number and arm["threshold"] >= 0, "a number ≥ 0"),
+        ("pairs", arm["pairs"] == "all" or (_whole(arm["pairs"]) and arm["pairs"] > 0), "an int > 0 or 'all'"),
+        ("rounds", _whole(arm["rounds"]) and arm["rounds"] >= 1, "an int ≥ 1"),
         ("rounds", arm["rounds"] == 1 or arm["data"] == "synthetic", "1 unless data is synthetic (rounds sample)"),
     ]
     for key, ok, expected in checks:
@@ -128,7 +135,26 @@ def arms(study: Study) -> list[dict]:
                 out.append(arm)
     if any(a["rounds"] > 1 for a in out) and not (study.prompts_per_round and study.sample_config):
         raise ConfigError("study", "arms with rounds > 1 need prompts_per_round and sample_config")
+    if study.prompts_per_round is not None and not (_whole(study.prompts_per_round) and study.prompts_per_round > 0):
+        raise ConfigError("study.prompts_per_round", f"must be an int > 0, got {study.prompts_per_round!r}")
     return out
+
+
+def check_k(arm_stages: dict[str, "ArmStage"], stages: dict[str, Stage], configs: dict[str, dict]) -> None:
+    """Each arm's k is at most the K its sampling stage draws (a resolved config's num_samples):
+    found before anything runs, not when the pairs stage reads too few samples hours later."""
+    for name, arm in arm_stages.items():
+        k = arm.values.get("k")
+        if arm.kind != "pairs" or not k:
+            continue
+        for need in stages[name].needs:
+            K = configs[need].get("model.init_args.num_samples")
+            if K is not None and k > K:
+                raise ConfigError(
+                    "study",
+                    f"arm {arm.label!r} takes k={k} samples per prompt, but stage {need!r} draws "
+                    f"K={K}; raise its num_samples or lower k",
+                )
 
 
 def _extras(arm: dict) -> list[str]:
@@ -299,10 +325,11 @@ def expand(study: Study, shared: list[Stage]) -> tuple[list[Stage], dict[str, Ar
             policy_stage, policy_dir = dpo, export
     evaluated = {a.label for a in info.values() if a.kind == "eval"}
     for pair in study.head_to_head:
-        if len(pair) != 2:
-            raise ConfigError("study.head_to_head", f"each entry names two arms, got {pair}")
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise ConfigError("study.head_to_head", f"each entry names two arms ('var=value' strings), got {pair!r}")
         for spec in pair:
             arm = select(study, spec)
+            _check(arm, "study.head_to_head")
             if label(arm, "eval", arm["rounds"]) not in evaluated:
                 raise ConfigError(
                     "study.head_to_head", f"{spec!r} is no arm of the grid; its arms: {sorted(evaluated)}"

@@ -9,7 +9,14 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from synpref.callbacks import HFExportCallback, MLflowSaveConfigCallback
-from synpref.tracking import DEFAULT_EXPERIMENT, mlflow_loggers, store_errors, tracking_uri
+from synpref.tracking import (
+    DEFAULT_EXPERIMENT,
+    experiment_id,
+    keep_artifacts_relative,
+    mlflow_loggers,
+    store_errors,
+    tracking_uri,
+)
 
 
 class SynprefCLI(LightningCLI):
@@ -53,8 +60,12 @@ class SynprefCLI(LightningCLI):
                 MlflowClient(uri).search_experiments(max_results=1)  # opens (creates) the store
         super().instantiate_classes()
         for logger in mlflow_loggers(self.trainer):
-            with store_errors(getattr(logger, "_tracking_uri", None) or tracking_uri(), hint):
+            uri = logger._tracking_uri or tracking_uri()
+            with store_errors(uri, hint):
+                # Made here, before the logger makes it: a relative store keeps its artifact paths relative.
+                experiment_id(logger._mlflow_client, logger._experiment_name, uri)
                 _ = logger.run_id  # creates the run as the run's start would: a read-only store fails here
+                keep_artifacts_relative(uri)
 
     def _mlflow_uris(self) -> list[str]:
         """The stores of the configured MLflow loggers."""

@@ -34,6 +34,13 @@ def read_samples(path: str) -> dict[int, dict]:
     each prompt's samples ordered by their `sample` position."""
     prompts: dict[int, dict] = {}
     file = resolve(path)
+    if not Path(file).is_file():
+        raise DataError(
+            file,
+            None,
+            "*",
+            "no such file (a sampling run's samples.jsonl: `synpref predict --config configs/sample.yaml`)",
+        )
     with open(file, encoding="utf-8") as f:
         for row_no, line in enumerate(f):
             if not line.strip():
@@ -98,6 +105,14 @@ def build_pairs(
         raise ConfigError("k", f"must be ≥ 2 (a pair needs 2 samples), got {k}")
     if max_pairs is not None and max_pairs < 1:
         raise ConfigError("max_pairs", f"must be ≥ 1 or null (all), got {max_pairs}")
+    if not threshold >= 0:  # NaN too
+        raise ConfigError("threshold", f"must be a score gap ≥ 0, got {threshold}")
+    if max_pairs_per_prompt < 1:
+        raise ConfigError("max_pairs_per_prompt", f"must be ≥ 1, got {max_pairs_per_prompt}")
+    if first_prompt < 0 or (num_prompts is not None and num_prompts < 1):
+        raise ConfigError(
+            "first_prompt", f"needs first_prompt ≥ 0 and num_prompts ≥ 1 or null, got {first_prompt}, {num_prompts}"
+        )
     out = Path(output_dir)
     check_writable(out)
     prompts = read_samples(samples)

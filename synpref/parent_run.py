@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from synpref.invocation import INVOCATION
-from synpref.tracking import REUSED_RUNS_TAG, pipeline_runs
+from synpref.tracking import REUSED_RUNS_TAG, experiment_id, keep_artifacts_relative, pipeline_runs
 
 STAGE_TAG = "synpref.pipeline_stage"
 
@@ -92,14 +92,14 @@ def parent_run(client, experiment: str, state_dir: Path, run_name: str, params: 
             return old.info.run_id
         client.set_tag(old.info.run_id, "mlflow.note.content", "its pipeline process died; a later run replaced it")
         client.set_terminated(old.info.run_id, status="KILLED")
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = experiment_id(client, experiment, client.tracking_uri)
     tags = {"synpref.stage": "pipeline"}
     if old is not None:
         latest = {run.data.tags.get(STAGE_TAG): run.info.run_id for run in pipeline_runs(client, old.info.run_id)}
         tags[REUSED_RUNS_TAG] = json.dumps({name: latest[name] for name in kept if name in latest})
         tags["synpref.previous_parent"] = old.info.run_id
     run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    keep_artifacts_relative(client.tracking_uri)
     client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
     (state_dir / "parent_run.json").write_text(json.dumps({"run_id": run_id, "experiment": experiment}))
     return run_id

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from synpref.grid import ArmStage, Study, expand, label, select
+from synpref.errors import SynprefError
+from synpref.grid import ArmStage, Study, check_k, expand, label, select
 from synpref.invocation import INVOCATION
 from synpref.outputs import OutputLock
 from synpref.parent_run import (
@@ -25,6 +26,7 @@ from synpref.parent_run import (
     same_params,
     verdict,
 )
+from synpref.resources import resolve
 from synpref.services import Service, for_stages
 from synpref.stage_process import Interrupted, log_tail, run_process
 from synpref.stages import (
@@ -83,6 +85,13 @@ def run_stage(
             f"last lines of {log_path}:\n{tail}\n"
             f"rerun it alone:  {shlex.join(['synpref', *stage_argv(stage)])}\n"
             f"or resume the pipeline (up-to-date stages are skipped):  {resume}"
+        )
+    missing = [p for p in stage.outputs if not Path(resolve(p)).exists()]
+    if missing:  # a marker now would mark it done, and its absent outputs would rerun it forever
+        end_parent(client, parent, "FAILED", f"stage {stage.name!r} did not write {missing}", stage.name)
+        raise SynprefError(
+            f"stage {stage.name!r} exited 0 but did not write its declared outputs {missing} (log: {log_path}); "
+            f"fix the stage's `outputs:` in the pipeline file, or its config so that it writes them"
         )
     return time.perf_counter() - start
 
@@ -177,10 +186,9 @@ def _reproduce(stages, experiment, uri, state, run_name, comparison_csv, force, 
         extra, arm_stages = expand(study, stages)
         stages = list(stages) + extra
     hashes = ContentHashes(state / "content_hashes.json")
-    try:
-        steps = plan(stages, state, force, hashes)
-    except ValueError as e:
-        raise SystemExit(f"synpref: error: {e}") from None
+    steps = plan(stages, state, force, hashes)
+    by_name = {s.name: s for s in stages}
+    check_k(arm_stages, by_name, {stage.name: current["config"] for stage, _, current in steps})
     total = len(steps)
     if dry_run:
         for i, (stage, why, _) in enumerate(steps, 1):
@@ -201,7 +209,6 @@ def _reproduce(stages, experiment, uri, state, run_name, comparison_csv, force, 
             print(f"[{i}/{total}] {stage.name} … skipped (up to date)", flush=True)
         return _result(client, experiment, uri, old.info.run_id, stages, state, comparison_csv, h2h, finished=True)
     parent = parent_run(client, experiment, state, run_name, params, kept)
-    by_name = {s.name: s for s in stages}
     with for_stages(services, [s.name for s in stages], state) as servers:
         for i, (stage, why, current) in enumerate(steps, 1):
             if not why:

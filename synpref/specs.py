@@ -1,10 +1,10 @@
-"""Argument groups the modules share, as dataclasses jsonargparse reads: Decoding and ModelSpec."""
+"""Argument groups the modules share, as dataclasses jsonargparse reads: Decoding, ModelSpec and LoRA."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -93,6 +93,48 @@ class ModelSpec:
         )
 
 
+@dataclass(frozen=True)
+class LoRA:
+    """Low-rank adapters (peft's LoRA) trained instead of every weight; unset (null) = full fine-tuning.
+
+    Args:
+        r: the adapters' rank.
+        alpha: scale numerator: an adapter adds (alpha / r) · B·A to its layer's weight.
+        dropout: dropout on an adapter's input (0 keeps steps deterministic).
+        target_modules: module names (e.g. [q_proj, v_proj]) or 'all-linear', every linear layer
+            of the blocks (peft's choice: the LM head stays as it is).
+    """
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: Union[str, list[str]] = "all-linear"
+
+    def __post_init__(self) -> None:
+        key = "model.init_args.lora."
+        if self.r < 1:
+            raise ConfigError(key + "r", f"must be ≥ 1, got {self.r}")
+        if not self.alpha > 0:
+            raise ConfigError(key + "alpha", f"must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(key + "dropout", f"must lie in [0, 1), got {self.dropout}")
+        names = [self.target_modules] if isinstance(self.target_modules, str) else list(self.target_modules)
+        if not names or "lm_head" in names:
+            # The chunked LM head reads the head's weight directly: an adapter there would be skipped.
+            raise ConfigError(key + "target_modules", f"name the blocks' layers (not lm_head), got {names}")
+
+    def config(self):
+        """peft's LoraConfig for a causal LM."""
+        try:
+            from peft import LoraConfig
+        except ImportError:
+            raise ConfigError("model.init_args.lora", "needs peft: pip install 'synpref[lora]'") from None
+        targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
+        return LoraConfig(
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets, task_type="CAUSAL_LM"
+        )
+
+
 # Checkpoints keep the modules' hyperparameters, these groups among them; resuming loads them with
 # torch.load(weights_only=True), which unpickles only allowlisted classes (plain fields: safe).
-torch.serialization.add_safe_globals([Decoding, ModelSpec])
+torch.serialization.add_safe_globals([Decoding, ModelSpec, LoRA])

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import synpref
+from synpref.errors import ConfigError
 from synpref.fingerprints import DIGEST_FILE, config_changes, file_sha256, flatten, tree_digest
 from synpref.resources import resolve
 
@@ -51,12 +52,14 @@ class Stage:
 def check_graph(stages: list[Stage]) -> None:
     """Names are unique and every `needs` names an earlier stage (list order is a topological order)."""
     seen: set[str] = set()
-    for stage in stages:
+    for i, stage in enumerate(stages):
         if stage.name in seen:
-            raise ValueError(f"two stages are named {stage.name!r}")
+            raise ConfigError(f"stages[{i}].name", f"two stages are named {stage.name!r}")
         for need in stage.needs:
             if need not in seen:
-                raise ValueError(f"stage {stage.name!r} needs {need!r}, which is not an earlier stage")
+                raise ConfigError(
+                    f"stages[{i}].needs", f"stage {stage.name!r} needs {need!r}, which is not an earlier stage"
+                )
         seen.add(stage.name)
 
 
@@ -229,7 +232,7 @@ def plan(
     by_name = {s.name: s for s in stages}
     unknown = sorted(set(force) - set(by_name))
     if unknown:
-        raise ValueError(f"--force names unknown stages {unknown}; the stages are {list(by_name)}")
+        raise ConfigError("force", f"names unknown stages {unknown}; the stages are {list(by_name)}")
     runs: dict[str, Optional[str]] = {}
     out = []
     for stage in stages:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -59,6 +61,53 @@ def store_problem(uri: str, error: BaseException) -> str:
     return f"{where}: {problem}; {fix}"
 
 
+# MLflow's default artifact places, as absolute paths: <folder>/mlruns/<experiment>[/<run>/artifacts].
+_ABSOLUTE_ARTIFACTS = re.compile(r"^(?:file://)?(/.*)/mlruns/(\d+(?:/[0-9a-f]+/artifacts)?)$")
+
+
+def relative_store(uri: str) -> Optional[Path]:
+    """The sqlite file of a store named relative to the working directory (the default
+    `sqlite:///mlflow.db`); None for any other store."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return Path(uri[len("sqlite:///") :])
+    return None
+
+
+def keep_artifacts_relative(uri: str) -> None:
+    """In a relative sqlite store, make MLflow's absolute default artifact paths relative
+    (`mlruns/<experiment>/<run>/artifacts`), resolved like the store itself against the working
+    directory: a moved or copied project folder then reads and writes its own artifacts.
+
+    MLflow writes absolute paths when it creates an experiment or run; this runs before each
+    synpref command logs anything. A path is left alone unless it is this folder's or the folder
+    has an `mlruns/` of its own (a moved or copied project), so artifacts a user put elsewhere stay.
+    """
+    db = relative_store(uri)
+    if db is None or not db.is_file():
+        return
+    here, own = Path.cwd().resolve(), Path("mlruns").is_dir()
+    with contextlib.closing(sqlite3.connect(db, timeout=60)) as con, con:
+        for table, key, column in (
+            ("experiments", "experiment_id", "artifact_location"),
+            ("runs", "run_uuid", "artifact_uri"),
+        ):
+            query = f"SELECT {key}, {column} FROM {table} WHERE {column} LIKE '%/mlruns/%'"
+            for row_key, location in con.execute(query).fetchall():
+                match = _ABSOLUTE_ARTIFACTS.match(location or "")
+                if match and (own or Path(match.group(1)).resolve() == here):
+                    con.execute(
+                        f"UPDATE {table} SET {column} = ? WHERE {key} = ?", (f"mlruns/{match.group(2)}", row_key)
+                    )
+
+
+def experiment_id(client, name: str, uri: str) -> str:
+    """The experiment's id, created if new, its artifact paths kept relative (keep_artifacts_relative)."""
+    exp = client.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(name)
+    keep_artifacts_relative(uri)
+    return exp_id
+
+
 def mlflow_loggers(trainer) -> list:
     """The trainer's MLflow loggers ([] when the run logs elsewhere or not at all)."""
     # Imported here: the commands that only read MLflow (compare) need no Lightning.
@@ -94,9 +143,10 @@ class RunTracking:
     def start(self, client) -> str:
         """Create the run (and the experiment if new); its id. An unusable store is a TrackingError."""
         with store_errors(client.tracking_uri):
-            exp = client.get_experiment_by_name(self.experiment)
-            exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment)
-            return client.create_run(exp_id, run_name=self.run_name, tags=self.tags).info.run_id
+            exp_id = experiment_id(client, self.experiment, self.tracking_uri or tracking_uri())
+            run_id = client.create_run(exp_id, run_name=self.run_name, tags=self.tags).info.run_id
+            keep_artifacts_relative(self.tracking_uri or tracking_uri())
+        return run_id
 
 
 def pipeline_runs(client, parent_run_id: str, query: str = "") -> list:

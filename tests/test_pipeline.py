@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import yaml
 from synpref.cli import main
 from synpref.pipeline import Stage, is_done
 from tests.conftest import ROOT, read_jsonl
+from tests.test_faults import user_error
 
 # Fewer steps and prompts than the quick start so the suite stays short; the stages, configs and
 # the command are the real ones.
@@ -116,13 +118,20 @@ def test_reproduce_runs_every_stage_once_and_reruns_only_what_is_stale(reduced_p
         )
     assert parent.data.tags["mlflow.note.content"] == " vs ".join(p for _, p in sorted(parts)) + " vs sft, N = 6"
 
-    # Second run: every stage is up to date, nothing is redone, no new MLflow runs appear.
+    # Second run: every stage is up to date, nothing is redone, no new MLflow runs appear, and the
+    # finished parent is only read (the same table and verdict, its status and end time unchanged).
     markers = _markers(state)
     main(["reproduce", "--config", str(path)])
-    assert capsys.readouterr().out.count("… skipped (up to date)") == 6
+    again = capsys.readouterr().out
+    assert again.count("… skipped (up to date)") == 6
+    assert "verdict: " + parent.data.tags["mlflow.note.content"] in again
     _, runs_again = _runs(config["experiment"])
     assert len(runs_again) == len(runs)
     assert markers == _markers(state)
+    assert (client.get_run(parent_id).info.status, client.get_run(parent_id).info.end_time) == (
+        "FINISHED",
+        parent.info.end_time,
+    )
 
     # SIGTERM to reproduce while a forced stage runs: forwarded, waited for, no orphan, no marker.
     proc = subprocess.Popen(
@@ -137,13 +146,26 @@ def test_reproduce_runs_every_stage_once_and_reruns_only_what_is_stale(reduced_p
         time.sleep(0.05)
     assert stage_pids, "the stage process never started"
     assert not (state / "dpo_ultrafeedback.done.json").exists()  # a forced stage loses its marker first
+    # One pipeline per state folder: a second one is refused, naming the holder; nothing of it runs.
+    assert re.search(
+        rf"artifacts/tiny/pipeline is in use by synpref reproduce, process {proc.pid} on ",
+        user_error(capsys, ["reproduce", "--config", str(path)]),
+    )
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "synpref: interrupted by SIGTERM: stage 'dpo_ultrafeedback' stopped" in err
     assert [pid for pid in stage_pids if Path(f"/proc/{pid}").exists()] == [], "a stage process outlived reproduce"
-    parent = client.get_run(parent_id)
-    assert (parent.info.status, parent.data.tags["synpref.failed_stage"]) == ("KILLED", "dpo_ultrafeedback")
+    # The finished parent is history: the forced run got a parent of its own, which links the runs it
+    # reuses without taking them from the parent that made them.
+    killed_id = json.loads((state / "parent_run.json").read_text())["run_id"]
+    assert killed_id != parent_id and client.get_run(parent_id).info.status == "FINISHED"
+    killed = client.get_run(killed_id)
+    assert (killed.info.status, killed.data.tags["synpref.failed_stage"]) == ("KILLED", "dpo_ultrafeedback")
+    reused = json.loads(killed.data.tags["synpref.reused_runs"])
+    kept = ("sft", "sample", "dpo_synthetic", "eval_dpo_synthetic")
+    assert reused == {name: children[name].info.run_id for name in kept}
+    assert all(client.get_run(r).data.tags["mlflow.parentRunId"] == parent_id for r in reused.values())
     assert [r.info.run_name for r in _runs(config["experiment"])[1] if r.info.status == "RUNNING"] == []
 
     # What runs next: the killed stage and its evaluation; an edited stage arg: that stage and its
@@ -180,12 +202,43 @@ def test_reproduce_runs_every_stage_once_and_reruns_only_what_is_stale(reduced_p
     latest = {r.data.tags.get("synpref.pipeline_stage"): r for r in sorted(runs_third, key=lambda r: r.info.start_time)}
     assert latest["eval_dpo_ultrafeedback"].info.run_id != children["eval_dpo_ultrafeedback"].info.run_id
     assert latest["eval_dpo_synthetic"].info.run_id == children["eval_dpo_synthetic"].info.run_id
-    parent = client.get_run(parent_id)
+    third_id = json.loads((state / "parent_run.json").read_text())["run_id"]
+    assert third_id not in (parent_id, killed_id) and client.get_run(killed_id).info.status == "KILLED"
+    parent = client.get_run(third_id)
     assert parent.info.status == "FINISHED" and "synpref.failed_stage" not in parent.data.tags
     assert (
         parent.data.metrics["win_rate/dpo_ultrafeedback"]
         == latest["eval_dpo_ultrafeedback"].data.metrics["eval/win_rate"]
     )
+    # ... and its table holds the arm it reused (dpo_synthetic's evaluation, a child of the first parent).
+    assert parent.data.metrics["win_rate/dpo_synthetic"] == children["eval_dpo_synthetic"].data.metrics["eval/win_rate"]
+
+    # The issue-22 scenario: a changed DPO setting retrains that arm, and its evaluation is computed
+    # afresh for the new model (the old records set aside, never resumed); a forced sampling stage
+    # recomputes its samples the same way.
+    eval_dir = in_tmp / "artifacts/tiny/eval/dpo_synthetic"
+    old_records = json.loads((eval_dir / "run.json").read_text())
+    stages["dpo_synthetic"]["args"].append("--model.init_args.beta=0.25")
+    path.write_text(yaml.safe_dump(config))
+    main(["reproduce", "--config", str(path), "--force", "[sample]"])
+    out = capsys.readouterr().out
+    assert "[2/6] sample … running (forced)" in out
+    assert (
+        "[4/6] dpo_synthetic … running (config changed: model.init_args.beta: 0.1 → 0.25; downstream of sample)" in out
+    )
+    assert "[6/6] eval_dpo_synthetic … running (downstream of dpo_synthetic)" in out
+    new_records = json.loads((eval_dir / "run.json").read_text())
+    assert new_records["module"]["policy_sha256"] != old_records["module"]["policy_sha256"]
+    for folder, merged, stage in (
+        (eval_dir, "eval.jsonl", "eval_dpo_synthetic"),
+        (in_tmp / "artifacts/tiny/samples", "samples.jsonl", "sample"),
+    ):
+        (aside,) = (folder / "stale").iterdir()
+        assert (aside / merged).exists() and (aside / "run.json").exists() and (folder / merged).exists()
+        log = (state / "logs" / f"{stage}.log").read_text()
+        assert "resuming" not in log and "computing afresh" in log
+    (eval_aside,) = (eval_dir / "stale").iterdir()
+    assert json.loads((eval_aside / "run.json").read_text()) == old_records
 
 
 def _children(pid: int) -> list[int]:

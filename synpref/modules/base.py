@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import os
 import time
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Iterator, Literal, Optional
 
 import lightning as L
 import torch
 
 from synpref.errors import ConfigError
 from synpref.models import end_of_turn_ids, load_causal_lm, load_tokenizer
-from synpref.specs import ModelSpec
+from synpref.specs import LoRA, ModelSpec
 
 # Drop counts sort after every other metric section in the MLflow UI (the results come first).
 DROPPED_PREFIX = "zz_data/dropped/"
@@ -80,6 +82,11 @@ class CausalLMModule(L.LightningModule):
     optimizer step. AdamW is fused on CPU and CUDA. `optimizer_in_backward` steps each parameter as its
     gradient completes and frees it (as torchtune's `optimizer_in_bwd`): a step never holds all
     gradients (−4 bytes per parameter at the peak); one device, no accumulation, no gradient clipping.
+
+    `lora` (a LoRA group; null = full fine-tuning): peft adapters are added to the loaded model and
+    only they train. `self.model` stays the HF model (its layers now carry adapters), so every code
+    path reads it as before; checkpoints hold only the adapters (and the optimizer state of them),
+    and the export is the merged model plus the adapter alone in `adapter/`.
     """
 
     def __init__(
@@ -96,6 +103,7 @@ class CausalLMModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         logits_chunk_size: Optional[int] = 256,
         optimizer_in_backward: bool = False,
+        lora: Optional[LoRA] = None,
     ):
         super().__init__()
         # Collects the arguments of every __init__ in the chain; MLflow gets run_params() instead.
@@ -108,6 +116,10 @@ class CausalLMModule(L.LightningModule):
         self._step_tokens = 0
         self._step_lr = 0.0
         self._in_backward_hooks: list = []  # optimizer_in_backward's, removed when fit ends
+        self.lora = lora
+        self._peft: list = []  # the PeftModel around self.model (a list: not a second registered copy)
+        # A checkpoint holds the adapters only: the base weights come from policy.name_or_path.
+        self.strict_loading = lora is None
 
     # -- models --------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -115,10 +127,29 @@ class CausalLMModule(L.LightningModule):
             return
         spec = self.policy
         self.model = load_causal_lm(spec.name_or_path, spec.dtype, spec.trust_remote_code, spec.attn_implementation)
+        if self.lora is not None:
+            from peft import get_peft_model
+
+            self._peft = [get_peft_model(self.model, self.lora.config())]
+            self.model = self._peft[0].get_base_model()  # the HF model, its layers carrying adapters
         self.model.train()  # from_pretrained returns eval mode; Lightning toggles from here
         if self.hparams.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            # Reentrant checkpointing passes no gradient through blocks whose inputs need none, as
+            # they do behind LoRA's frozen embeddings; the non-reentrant kind has no such limit.
+            kwargs = {} if self.lora is None else {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+            self.model.gradient_checkpointing_enable(**kwargs)
             self.model.config.use_cache = False
+
+    @contextlib.contextmanager
+    def adapters_off(self) -> Iterator[torch.nn.Module]:
+        """The policy with its LoRA adapters switched off: the base model it started from."""
+        with self._peft[0].disable_adapter():
+            yield self.model
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.lora is not None:
+            trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     # -- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -215,6 +246,11 @@ class CausalLMModule(L.LightningModule):
         # Generation must stop at the end of an assistant turn (<|im_end|>), not only at eos.
         self.model.generation_config.eos_token_id = end_of_turn_ids(self.tokenizer)
         self.model.generation_config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.save_pretrained(out)
+        if self.lora is None:
+            self.model.save_pretrained(out)
+        else:
+            # A plain HF model for sampling, evaluation and servers; the adapter alone beside it.
+            self._peft[0].save_pretrained(out / "adapter")
+            copy.deepcopy(self._peft[0]).merge_and_unload().save_pretrained(out)
         self.tokenizer.save_pretrained(out)
         return out

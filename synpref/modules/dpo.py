@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -100,6 +101,14 @@ class DPOModule(CausalLMModule):
             raise ConfigError("model.init_args.label_smoothing", f"must lie in [0, 0.5), got {label_smoothing}")
         self.ref_model, self.ref_spec = ref_model, ref_model.following(policy)
         self.ref_path = self.ref_spec.name_or_path
+        if self.lora is not None and (ref_model.name_or_path not in (None, policy.name_or_path) or ref_model.dtype):
+            # As TRL with peft: the reference is the policy's own base, adapters off. A second copy
+            # (another path or dtype) would cost the memory LoRA is there to save: refused, not guessed.
+            raise ConfigError(
+                "model.init_args.ref_model",
+                f"with lora the reference is the policy's base model with its adapters switched off; "
+                f"drop ref_model ({ref_model}), or drop lora to train against a separate reference",
+            )
         if self.ref_path != self.model_name_or_path:
             # Here, not at the first step: the path must exist and score the policy's token ids.
             check_same_tokenizer(
@@ -121,6 +130,16 @@ class DPOModule(CausalLMModule):
         }
 
     # -- reference -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def reference_model(self) -> Iterator[torch.nn.Module]:
+        """The reference for the duration of the block: the frozen copy, or with LoRA the policy
+        with its adapters switched off (no second model in memory)."""
+        if self.lora is not None:
+            with self.adapters_off() as base:
+                yield base
+        else:
+            yield self.reference()
+
     def reference(self) -> torch.nn.Module:
         """The frozen reference model, loaded on first use on the policy's device, in `ref_model.dtype`
         or else the dtype the policy trains in."""
@@ -149,8 +168,8 @@ class DPOModule(CausalLMModule):
                     "some pairs have no precomputed reference log-probs (data changed since precompute?)"
                 )
             return torch.cat([table[:, 0], table[:, 1]]).to(self.device)
-        with torch.no_grad():
-            return sequence_logps(self.reference(), batch, self.hparams.logits_chunk_size)[0]
+        with torch.no_grad(), self.reference_model() as ref:
+            return sequence_logps(ref, batch, self.hparams.logits_chunk_size)[0]
 
     # -- precomputation ------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -189,15 +208,17 @@ class DPOModule(CausalLMModule):
         """Fill the (pairs, 2) reference table from the cache file or one pass over train+val."""
         dm = self.trainer.datamodule
         sets = [s for s in (dm.train_set, dm.val_set) if s is not None]
-        ref = self.reference()
-        key = fingerprint(ref, sets, extra=str(self.trainer.precision))
-        path = Path(self.hparams.ref_cache_dir) / f"ref_logps-{key}.pt"
-        hit = self.trainer.strategy.broadcast(path.exists())
+        with self.reference_model() as ref:
+            key = fingerprint(ref, sets, extra=str(self.trainer.precision))
+            path = Path(self.hparams.ref_cache_dir) / f"ref_logps-{key}.pt"
+            hit = self.trainer.strategy.broadcast(path.exists())
+            if not hit:
+                table = self._compute_table(ref, sets, dm)
         if hit:
             log.info("reusing cached reference log-probs from %s", path)
             self._ref_table = torch.load(path, weights_only=True)
         else:
-            self._ref_table = self._compute_table(ref, sets, dm)
+            self._ref_table = table
             if self.trainer.is_global_zero:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(f".tmp{os.getpid()}")
