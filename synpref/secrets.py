@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 import traceback
+import warnings
 from typing import Any, Optional
 
 MASK = "***"
@@ -86,8 +87,9 @@ def _begun(data: bytes, secret: bytes) -> int:
 
 # -- the hooks: every log record, uncaught tracebacks (main thread and others) --------------------
 def install() -> None:
-    """Redact every log record (a record factory: Lightning's own handlers included) and the
-    tracebacks Python prints for uncaught exceptions. Idempotent; other hooks are left in place."""
+    """Redact every log record (a record factory: Lightning's own handlers included), printed
+    warnings and the tracebacks Python prints for uncaught exceptions (any thread). Idempotent;
+    an excepthook someone else installed is left in place."""
     global _installed
     with _lock:
         if _installed:
@@ -106,6 +108,12 @@ def install() -> None:
             sys.excepthook = _excepthook
         if threading.excepthook is threading.__excepthook__:
             threading.excepthook = _thread_excepthook
+        format_warning = warnings.formatwarning  # what warnings.showwarning prints
+
+        def redacted_warning(*args, **kwargs) -> str:
+            return redact(format_warning(*args, **kwargs))
+
+        warnings.formatwarning = redacted_warning
 
 
 def _redact_record(record: logging.LogRecord) -> None:

@@ -188,3 +188,19 @@ def test_remember_env_keys_finds_every_api_key_env(monkeypatch):
     assert remember_env_keys(config) == ["SYNPREF_JUDGE_KEY", "SYNPREF_GEN_KEY"]
     assert redact("a sk-judge-key-1234 b sk-generator-key-5678") == f"a {MASK} b {MASK}"
     assert redact("short x") == "short x"
+
+
+def test_a_warning_and_a_thread_traceback_are_redacted():
+    code = (
+        "import threading, warnings\n"
+        "from synpref.secrets import remember\n"
+        "remember('sk-warned-key-2468')\n"
+        "warnings.warn('the key sk-warned-key-2468 looks old')\n"
+        "def fail():\n"
+        "    raise ValueError('bad sk-warned-key-2468')\n"
+        "t = threading.Thread(target=fail)\n"
+        "t.start(); t.join()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert f"the key {MASK} looks old" in done.stderr and f"ValueError: bad {MASK}" in done.stderr, done.stderr
+    assert "sk-warned-key-2468" not in done.stderr
