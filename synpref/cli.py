@@ -14,6 +14,8 @@ from synpref.invocation import INVOCATION
 # Imported before main() configures logging, as Lightning expects: it then gives its own loggers a
 # handler of their own, so its messages do not go through the root handler main() sets up.
 from synpref.lightning_cli import SynprefCLI
+from synpref.secrets import install as redact_secrets
+from synpref.secrets import redact
 
 # name -> ("module:function", one-line help). The function is imported only when its command runs
 # (nothing here imports a module that imports back), with jsonargparse's CLI, so `--help` and
@@ -65,6 +67,7 @@ def main(args: Optional[Sequence[str]] = None):
     argv = [a for a in argv if a != "--debug"]
     INVOCATION[:] = argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    redact_secrets()  # API keys read later are masked in every log record and traceback
     if args is None:
         sys.argv[1:] = argv  # LightningCLI reads sys.argv itself: without --debug
     try:
@@ -73,7 +76,7 @@ def main(args: Optional[Sequence[str]] = None):
         message = user_error_message(e)
         if debug or message is None:  # None: not a user error but a bug, whose traceback is wanted
             raise
-        print(f"synpref: error: {message}", file=sys.stderr)
+        print(f"synpref: error: {redact(message)}", file=sys.stderr)
         raise SystemExit(getattr(find_user_error(e), "exit_code", 2)) from None
 
 

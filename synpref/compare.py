@@ -9,7 +9,7 @@ from typing import Optional
 
 from synpref.errors import ConfigError
 from synpref.report import judge_columns, judge_fields, judges_table, model_cell, power_lines, self_judged_warnings
-from synpref.tracking import pipeline_runs
+from synpref.tracking import pipeline_runs, store_errors
 from synpref.tracking import tracking_uri as default_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,8 @@ def eval_runs(experiment: str, tracking_uri: Optional[str] = None, parent_run_id
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri or default_tracking_uri())
-    exp = client.get_experiment_by_name(experiment)
+    with store_errors(tracking_uri or default_tracking_uri()):
+        exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ConfigError(
             "experiment", f"no MLflow experiment {experiment!r} at {tracking_uri or default_tracking_uri()}"

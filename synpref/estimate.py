@@ -185,11 +185,9 @@ def estimate(
 
     from synpref.presets import PRESETS
 
-    if (preset is None) == (model is None):
-        raise ValueError("give exactly one of --preset or --model")
+    check_arguments(stage, preset, model, max_length, batch_size, chunk, response_fraction)
+    check_plan(lora, optim, gpus, strategy)
     if preset is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         tiny = {
             "vocab_size": 2048,
             "hidden_size": 64,
@@ -200,15 +198,13 @@ def estimate(
         }
         config = Qwen2Config(**{"tie_word_embeddings": True, **(PRESETS[preset] or tiny)})
     else:
-        config = AutoConfig.from_pretrained(model)
-    for key, ok, expected in (
-        ("lora", lora is None or lora >= 1, "a rank ≥ 1"),
-        ("optim", optim in OPTIM_STATE_BYTES, f"one of {', '.join(OPTIM_STATE_BYTES)}"),
-        ("gpus", gpus >= 1, "≥ 1"),
-        ("strategy", strategy in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
-    ):
-        if not ok:
-            raise ConfigError(key, f"must be {expected}, got {locals()[key]!r}")
+        try:
+            config = AutoConfig.from_pretrained(model)
+        except (OSError, ValueError) as e:
+            problem = " ".join(str(e).split())[:200]
+            raise ConfigError(
+                "model", f"no model config at {model!r} ({problem}); give an HF model directory or hub id"
+            ) from e
     shape = Shape.from_config(config)
     settings = {
         "bf16": bf16,
@@ -231,3 +227,32 @@ def estimate(
     for name, value in terms.items():
         print(f"  {name:12s}{value / 1e9:8.2f} GB")
     return {k: round(v / 1e9, 3) for k, v in terms.items()}
+
+
+def check_arguments(stage, preset, model, max_length, batch_size, chunk, response_fraction) -> None:
+    """A ConfigError naming the first argument that cannot describe a training step."""
+    from synpref.presets import PRESETS
+
+    if (preset is None) == (model is None):
+        raise ConfigError("preset", "give exactly one of --preset or --model")
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError("preset", f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if stage not in ("sft", "dpo"):
+        raise ConfigError("stage", f"unknown stage {stage!r}; choose sft or dpo")
+    for key, value, least in (("max_length", max_length, 1), ("batch_size", batch_size, 1), ("chunk", chunk, 0)):
+        if value < least:
+            raise ConfigError(key, f"must be ≥ {least}, got {value}")
+    if not 0 < response_fraction <= 1:
+        raise ConfigError("response_fraction", f"must be in (0, 1], got {response_fraction}")
+
+
+def check_plan(lora: Optional[int], optim: str, gpus: int, strategy: str) -> None:
+    """A ConfigError naming the first of the planning arguments that cannot be."""
+    for key, value, ok, expected in (
+        ("lora", lora, lora is None or lora >= 1, "a rank ≥ 1"),
+        ("optim", optim, optim in OPTIM_STATE_BYTES, f"one of {', '.join(OPTIM_STATE_BYTES)}"),
+        ("gpus", gpus, gpus >= 1, "≥ 1"),
+        ("strategy", strategy, strategy in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
+    ):
+        if not ok:
+            raise ConfigError(key, f"must be {expected}, got {value!r}")

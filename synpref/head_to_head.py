@@ -65,7 +65,9 @@ def compare_batch(
     policy_lengths, baseline_lengths = flat_list(policy_lengths), flat_list(baseline_lengths)
     if judges:
         labels = judge_labels(judges)
-        verdicts = judge_batch(judges, labels, prompts, policy_texts, baseline_texts, tie_tolerance, on_bad_score)
+        verdicts = judge_batch(
+            judges, labels, prompts, policy_texts, baseline_texts, tie_tolerance, on_bad_score, [i for i, *_ in flat]
+        )
         # A pair some reward judge could not score is dropped for every judge: all judge the same pairs.
         rewards = [
             (v[labels[0]]["policy_reward"], v[labels[0]]["baseline_reward"]) if None not in v.values() else None
@@ -73,7 +75,8 @@ def compare_batch(
         ]
     else:
         # One call for both models' replies: a local reward model then encodes each prompt once.
-        scores = score_checked(reward, prompts + prompts, policy_texts + baseline_texts, on_bad_score)
+        scored = [i for i, *_ in flat] * 2
+        scores = score_checked(reward, prompts + prompts, policy_texts + baseline_texts, on_bad_score, scored)
         rewards = [None if None in pair else pair for pair in zip(scores[: len(prompts)], scores[len(prompts) :])]
     records = []
     for j, (index, prompt, k) in enumerate(flat):

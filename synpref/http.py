@@ -10,9 +10,13 @@ Standard library only. Two functions:
   connection errors are retried with exponential backoff and jitter (`backoff`·2^attempt, capped at
   `max_backoff`; a `Retry-After` header wins). `retries`, a Counter, counts retried failures by kind
   ("timeout", "HTTP 429", ...). The key is read from the environment variable NAMED by
-  `api_key_env` and sent as a bearer token; it never reaches logs or error messages.
+  `api_key_env` and sent as a bearer token; it never reaches logs or error messages (synpref.secrets).
 - `map_concurrent(fn, items, max_concurrency) -> list`: `fn` over `items` on a thread pool, results
-  in input order; the first failure is raised.
+  in input order; the first failure is raised (calls not yet started are cancelled).
+
+SIGTERM and SIGINT end every backoff wait at once, in worker threads too, with SystemExit(128 + signal):
+while either function runs in the main thread its handler wakes the waits, then does what the
+previous handler does (Lightning's only records SIGTERM and returns; the default exits).
 
 Errors: `EndpointError` (a non-retryable status, retries or deadline exhausted, a missing key) and its
 subclass `MalformedReply` (the body is not a JSON object; callers raise it for missing fields).
@@ -21,22 +25,25 @@ HTTP(S) proxies from the environment (`https_proxy`, `no_proxy`) are honoured.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import http.client
 import json
 import logging
 import os
 import random
+import signal
 import socket
 import threading
 import time
 import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Optional, TypeVar
+from typing import Callable, Iterable, Iterator, Optional, TypeVar
 from urllib.parse import urlsplit
 
 from synpref.errors import SynprefError
+from synpref.secrets import redact, remember
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +61,68 @@ class MalformedReply(EndpointError):
     """The server answered 200 with a body that is not what the caller expects."""
 
 
+# Set by a SIGTERM/SIGINT while post_json or map_concurrent runs in the main thread: every retry
+# wait, in any thread, ends at once. A plain sleep would run on under a handler that only records
+# the signal and returns (Lightning's during fit and predict): 39 s were seen at a Retry-After.
+_stop = threading.Event()
+_received: list[int] = []
+_installed = False
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """In the main thread (outermost call only): SIGTERM/SIGINT set `_stop`, then chain to the
+    previous handler; the previous handlers are back on exit."""
+    global _installed
+    if _installed or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_signal(signum, frame):
+        before = previous[signum]
+        if before == signal.SIG_IGN:
+            return
+        _received.append(signum)
+        _stop.set()
+        if callable(before):
+            before(signum, frame)
+        else:  # SIG_DFL (or set outside Python): end the process as the signal would, cleanly
+            raise SystemExit(128 + signum)
+
+    for signum in previous:
+        signal.signal(signum, on_signal)
+    _installed = True
+    try:
+        yield
+    finally:
+        for signum, before in previous.items():
+            signal.signal(signum, signal.SIG_DFL if before is None else before)
+        _installed = False
+        _stop.clear()
+        _received.clear()
+
+
+def _check_stop() -> None:
+    if _stop.is_set():
+        raise SystemExit(128 + (_received[0] if _received else signal.SIGTERM))
+
+
+def _wait(seconds: float) -> None:
+    """Sleep `seconds`, or until a signal arrives (then SystemExit)."""
+    _stop.wait(seconds)
+    _check_stop()
+
+
 class _Retryable(Exception):
     def __init__(self, problem: str, retry_after: Optional[str] = None):
         super().__init__(problem)
         self.problem, self.retry_after = problem, retry_after
 
 
-def snippet(raw: bytes, n: int = 200, secret: str = "") -> str:
-    """The start of a body, for error messages (`secret` redacted: a reply may echo the key)."""
-    text = raw.decode("utf-8", "replace")
-    if secret:
-        text = text.replace(secret, "***")
+def snippet(raw: bytes, n: int = 200) -> str:
+    """The start of a body, for error messages, secrets redacted (a reply may echo the key)."""
+    text = redact(raw.decode("utf-8", "replace"))
     return repr(text[:n] + ("…" if len(text) > n else ""))
 
 
@@ -76,6 +134,7 @@ def auth_headers(api_key_env: Optional[str], url: str) -> dict[str, str]:
             raise EndpointError(
                 f"environment variable {api_key_env} (api_key_env) is not set; export it with the API key for {url}"
             )
+        remember(key)  # from now on redacted wherever text leaves the process (synpref.secrets)
         headers["Authorization"] = f"Bearer {key}"
     return headers
 
@@ -171,10 +230,16 @@ def post_json(
     retries: Optional[Counter] = None,
 ) -> dict:
     """POST `payload` to `url`; the reply's JSON object. See the module docstring for the semantics."""
+    with _interruptible():
+        return _post_json(url, payload, api_key_env, timeout, deadline, max_retries, backoff, max_backoff, retries)
+
+
+def _post_json(url, payload, api_key_env, timeout, deadline, max_retries, backoff, max_backoff, retries) -> dict:
     headers = auth_headers(api_key_env, url)
     body = json.dumps(payload).encode()
     give_up_at = None if deadline is None else time.monotonic() + deadline
     for attempt in range(max_retries + 1):
+        _check_stop()
         budget = timeout if give_up_at is None else min(timeout, give_up_at - time.monotonic())
         try:
             if budget <= 0:
@@ -193,13 +258,12 @@ def post_json(
             if give_up_at is not None:
                 delay = min(delay, max(0.0, give_up_at - time.monotonic()))
             log.warning("%s: %s; retry %d/%d in %.1fs", url, e.problem, attempt + 1, max_retries, delay)
-            time.sleep(delay)
+            _wait(delay)
             continue
         if status in (401, 403) and api_key_env:
             # The key's name, never the key.
             raise EndpointError(
-                f"{url} refused the API key from ${api_key_env} (HTTP {status}: "
-                f"{snippet(raw, secret=headers.get('Authorization', '')[7:])}); "
+                f"{url} refused the API key from ${api_key_env} (HTTP {status}: {snippet(raw)}); "
                 f"export a valid key in {api_key_env}"
             )
         if status != 200:
@@ -217,7 +281,11 @@ def post_json(
 def map_concurrent(fn: Callable[[T], R], items: Iterable[T], max_concurrency: int) -> list[R]:
     """`[fn(x) for x in items]` with up to `max_concurrency` calls in flight; results in input order."""
     items = list(items)
-    if max_concurrency <= 1 or len(items) <= 1:
-        return [fn(x) for x in items]
-    with ThreadPoolExecutor(max_workers=max_concurrency) as pool:
-        return list(pool.map(fn, items))
+    with _interruptible():
+        if max_concurrency <= 1 or len(items) <= 1:
+            return [fn(x) for x in items]
+        pool = ThreadPoolExecutor(max_workers=max_concurrency)
+        try:
+            return list(pool.map(fn, items))
+        finally:  # after a failure or a signal, start nothing more; the running calls wake and end
+            pool.shutdown(wait=True, cancel_futures=True)

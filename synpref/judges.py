@@ -53,11 +53,13 @@ def judge_batch(
     baseline: Sequence[str],
     tie_tolerance: float = 0.0,
     on_bad_score: OnBadScore = "error",
+    indices: Optional[Sequence[int]] = None,
 ) -> list[dict]:
     """Per prompt: {label: verdict} with, for a reward judge, both rewards and the outcome; for a
     pairwise judge, its record (outcome None when it gave no valid verdict). Reward judges score
     both models' replies in one call (a local model then encodes each prompt once). With
-    on_bad_score='skip', a reward judge's verdict is None where either reply got no finite score."""
+    on_bad_score='skip', a reward judge's verdict is None where either reply got no finite score;
+    `indices` (one per prompt) name the prompt a failing judge failed on."""
     out: list[dict] = [{} for _ in prompts]
     for judge, label in zip(judges, labels):
         if isinstance(judge, PairwiseJudge):
@@ -65,7 +67,10 @@ def judge_batch(
             if len(verdicts) != len(prompts):
                 raise ValueError(f"judge {judge.name!r} returned {len(verdicts)} verdicts for {len(prompts)} prompts")
         else:
-            rewards = score_checked(judge, list(prompts) + list(prompts), list(policy) + list(baseline), on_bad_score)
+            both = None if indices is None else list(indices) * 2
+            rewards = score_checked(
+                judge, list(prompts) + list(prompts), list(policy) + list(baseline), on_bad_score, both
+            )
             verdicts = [
                 None
                 if p is None or b is None

@@ -5,10 +5,18 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import lightning as L
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from synpref.callbacks import HFExportCallback, MLflowSaveConfigCallback
-from synpref.tracking import DEFAULT_EXPERIMENT, experiment_id, mlflow_loggers, tracking_uri
+from synpref.tracking import (
+    DEFAULT_EXPERIMENT,
+    experiment_id,
+    keep_artifacts_relative,
+    mlflow_loggers,
+    store_errors,
+    tracking_uri,
+)
 
 
 class SynprefCLI(LightningCLI):
@@ -41,7 +49,30 @@ class SynprefCLI(LightningCLI):
         parser.link_arguments("model.init_args.policy.name_or_path", "data.init_args.tokenizer_name_or_path")
 
     def instantiate_classes(self) -> None:
+        # First contact with the MLflow store here, before any model loads or step runs: an unusable
+        # store is one named error, not a traceback from inside the logger's constructor or the run
+        # (where Lightning's failure handling would call the same store again).
+        hint = "or run without MLflow: --trainer.logger=false"
+        for uri in self._mlflow_uris():
+            with store_errors(uri, hint):
+                from mlflow import MlflowClient
+
+                MlflowClient(uri).search_experiments(max_results=1)  # opens (creates) the store
         super().instantiate_classes()
-        # Made here, before the logger makes it: a relative store keeps its artifact paths relative.
         for logger in mlflow_loggers(self.trainer):
-            experiment_id(logger._mlflow_client, logger._experiment_name, logger._tracking_uri or tracking_uri())
+            uri = logger._tracking_uri or tracking_uri()
+            with store_errors(uri, hint):
+                # Made here, before the logger makes it: a relative store keeps its artifact paths relative.
+                experiment_id(logger._mlflow_client, logger._experiment_name, uri)
+                _ = logger.run_id  # creates the run as the run's start would: a read-only store fails here
+                keep_artifacts_relative(uri)
+
+    def _mlflow_uris(self) -> list[str]:
+        """The stores of the configured MLflow loggers."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        loggers = config.get("trainer.logger")
+        uris = []
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            if isinstance(logger, Namespace) and str(logger.get("class_path", "")).endswith("MLFlowLogger"):
+                uris.append(logger.get("init_args.tracking_uri") or tracking_uri())
+        return uris

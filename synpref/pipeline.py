@@ -27,7 +27,8 @@ from synpref.parent_run import (
     verdict,
 )
 from synpref.resources import resolve
-from synpref.services import Service, for_stages
+from synpref.secrets import remember_env_keys
+from synpref.services import Service, ServiceError, Services, for_stages
 from synpref.stage_process import Interrupted, log_tail, run_process
 from synpref.stages import (
     ContentHashes,
@@ -41,6 +42,7 @@ from synpref.stages import (
     stage_argv,
     tracking_args,
 )
+from synpref.tracking import store_errors
 from synpref.tracking import tracking_uri as default_tracking_uri
 
 __all__ = ["Stage", "is_done", "reproduce"]
@@ -189,6 +191,9 @@ def _reproduce(stages, experiment, uri, state, run_name, comparison_csv, force, 
     steps = plan(stages, state, force, hashes)
     by_name = {s.name: s for s in stages}
     check_k(arm_stages, by_name, {stage.name: current["config"] for stage, _, current in steps})
+    Services(services, list(by_name), state)  # its stage names checked before anything runs
+    for _, _, current in steps:  # every key a stage reads, masked wherever its output goes
+        remember_env_keys(current["config"])
     total = len(steps)
     if dry_run:
         for i, (stage, why, _) in enumerate(steps, 1):
@@ -201,21 +206,29 @@ def _reproduce(stages, experiment, uri, state, run_name, comparison_csv, force, 
     client = mlflow.MlflowClient(uri)
     kept = [stage.name for stage, why, _ in steps if not why]
     params = pipeline_params([c["config"] for *_, c in steps])
-    old = previous_parent(client, state)
+    with store_errors(uri):  # an unusable store ends in one line, before any stage runs
+        old = previous_parent(client, state)
     h2h = [[arm_label(study, name) for name in pair] for pair in study.head_to_head] if study else []
     if len(kept) == total and old is not None and old.info.status == "FINISHED" and same_params(old, params):
         # Nothing to run: the finished parent already holds this result; show it, touch nothing.
         for i, (stage, _, _) in enumerate(steps, 1):
             print(f"[{i}/{total}] {stage.name} … skipped (up to date)", flush=True)
         return _result(client, experiment, uri, old.info.run_id, stages, state, comparison_csv, h2h, finished=True)
-    parent = parent_run(client, experiment, state, run_name, params, kept)
+    with store_errors(uri):
+        parent = parent_run(client, experiment, state, run_name, params, kept)
     with for_stages(services, [s.name for s in stages], state) as servers:
         for i, (stage, why, current) in enumerate(steps, 1):
             if not why:
                 print(f"[{i}/{total}] {stage.name} … skipped (up to date)", flush=True)
                 continue
             print(f"[{i}/{total}] {stage.name} … running ({why})", flush=True)
-            servers.need(stage.name)
+            try:
+                servers.need(stage.name)
+            except ServiceError as e:
+                end_parent(
+                    client, parent, "FAILED", f"a service of stage {stage.name!r} did not start: {e}", stage.name
+                )
+                raise
             # The inputs as this stage reads them, now that the stages before it have finished.
             record = fingerprint(current["config"], {p: hashes.digest(p) for p in input_paths(stage, by_name)})
             hashes.save()

@@ -221,7 +221,10 @@ def build_preset_model(
 ) -> Path:
     """A randomly initialised model with a preset's config (see PRESETS) at `out_dir` (kept if present)."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        raise ConfigError("preset", f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if seed < 0:
+        raise ConfigError("seed", f"must be ≥ 0, got {seed}")
+    resolve_dtype(dtype)  # an unknown dtype fails before the tokenizer is trained
     corpus = list(corpus) or ["synpref://sample/sft_messages.jsonl"]
     out = Path(out_dir)
     if (out / "config.json").exists() and (out / "tokenizer.json").exists():

@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence, Union
 
+from synpref.errors import ConfigError, SynprefError
+
 log = logging.getLogger(__name__)
+
+
+class ServiceError(SynprefError):
+    """A service did not start: a missing command, a busy port, an early exit, no health in time."""
 
 
 @dataclass
@@ -71,44 +77,51 @@ def _die_with_parent() -> None:
 @contextlib.contextmanager
 def running(service: Service, log_path: Union[str, Path]) -> Iterator[subprocess.Popen]:
     """Start `service`, wait until its health URL answers 200, yield the process; stop it on exit, whatever the exit."""
+    argv = _argv(service.command)
+    where = f"(command: {shlex.join(argv)}; log: {log_path})"
     if _healthy(service.health_url):
-        raise RuntimeError(
-            f"service {service.name!r}: {service.health_url} already answers before it was started; "
+        raise ServiceError(
+            f"service {service.name!r}: {service.health_url} already answers before it was started {where}; "
             f"stop whatever listens there or give the service another port"
         )
-    argv = _argv(service.command)
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
         log.info("service %s: starting %s (log %s)", service.name, shlex.join(argv), log_path)
-        # Its own session: a Ctrl-C in the terminal reaches us, and we stop it in order.
-        proc = subprocess.Popen(
-            argv,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=_die_with_parent if os.name == "posix" else None,
-        )
+        try:
+            # Its own session: a Ctrl-C in the terminal reaches us, and we stop it in order.
+            proc = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if os.name == "posix" else None,
+            )
+        except OSError as e:  # not found, not executable
+            problem = "command not found" if isinstance(e, FileNotFoundError) else e.strerror
+            raise ServiceError(
+                f"service {service.name!r} could not start {where}: {argv[0]}: {problem}; install it or fix its command"
+            ) from None
     try:
-        _wait_healthy(service, proc, log_path)
+        _wait_healthy(service, proc, log_path, where)
         yield proc
     finally:
         stop(proc, service.name)
 
 
-def _wait_healthy(service: Service, proc: subprocess.Popen, log_path) -> None:
+def _wait_healthy(service: Service, proc: subprocess.Popen, log_path, where: str) -> None:
     start = time.monotonic()
     while not _healthy(service.health_url):
         if proc.poll() is not None:
             tail = Path(log_path).read_text(errors="replace")[-2000:]
-            raise RuntimeError(
+            raise ServiceError(
                 f"service {service.name!r} exited with code {proc.returncode} before "
-                f"{service.health_url} answered; end of {log_path}:\n{tail}"
+                f"{service.health_url} answered {where}; end of the log:\n{tail}"
             )
         if time.monotonic() - start > service.startup_timeout:
-            raise RuntimeError(
+            raise ServiceError(
                 f"service {service.name!r}: {service.health_url} did not answer 200 within "
-                f"{service.startup_timeout:g} s (log: {log_path})"
+                f"{service.startup_timeout:g} s {where}; raise startup_timeout or read the log"
             )
         time.sleep(0.5)
     log.info("service %s: healthy after %.1f s", service.name, time.monotonic() - start)
@@ -132,9 +145,12 @@ class Services:
     """The services of a pipeline run: `need(stage)` before each stage that runs."""
 
     def __init__(self, services: Sequence[Service], stage_names: Sequence[str], state_dir: Union[str, Path]):
-        unknown = {s for svc in services for s in svc.stages} - set(stage_names)
-        if unknown:
-            raise ValueError(f"services name stages that do not exist: {sorted(unknown)} (stages: {list(stage_names)})")
+        for i, svc in enumerate(services):
+            unknown = sorted(set(svc.stages) - set(stage_names))
+            if unknown:
+                raise ConfigError(
+                    f"services[{i}].stages", f"names stages that do not exist: {unknown} (stages: {list(stage_names)})"
+                )
         self.services, self.state_dir = list(services), Path(state_dir)
         self.processes: dict[str, subprocess.Popen] = {}
         self._stacks: dict[str, contextlib.ExitStack] = {}

@@ -11,6 +11,8 @@ import threading
 from pathlib import Path
 from typing import Optional
 
+from synpref.secrets import StreamRedactor
+
 
 class Interrupted(Exception):
     """reproduce received SIGINT/SIGTERM while a stage ran; the stage has exited."""
@@ -24,14 +26,20 @@ def _signal_group(pgid: int, signum: int) -> None:
 
 
 def _pump(src, sink, log_file, lock: threading.Lock) -> None:
-    """Copy a stage's stream to our own stream and to its log as it arrives (progress bars included)."""
+    """Copy a stage's stream to our own stream and to its log as it arrives (progress bars included),
+    remembered secrets redacted (synpref.secrets: the pipeline remembers its stages' API keys)."""
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    for chunk in iter(lambda: os.read(src.fileno(), 1 << 16), b""):
+    redactor = StreamRedactor()
+    while True:
+        raw = os.read(src.fileno(), 1 << 16)
+        chunk = redactor.feed(raw) if raw else redactor.flush()  # b"": the end, release what was held
         with lock:
             log_file.write(chunk)
             log_file.flush()
-        sink.write(decoder.decode(chunk))
+        sink.write(decoder.decode(chunk, final=not raw))
         sink.flush()
+        if not raw:
+            return
 
 
 def run_process(cmd: list[str], log_path: Path, env: dict) -> int:

@@ -8,7 +8,9 @@ import re
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
+
+from synpref.errors import SynprefError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "synpref"
@@ -20,6 +22,43 @@ REUSED_RUNS_TAG = "synpref.reused_runs"
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI if set, else a sqlite store in the working directory."""
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+class TrackingError(SynprefError):
+    """The MLflow store cannot be used: where it is, what failed, what to do."""
+
+
+@contextlib.contextmanager
+def store_errors(uri: str, hint: str = "") -> Iterator[None]:
+    """Around the first contact with the MLflow store: its failure becomes a TrackingError naming
+    the store (and its file, for sqlite), the problem and a fix; `hint` adds a command's own way out."""
+    try:
+        yield
+    except SynprefError:
+        raise
+    except Exception as e:
+        raise TrackingError(store_problem(uri, e) + (f", {hint}" if hint else "")) from e
+
+
+def store_problem(uri: str, error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    where = f"MLflow store {uri}"
+    if uri.startswith("sqlite:///"):
+        where += f" ({Path(uri[len('sqlite:///') :]).resolve()})"
+    elsewhere = "or point MLFLOW_TRACKING_URI at another store"
+    if "locked" in text:
+        problem = "the database is locked by another process (waited for it)"
+        fix = f"wait for the other run to end, {elsewhere}"
+    elif "readonly" in text or "read-only" in text or isinstance(error, PermissionError):
+        problem = "read-only: cannot write there"
+        fix = f"make the file and its folder writable, {elsewhere}"
+    elif "unable to open database file" in text or isinstance(error, (FileExistsError, NotADirectoryError)):
+        problem = "cannot open or create the database file"
+        fix = f"make its folder a writable directory, {elsewhere}"
+    else:
+        problem = f"{type(error).__name__}: {text[:300]}"
+        fix = f"check that the store is reachable, {elsewhere}"
+    return f"{where}: {problem}; {fix}"
 
 
 # MLflow's default artifact places, as absolute paths: <folder>/mlruns/<experiment>[/<run>/artifacts].
@@ -102,10 +141,11 @@ class RunTracking:
     tags: dict[str, str] = field(default_factory=dict)
 
     def start(self, client) -> str:
-        """Create the run (and the experiment if new); its id."""
-        exp_id = experiment_id(client, self.experiment, self.tracking_uri or tracking_uri())
-        run_id = client.create_run(exp_id, run_name=self.run_name, tags=self.tags).info.run_id
-        keep_artifacts_relative(self.tracking_uri or tracking_uri())
+        """Create the run (and the experiment if new); its id. An unusable store is a TrackingError."""
+        with store_errors(client.tracking_uri):
+            exp_id = experiment_id(client, self.experiment, self.tracking_uri or tracking_uri())
+            run_id = client.create_run(exp_id, run_name=self.run_name, tags=self.tags).info.run_id
+            keep_artifacts_relative(self.tracking_uri or tracking_uri())
         return run_id
 
 

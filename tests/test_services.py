@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from synpref.services import Service, for_stages, running
+from synpref.errors import ConfigError
+from synpref.services import Service, ServiceError, for_stages, running
 from tests.conftest import free_port
 
 STAGES = ["sft", "sample", "dpo", "eval"]
@@ -67,14 +68,53 @@ def test_sigterm_becomes_systemexit_and_stops_the_service(tmp_path):
 
 def test_a_service_that_dies_or_a_busy_port_is_a_named_error(tmp_path):
     dead = http_service(command=[sys.executable, "-c", "print('no model here'); raise SystemExit(3)"])
-    with pytest.raises(RuntimeError, match=r"(?s)'web' exited with code 3 before .*no model here"):
+    with pytest.raises(ServiceError, match=r"(?s)'web' exited with code 3 before .*no model here") as error:
         with running(dead, tmp_path / "dead.log"):
             pass
+    assert "raise SystemExit(3)" in str(error.value) and str(tmp_path / "dead.log") in str(error.value)
     svc = http_service()
     with running(svc, tmp_path / "one.log"):
-        with pytest.raises(RuntimeError, match="already answers before it was started"):
+        with pytest.raises(ServiceError, match="already answers before it was started") as error:
             with running(svc, tmp_path / "two.log"):
                 pass
-    with pytest.raises(ValueError, match=r"stages that do not exist: \['evaluate'\]"):
-        with for_stages([http_service(stages=["evaluate"])], STAGES, tmp_path):
+    assert "http.server" in str(error.value) and str(tmp_path / "two.log") in str(error.value)
+
+
+def test_a_missing_command_is_a_named_error(tmp_path):
+    svc = http_service(command=["no-such-server-binary", "--port", "1"])
+    with pytest.raises(ServiceError, match=r"'web'.*no-such-server-binary --port 1.*not found") as error:
+        with running(svc, tmp_path / "web.log"):
+            pass
+    assert str(tmp_path / "web.log") in str(error.value)
+
+
+def test_a_startup_timeout_stops_the_process(tmp_path):
+    svc = http_service(
+        command=[sys.executable, "-c", "import os, time; print(os.getpid(), flush=True); time.sleep(60)"]
+    )
+    svc.startup_timeout = 1
+    with pytest.raises(ServiceError, match=r"'web'.*did not answer 200 within 1 s.*time.sleep\(60\)") as error:
+        with running(svc, tmp_path / "web.log"):
+            pass
+    assert str(tmp_path / "web.log") in str(error.value)
+    with pytest.raises(ProcessLookupError):  # stopped and reaped, not left running
+        os.kill(int((tmp_path / "web.log").read_text().split()[0]), 0)
+
+
+def test_a_failing_second_service_stops_the_first(tmp_path):
+    good, bad = http_service(), http_service(command=["no-such-server-binary"])
+    bad.name = "broken"
+    with pytest.raises(ServiceError, match="'broken'"):
+        with for_stages([good, bad], STAGES, tmp_path) as servers:
+            try:
+                servers.need("sample")
+            finally:
+                first = servers.processes["web"]
+    assert not alive(first)
+
+
+def test_unknown_stage_names_are_a_config_error(tmp_path):
+    services = [http_service(), http_service(stages=["sample", "evaluate"])]
+    with pytest.raises(ConfigError, match=r"'services\[1\]\.stages'.*\['evaluate'\].*'eval'"):
+        with for_stages(services, STAGES, tmp_path):
             pass

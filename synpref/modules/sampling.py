@@ -157,7 +157,9 @@ class SamplingModule(L.LightningModule):
         self.generation.tokens += sum(map(sum, counts))
         start = time.perf_counter()
         flat_prompts = [p for p in batch["prompt"] for _ in range(hp.num_samples)]
-        scores = score_checked(self.reward, flat_prompts, [t for row in texts for t in row], hp.on_bad_score)
+        flat_indices = [int(i) for i in batch["index"] for _ in range(hp.num_samples)]
+        flat_texts = [t for row in texts for t in row]
+        scores = score_checked(self.reward, flat_prompts, flat_texts, hp.on_bad_score, flat_indices)
         self.score_seconds += time.perf_counter() - start
         self.bad_scores += scores.count(None)
         k = hp.num_samples

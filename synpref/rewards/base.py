@@ -43,35 +43,67 @@ class RewardError(SynprefError):
     """A scorer broke the reward contract (one finite float per response), named with the prompt."""
 
 
+class ScoreFailed(Exception):
+    """A scorer that scores one response at a time failed on the one at `position` (the cause)."""
+
+    def __init__(self, position: int):
+        super().__init__(position)
+        self.position = position
+
+
 def score_checked(
     reward: RewardScorer,
     prompts: Sequence[Sequence[dict]],
     responses: Sequence[str],
     on_bad_score: OnBadScore = "error",
+    indices: Optional[Sequence[int]] = None,
 ) -> list[Optional[float]]:
     """`reward.score` with its contract enforced: one finite float per response (user scorers included).
 
     A NaN, an infinity, None or a non-number is a RewardError naming the scorer and the prompt, or
     with on_bad_score='skip' a None in its place (the caller drops and counts it) and a warning.
+    A scorer that raises (other than a SynprefError, already a message) is a RewardError naming it,
+    the prompt (its index in `indices`, one per prompt, where the caller gives them) and the exception.
     """
-    scores = reward.score(prompts, responses)
+    try:
+        scores = reward.score(prompts, responses)
+    except SynprefError:
+        raise
+    except Exception as e:
+        raise _raised(reward, prompts, indices, e) from (e.__cause__ if isinstance(e, ScoreFailed) else e)
     if len(scores) != len(responses):
         raise RewardError(f"reward {reward.name!r} returned {len(scores)} scores for {len(responses)} responses")
     out = []
-    for prompt, score in zip(prompts, scores):
+    for j, (prompt, score) in enumerate(zip(prompts, scores)):
         value = _finite_float(score)
         if value is not None:
             out.append(value)
             continue
         problem = (
             f"reward {reward.name!r} returned {score!r:.40} ({type(score).__name__}), not a finite float, "
-            f"for the prompt {prompt_text(prompt)[:80]!r}"
+            f"for the prompt {prompt_text(prompt)[:80]!r}" + (f" (index {indices[j]})" if indices is not None else "")
         )
         if on_bad_score == "error":
             raise RewardError(f"{problem}; fix the scorer, or set on_bad_score: skip to drop and count such samples")
         log.warning("skipped (on_bad_score=skip): %s", problem)
         out.append(None)
     return out
+
+
+def _raised(reward: RewardScorer, prompts, indices, error: Exception) -> RewardError:
+    if isinstance(error, ScoreFailed) and error.__cause__ is not None:
+        i, error = error.position, error.__cause__
+        index = f" {indices[i]}" if indices is not None else ""
+        where = f"prompt{index} ({prompt_text(prompts[i])[:80]!r})"
+    elif indices is not None:
+        shown = list(dict.fromkeys(int(i) for i in indices))
+        where = f"a batch of prompts {', '.join(map(str, shown[:10]))}{', …' if len(shown) > 10 else ''}"
+    else:
+        where = f"a batch of {len(prompts)} responses"
+    return RewardError(
+        f"reward {reward.name!r} raised {type(error).__name__}: {error} on {where}; "
+        "fix the scorer (--debug shows the traceback)"
+    )
 
 
 def _finite_float(score) -> Optional[float]:

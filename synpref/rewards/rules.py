@@ -9,8 +9,8 @@ import math
 import re
 from typing import Callable, Sequence
 
-from synpref.errors import ConfigError
-from synpref.rewards.base import RewardScorer, check_lengths, prompt_text
+from synpref.errors import ConfigError, SynprefError
+from synpref.rewards.base import RewardScorer, ScoreFailed, check_lengths, prompt_text
 
 _WORD = re.compile(r"[a-z0-9']+")
 # Frequent function words carry no topic; overlap counts the rest.
@@ -63,7 +63,15 @@ class FunctionReward(RewardScorer):
     def score(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str]) -> list[float]:
         check_lengths(prompts, responses)
         # Returned as the function gives them: score_checked names this reward if one is not a float.
-        return [self.fn(prompt_text(p), r) for p, r in zip(prompts, responses)]
+        scores = []
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            try:
+                scores.append(self.fn(prompt_text(prompt), response))
+            except SynprefError:
+                raise
+            except Exception as e:  # score_checked names the prompt it failed on
+                raise ScoreFailed(i) from e
+        return scores
 
 
 def words(text: str) -> list[str]:
