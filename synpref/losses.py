@@ -218,3 +218,28 @@ def f_score(logratio: torch.Tensor, kind: str, alpha: float) -> torch.Tensor:
         limit = {torch.float16: 11.0}.get(t.dtype, 80.0)
         return (torch.exp(torch.clamp(t.float(), max=limit)) - 1.0).to(t.dtype) * (1.0 / (alpha - 1.0))
     return logratio  # reverse KL, and the α → 1 limit of the α-divergence
+
+
+def kto_loss(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    kl_logps: torch.Tensor,
+    ref_kl_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KTO (Ethayarajh et al. 2024, Eq. 7, as TRL's KTOTrainer): per-example losses, rewards β·ρ, and z₀.
+
+    z₀ = max(0, mean(log π/π_ref) over the batch's mismatched (prompt, completion) sequences), detached:
+    desirable examples lose 1 − σ(β(ρ − z₀)), undesirable ones 1 − σ(β(z₀ − ρ)), ρ = log π/π_ref.
+    """
+    kl = (kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+    ratio = logps - ref_logps
+    losses = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio))),
+    )
+    return losses, beta * ratio.detach(), kl
