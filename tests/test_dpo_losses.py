@@ -14,7 +14,7 @@ from synpref.losses import TRL_LOSSES, PreferenceLoss
 from synpref.models import load_causal_lm
 from synpref.modules.dpo import DPOModule
 from synpref.specs import ModelSpec
-from tests.test_dpo import data
+from tests.test_dpo import data, fit
 
 # Settings a loss needs to be meaningful (EXO is undefined at ε = 0); the rest keep TRL's defaults.
 NEEDS = {"exo_pair": {"label_smoothing": 1e-3}, "robust": {"label_smoothing": 0.1}, "aot": {"label_smoothing": 0.1}}
@@ -170,6 +170,15 @@ def test_simpo_loads_no_reference(setup, tiny_model, monkeypatch):
     expected = -torch.nn.functional.logsigmoid(2.0 * (avg[:6] - avg[6:]) - 0.5).mean()
     assert metrics["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
     assert metrics["rewards/chosen"].item() == pytest.approx(2.0 * avg[:6].mean().item(), rel=1e-6)
+
+
+def test_simpo_trains_and_validates_without_a_reference(sample_dir, tiny_model, tmp_path, monkeypatch):
+    import synpref.modules.dpo as dpo
+
+    monkeypatch.setattr(dpo, "load_frozen_causal_lm", lambda *_: pytest.fail("a reference was loaded"))
+    module = DPOModule(ModelSpec(tiny_model), loss_type="simpo", beta=2.0, lr=1e-3, warmup_steps=0)
+    steps = fit(module, data(sample_dir, 24, batch_size=4, val_fraction=0.25, tiny_model=tiny_model), tmp_path, 1)
+    assert steps and module._ref == [] and all(math.isfinite(s["train/loss"]) for s in steps)
 
 
 # -- bad settings ----------------------------------------------------------------------------------

@@ -165,3 +165,30 @@ def test_kto_matches_trl_over_three_steps(sample_dir, tiny_model, tmp_path):
     assert abs(ours[-1] - ours[0]) > 1e-4  # the steps moved the policy
     for (name, a), b in zip(module.model.named_parameters(), trl_model.parameters()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)
+
+
+def test_tiny_kto_config_runs_and_exports(in_tmp, tiny_model, sample_dir):
+    """configs/tiny/dpo.yaml + kto.yaml unmodified, on a samples.jsonl as `synpref predict` writes it."""
+    from synpref.cli import main
+
+    (in_tmp / "artifacts" / "tiny" / "sft").symlink_to(tiny_model)
+    rows = [json.loads(x) for x in (sample_dir / "train_prefs.jsonl").read_text().splitlines()[:40]]
+    samples = in_tmp / "artifacts" / "tiny" / "samples" / "samples.jsonl"
+    samples.parent.mkdir(parents=True)
+    records = [
+        {
+            "index": i,
+            "prompt_id": r["prompt_id"],
+            "prompt": r["chosen"][:-1],
+            "samples": [
+                {"text": r["chosen"][-1]["content"], "score": r["score_chosen"], "num_tokens": 1},
+                {"text": r["rejected"][-1]["content"], "score": r["score_rejected"], "num_tokens": 1},
+                {"text": "I do not know.", "score": 0.0, "num_tokens": 1},
+            ],
+        }
+        for i, r in enumerate(rows)
+    ]
+    samples.write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = ["fit", "--config", "configs/tiny/dpo.yaml", "--config", "configs/tiny/kto.yaml", "--trainer.max_steps=3"]
+    main([*args, "--trainer.enable_progress_bar=false", "--data.init_args.max_length=128"])
+    assert (in_tmp / "artifacts" / "tiny" / "kto_synthetic" / "config.json").exists()

@@ -38,6 +38,13 @@ class KTOModule(DPOModule):
         **kwargs,
     ):
         super().__init__(policy, ref_model, beta=beta, **kwargs)
+        # DPOModule's loss settings arrive here when a KTO config composes over a DPO one: only defaults.
+        if (
+            self.loss.loss_type != ("sigmoid",)
+            or self.hparams.precompute_ref_logps
+            or self.hparams.ld_alpha is not None
+        ):
+            raise ConfigError("model.init_args.loss_type", "KTOModule has its own loss; DPO loss settings do not apply")
         for key, value in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
             if not value > 0:
                 raise ConfigError(f"model.init_args.{key}", f"must be > 0, got {value}")
