@@ -220,3 +220,28 @@ def test_bad_module_settings_name_their_key(tiny_model, kw, key):
     with pytest.raises(ConfigError) as err:
         DPOModule(ModelSpec(tiny_model), **kw)
     assert err.value.key == f"model.init_args.{key}"
+
+
+def test_ld_alpha_precomputed_reference_equals_live(sample_dir, tiny_model, tmp_path):
+    """The cached table holds LD-weighted sums, under a key that includes α: live and precomputed agree."""
+    import lightning as L
+
+    def validate(**kw):
+        L.seed_everything(0)
+        module = DPOModule(ModelSpec(tiny_model), ref_cache_dir=str(tmp_path / "cache"), **kw)
+        module.model = load_causal_lm(tiny_model)
+        with torch.no_grad():
+            for p in module.model.parameters():
+                p.add_(0.05 * torch.randn_like(p))  # policy ≠ reference
+        # Long enough that replies keep their own lengths (cut to one length, no token is beyond the shared one).
+        dm = data(sample_dir, 24, max_length=1024, batch_size=4, val_fraction=0.25, tiny_model=tiny_model)
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+        return trainer.validate(module, dm, verbose=False)[0]
+
+    live = validate(ld_alpha=0.3)
+    plain = validate(precompute_ref_logps=True)
+    pre = validate(ld_alpha=0.3, precompute_ref_logps=True)
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # α is part of the cache key
+    for key, value in live.items():
+        assert pre[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert plain["val/rewards/margins"] != pytest.approx(live["val/rewards/margins"], rel=1e-3)  # α changed them

@@ -155,11 +155,17 @@ class DPOModule(CausalLMModule):
         self.labelled_by: list[str] = []  # the scorers that labelled the training pairs (record_labellers)
 
     def run_params(self) -> dict:
+        hp = self.hparams
         return {
             **super().run_params(),
             "pairs": pairs_kind(self.trainer.datamodule),
             "beta": self.hparams.beta,
             "loss_type": "+".join(self.loss.loss_type),
+            # The settings that define a loss where they apply (None: left out of the params).
+            "loss_weights": None if hp.loss_weights is None else ",".join(map(str, hp.loss_weights)),
+            "gamma": hp.gamma if "simpo" in self.loss.loss_type else None,
+            "ld_alpha": hp.ld_alpha,
+            "f_divergence_type": None if hp.f_divergence_type == "reverse_kl" else hp.f_divergence_type,
         }
 
     # -- reference -----------------------------------------------------------------------------
