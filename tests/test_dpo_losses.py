@@ -146,6 +146,18 @@ def test_simpo_is_the_papers_formula_on_hand_values():
         assert losses[i].item() == pytest.approx(expected, rel=1e-6)
         assert rc[i].item() == pytest.approx(beta * chosen[i].item() / n_chosen[i].item())
         assert rr[i].item() == pytest.approx(beta * rejected[i].item() / n_rejected[i].item())
+    # TRL has SimPO only in its experimental CPOTrainer (cpo_alpha = 0): its cpo_loss on the averaged log-probs.
+    import warnings
+    from types import SimpleNamespace
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TRLExperimentalWarning: importing from trl.experimental
+        from trl.experimental.cpo import CPOTrainer
+    cpo = SimpleNamespace(alpha=0.0, simpo_gamma=gamma, beta=beta, loss_type="simpo", label_smoothing=0.0)
+    cpo.accelerator = SimpleNamespace(device="cpu")
+    trl_losses, trl_rc, trl_rr = CPOTrainer.cpo_loss(cpo, chosen / n_chosen, rejected / n_rejected)
+    for ours, theirs in ((losses, trl_losses), (rc, trl_rc), (rr, trl_rr)):
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
     # γ shifts the margin: a pair scored exactly γ apart is at log 2.
     at_gamma, _, _ = PreferenceLoss("simpo", beta=1.0, gamma=0.5)(
         torch.tensor([-1.0]), torch.tensor([-3.0]), None, None, torch.tensor([1.0]), torch.tensor([2.0])
