@@ -1,6 +1,6 @@
 """synpref DPO vs TRL DPOTrainer: train tokens/s and peak RSS, live and precomputed reference, one run.
 
-    python benchmarks/dpo_throughput.py [--pairs 256 --batch-size 8 --max-length 512]
+    python benchmarks/dpo_throughput.py [--pairs 256 --batch-size 8 --max-length 512] [--loss simpo]
 
 Same tiny model, same real pairs (the first usable rows of the shared train_prefs.jsonl, written
 once in TRL's conversational format and read by both), batch size, max length, fp32, one epoch.
@@ -13,6 +13,9 @@ which compare only if both sides train the same sequences. Both then get the sam
 order (sequential, no shuffling or length grouping), each with chosen and rejected longer than
 max_length, so every sequence is cut to exactly max_length tokens; the run exits non-zero if the
 timed non-padding tokens of the two sides differ by more than 1 %.
+
+`--loss NAME`: synpref trains that loss; TRL the same one if it has it, else its sigmoid DPO. A
+reference-free loss (simpo) loads no reference, so it runs one setting, against TRL's live reference.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from synpref.losses import LOSSES, PreferenceLoss
 from synpref.resources import sample
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -88,7 +92,10 @@ def stepped(a, meter: Meter, result: dict) -> dict:
     """With --steps: tokens, seconds and FLOPs of the steps after the warm-up ones, not of the whole run."""
     if not a.steps:
         return result
-    return meter.timed(a.warmup, shape(a.model), passes=3 if a.precompute else 4)  # live: + reference forward
+    no_reference = a.precompute or (
+        a.framework == "synpref" and PreferenceLoss(a.loss, **loss_args(a.loss)).reference_free
+    )
+    return meter.timed(a.warmup, shape(a.model), passes=3 if no_reference else 4)  # live: + reference forward
 
 
 def run_synpref(a) -> dict:
@@ -119,6 +126,8 @@ def run_synpref(a) -> dict:
         logits_chunk_size=a.chunk,
         gradient_checkpointing=a.gradient_checkpointing,
         optimizer_in_backward=a.optimizer_in_backward,
+        loss_type=a.loss,
+        **loss_args(a.loss),
     )
 
     class Timer(L.Callback):
@@ -146,6 +155,18 @@ def run_synpref(a) -> dict:
     return stepped(a, meter, {"tokens": tokens, "seconds": seconds})
 
 
+def loss_args(loss: str) -> dict:
+    """EXO is undefined at label_smoothing 0: its paper's 1e-3."""
+    return {"label_smoothing": 1e-3} if loss == "exo_pair" else {}
+
+
+def trl_loss(loss: str) -> str:
+    """The loss TRL trains against synpref's `loss`: the same one, or sigmoid DPO where TRL has none."""
+    from synpref.losses import TRL_LOSSES
+
+    return loss if loss in TRL_LOSSES else "sigmoid"
+
+
 def run_trl(a) -> dict:
     from datasets import load_dataset
     from transformers import TrainerCallback
@@ -164,6 +185,8 @@ def run_trl(a) -> dict:
         max_steps=a.steps or -1,
         learning_rate=a.lr,
         precompute_ref_log_probs=a.precompute,
+        loss_type=[trl_loss(a.loss)],
+        **loss_args(trl_loss(a.loss)),
         gradient_checkpointing=a.gradient_checkpointing,
         report_to="none",
         use_cpu=True,
@@ -240,6 +263,7 @@ def main() -> None:
     )
     add_memory_args(p)
     p.add_argument("--settings", nargs="+", choices=["live", "precomputed"], default=["live", "precomputed"])
+    p.add_argument("--loss", choices=LOSSES, default="sigmoid", help="synpref's loss_type (TRL: see trl_loss)")
     p.add_argument("--json-out", help="also write every run's figures and the matmul peak to this JSON file")
     p.add_argument("--framework", choices=["synpref", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--precompute", action="store_true", help=argparse.SUPPRESS)
@@ -258,6 +282,8 @@ def main() -> None:
         a.model = str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny", [SAMPLE.parent / "sft_messages.jsonl"]))
     if a.equal_work is None:
         a.equal_work = bool(a.preset)
+    if PreferenceLoss(a.loss, **loss_args(a.loss)).reference_free:
+        a.settings = ["live"]  # nothing to precompute; TRL keeps its live reference
     pairs = Path(tempfile.mkdtemp()) / "pairs.jsonl"
     write_pairs(pairs, a.pairs, a.max_length, a.model, full_length=a.equal_work)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -296,6 +322,8 @@ def main() -> None:
                 str(a.steps),
                 "--warmup",
                 str(a.warmup),
+                "--loss",
+                a.loss,
             ]
             cmd += ["--precompute"] if setting == "precomputed" else []
             cmd += ["--equal-work" if a.equal_work else "--no-equal-work", *memory_argv(a)]
@@ -325,12 +353,19 @@ def main() -> None:
     if a.json_out:
         runs = {" ".join(key): r for key, r in results.items()}
         Path(a.json_out).write_text(json.dumps({"runs": runs, "matmul_peak": peak}, indent=1))
-    if len(a.settings) < 2:
-        return  # the RESULT line compares both settings
     print(
         f"pairs={a.pairs} batch_size={a.batch_size} max_length={a.max_length} precision={a.dtype} model={a.model} "
-        f"steps={a.steps or 'one epoch'}"
+        f"steps={a.steps or 'one epoch'} loss={a.loss} trl_loss={trl_loss(a.loss)}"
     )
+    if a.loss != "sigmoid":
+        s = a.settings[0]
+        ratio = results[("synpref", s)]["peak_rss_mb"] / results[("trl", s)]["peak_rss_mb"]
+        print(
+            f"RESULT dpo loss={a.loss} against={trl_loss(a.loss)}:{s} speedup={speed[s]:.2f} memory_ratio={ratio:.2f}"
+        )
+        return
+    if len(a.settings) < 2:
+        return  # the RESULT line compares both settings
     tail = f" mfu={mfu[('synpref', 'live')]:.3f}" if mfu else ""
     print(
         f"RESULT dpo speedup_live={speed['live']:.2f} speedup_precomputed={speed['precomputed']:.2f} "

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from synpref.errors import ConfigError
+from synpref.losses import LOSSES
 from synpref.pairs import RULES
 from synpref.stages import Stage
 
@@ -23,6 +24,7 @@ VARIABLES = {
     "pairs": "all",
     "rounds": 1,
     "reference": "sft",
+    "loss": None,  # None: the DPO config's loss; a loss_type name; or kto (every sample, no pairs)
 }
 # What only synthetic pairs have: an ultrafeedback arm keeps their defaults, whatever a sweep says.
 PAIR_SETTINGS = ("k", "rule", "threshold", "pairs")
@@ -57,6 +59,11 @@ class Study:
         dpo_args: command-line overrides for every arm's DPO stage (`--trainer.max_epochs=3`).
         eval_args: ... for every evaluation stage.
         sample_args: ... for every sampling stage of rounds ≥ 2.
+        loss_args: per `loss` value, command-line overrides of its arms' DPO stage (SimPO's β and γ).
+        kto_config: config files composed after dpo_config for `loss: kto` arms (KTOModule and
+            UnpairedDataModule): they train on every sample of the shared sampling run, labelled
+            as `kto_labels` says (an UnpairedSource's label_rule and threshold), or on both replies
+            of each UltraFeedback pair; pair settings do not apply to them.
     """
 
     sft: str
@@ -75,6 +82,9 @@ class Study:
     dpo_args: list[str] = field(default_factory=list)
     eval_args: list[str] = field(default_factory=list)
     sample_args: list[str] = field(default_factory=list)
+    loss_args: dict[str, list[str]] = field(default_factory=dict)
+    kto_config: list[str] = field(default_factory=list)
+    kto_labels: dict[str, Any] = field(default_factory=lambda: {"label_rule": "median"})
 
 
 @dataclass
@@ -111,6 +121,8 @@ def _check(arm: dict, where: str) -> None:
         ("pairs", arm["pairs"] == "all" or (_whole(arm["pairs"]) and arm["pairs"] > 0), "an int > 0 or 'all'"),
         ("rounds", _whole(arm["rounds"]) and arm["rounds"] >= 1, "an int ≥ 1"),
         ("rounds", arm["rounds"] == 1 or arm["data"] == "synthetic", "1 unless data is synthetic (rounds sample)"),
+        ("loss", arm["loss"] in (None, "kto", *LOSSES), f"null, kto or one of {LOSSES}"),
+        ("rounds", arm["rounds"] == 1 or arm["loss"] != "kto", "1 for loss kto (rounds build pairs)"),
     ]
     for key, ok, expected in checks:
         if not ok:
@@ -129,7 +141,7 @@ def arms(study: Study) -> list[dict]:
         for combo in itertools.product(*sweep.values()):
             arm = {**base, **dict(zip(sweep, combo))}
             _check(arm, f"study.sweeps[{i}]")
-            if arm["data"] == "ultrafeedback":  # pair settings do not apply: one such arm, whatever they say
+            if arm["data"] == "ultrafeedback" or arm["loss"] == "kto":  # pair settings do not apply
                 arm.update({k: VARIABLES[k] for k in PAIR_SETTINGS})
             if arm not in out:
                 out.append(arm)
@@ -165,10 +177,12 @@ def label(arm: dict, kind: str, r: int = 1) -> str:
     """The part of a stage's name that says which arm settings it depends on (and no others, so
     arms that agree on them share it): `synthetic-k4-best_worst-gap0.1-n50-r2of2-refsft`."""
     parts = [arm["data"]] if kind in ("dpo", "eval") else []
+    if arm.get("loss") == "kto":
+        return "-".join([*parts, "kto", *_extras(arm)])
     if arm["data"] != "ultrafeedback":
         parts += [f"k{arm['k'] or 'all'}", arm["rule"], f"gap{arm['threshold']:g}", f"n{arm['pairs']}"]
     if kind in ("dpo", "eval") or r >= 2:  # DPO settings shape the policy that later rounds sample from
-        parts += _extras(arm)
+        parts += ([f"loss{arm['loss']}"] if arm.get("loss") else []) + _extras(arm)
     if arm["rounds"] > 1:
         parts.append(f"r{r}of{arm['rounds']}")
         if r >= (2 if kind in ("dpo", "eval") else 3):  # round r's DPO reference; it shapes round r+1's samples
@@ -188,7 +202,7 @@ def select(study: Study, spec: str) -> dict:
         except json.JSONDecodeError:
             value = raw.strip()
         base[key.strip()] = value
-    if base["data"] == "ultrafeedback":
+    if base["data"] == "ultrafeedback" or base["loss"] == "kto":
         base.update({k: VARIABLES[k] for k in PAIR_SETTINGS})
     return base
 
@@ -216,11 +230,17 @@ def expand(study: Study, shared: list[Stage]) -> tuple[list[Stage], dict[str, Ar
 
     root, m = study.root.rstrip("/"), study.prompts_per_round
     for arm in arms(study):
-        values = {k: v for k, v in arm.items() if arm["data"] != "ultrafeedback" or k not in PAIR_SETTINGS}
+        kto = arm["loss"] == "kto"
+        no_pairs = arm["data"] == "ultrafeedback" or kto
+        # The arm's MLflow params: what applies to it (a null loss is the DPO config's: unchanged params).
+        values = {k: v for k, v in arm.items() if not (no_pairs and k in PAIR_SETTINGS) and (k, v) != ("loss", None)}
         policy_stage, policy_dir, earlier_pairs = study.sft, sft_dir, []
         for r in range(1, arm["rounds"] + 1):
             sources, pairs_stage, stats = [], None, None
-            if arm["data"] != "ultrafeedback":
+            if kto and arm["data"] != "ultrafeedback":  # every sample, labelled: no pairs stage
+                sources.append({"path": samples_file, "format": "samples", **study.kto_labels})
+                pairs_stage = study.samples
+            elif arm["data"] != "ultrafeedback":
                 samples_stage, samples, first, num = study.samples, samples_file, 0, m if arm["rounds"] > 1 else None
                 if r >= 2:
                     out = f"{root}/samples/{label(arm, 'sample', r)}"
@@ -282,7 +302,7 @@ def expand(study: Study, shared: list[Stage]) -> tuple[list[Stage], dict[str, Ar
                 Stage(
                     name=f"dpo-{name}",
                     command="fit",
-                    config=list(study.dpo_config),
+                    config=list(study.dpo_config) + (list(study.kto_config) if kto else []),
                     args=list(study.dpo_args)
                     + [
                         f"--model.init_args.policy.name_or_path={policy_dir}",
@@ -291,6 +311,8 @@ def expand(study: Study, shared: list[Stage]) -> tuple[list[Stage], dict[str, Ar
                         "--data.init_args.sources=" + json.dumps(sources),
                         f"--export.dirpath={export}",
                     ]
+                    + ([f"--model.init_args.loss_type={arm['loss']}"] if arm["loss"] and not kto else [])
+                    + list(study.loss_args.get(arm["loss"], []))
                     + [
                         f"--{k}={v if isinstance(v, str) else json.dumps(v)}"
                         for k, v in sorted(arm.items())

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from synpref.data.preferences import PreferenceDataModule, PreferenceSource
-from synpref.losses import dpo_loss
+from synpref.losses import PreferenceLoss
 from synpref.models import load_causal_lm
 from synpref.modules.dpo import DPOModule, sequence_logps
 from synpref.specs import ModelSpec
@@ -103,8 +103,8 @@ def test_matches_trl(small, tiny_model, loss_type, label_smoothing):
     batch = small.collate(items)
     logps, lengths = sequence_logps(policy, batch)
     ref_logps, _ = sequence_logps(ref, batch)
-    losses, rc, rr = dpo_loss(
-        logps[:6], logps[6:], ref_logps[:6], ref_logps[6:], 0.1, loss_type, label_smoothing, lengths[:6], lengths[6:]
+    losses, rc, rr = PreferenceLoss(loss_type, 0.1, label_smoothing)(
+        logps[:6], logps[6:], ref_logps[:6], ref_logps[6:], lengths[:6], lengths[6:]
     )
     ours = {
         "loss": losses.mean().item(),

@@ -141,6 +141,15 @@ def test_reference_with_another_tokenizer_names_both_paths(in_tmp, tiny_model, c
         ([*DPO, "--model.init_args.beta=0"], "'model.init_args.beta': must be > 0, got 0.0"),
         ([*DPO, "--model.init_args.beta=-1"], "'model.init_args.beta': must be > 0, got -1.0"),
         ([*DPO, "--model.init_args.label_smoothing=0.5"], "'model.init_args.label_smoothing': must lie in [0, 0.5)"),
+        ([*DPO, "--model.init_args.loss_type=dpo"], "'model.init_args.loss_type': unknown 'dpo'"),
+        (
+            [*DPO, "--model.init_args.loss_type=[sigmoid,sft]", "--model.init_args.loss_weights=[1.0]"],
+            "'model.init_args.loss_weights': must have the same length as loss_type",
+        ),
+        (
+            [*DPO, "--model.init_args.loss_type=simpo", "--model.init_args.ref_model.name_or_path=artifacts/tiny/base"],
+            "'model.init_args.ref_model.name_or_path': loss_type 'simpo' is reference-free",
+        ),
         (
             [*SAMPLE, "--model.init_args.decoding.max_new_tokens=0"],
             "'decoding.max_new_tokens': must be ≥ 1, got 0",
@@ -161,6 +170,9 @@ def test_reference_with_another_tokenizer_names_both_paths(in_tmp, tiny_model, c
         "beta0",
         "beta-1",
         "smoothing",
+        "loss-name",
+        "loss-weights",
+        "reference-free",
         "sample-tokens",
         "sample-temp",
         "samples1",

@@ -281,3 +281,45 @@ def test_full_scale_grid_expands_and_its_stages_resolve(monkeypatch):
         "best_worst",
         "HuggingFaceH4/ultrafeedback_binarized",
     )
+
+
+@pytest.mark.parametrize("path", ["configs/tiny/losses.yaml", "configs/losses.yaml"])
+def test_loss_study_expands_and_its_stages_resolve(path, monkeypatch):
+    """loss as a grid variable: pair losses share one pairs stage; KTO reads every sample; SimPO gets its β, γ."""
+    from synpref.stages import resolve_config
+
+    monkeypatch.chdir(ROOT)
+    config = yaml.safe_load((ROOT / path).read_text())
+    study, shared = Study(**config["study"]), [Stage(**s) for s in config["stages"]]
+    stages, info = expand(study, shared)
+    kinds = Counter(s.name.split("-", 1)[0] for s in stages)
+    assert kinds == {"dpo": 10, "eval": 10, "pairs": 1}
+    by_name = {s.name: s for s in stages}
+    kto = by_name["dpo-synthetic-kto"]
+    assert kto.needs == ["sft", "sample"] and not any(n.startswith("pairs") for n in kto.needs)
+    resolved = resolve_config(kto)
+    assert resolved["model.class_path"].endswith("KTOModule") and resolved["data.class_path"].endswith(
+        "UnpairedDataModule"
+    )
+    (source,) = resolved["data.init_args.sources"]
+    assert source["format"] == "samples" and source["path"].endswith("samples/samples.jsonl")
+    assert source["label_rule"] == "median"
+    assert info["eval-synthetic-kto"].values == {"data": "synthetic", "rounds": 1, "reference": "sft", "loss": "kto"}
+    simpo = resolve_config(next(s for n, s in by_name.items() if n.startswith("dpo-synthetic") and "losssimpo" in n))
+    assert (simpo["model.init_args.loss_type"], simpo["model.init_args.beta"]) == ("simpo", 2.0)
+    assert simpo["model.init_args.ref_model.name_or_path"] is None  # reference-free: no path given
+    ipo = resolve_config(by_name["dpo-ultrafeedback-lossipo"])
+    assert ipo["model.init_args.loss_type"] == "ipo" and ipo["model.init_args.beta"] == 0.1
+    assert resolve_config(by_name["dpo-ultrafeedback-kto"])["data.init_args.sources"][0]["format"] == (
+        "ultrafeedback_binarized"
+    )
+
+
+def test_bad_loss_arm_is_named():
+    study, _ = tiny_study()
+    study.sweeps = [{"loss": ["dpo"]}]
+    with pytest.raises(ConfigError, match=r"study.sweeps\[0\].loss.*'dpo'"):
+        arms(study)
+    study.sweeps = [{"loss": ["kto"], "rounds": [2]}]
+    with pytest.raises(ConfigError, match="1 for loss kto"):
+        arms(study)

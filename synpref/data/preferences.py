@@ -110,6 +110,24 @@ def _binarize_openbmb(row: dict, rule: str, seed: int) -> dict:
     }
 
 
+def to_pair(
+    row: dict, fmt: str, binarize: str = "random", seed: int = 0
+) -> tuple[list[dict], str, str, Optional[float], Optional[float]]:
+    """(prompt messages, chosen text, rejected text, score_chosen, score_rejected) of a raw row."""
+    if fmt == "openbmb":
+        row = _binarize_openbmb(row, binarize, seed)
+    require(row, ["chosen", "rejected"])
+    prompt = row.get("prompt")
+    if fmt == "ultrafeedback_binarized":
+        prompt = None  # its `prompt` string is the first user turn; the conversations carry it
+    elif prompt is not None:
+        prompt = _as_messages(prompt, "prompt", "user")
+    chosen = _as_messages(row["chosen"], "chosen", "assistant")
+    rejected = _as_messages(row["rejected"], "rejected", "assistant")
+    prompt, c, r = _split_pair(prompt, chosen, rejected)
+    return prompt, c, r, row.get("score_chosen"), row.get("score_rejected")
+
+
 class PreferenceDataModule(TokenizedDataModule):
     """Tokenized pairs (prompt_ids, chosen_ids, rejected_ids, index) from one or more `sources`.
 
@@ -162,19 +180,7 @@ class PreferenceDataModule(TokenizedDataModule):
     def to_pair(
         self, row: dict, fmt: str, binarize: str = "random"
     ) -> tuple[list[dict], str, str, Optional[float], Optional[float]]:
-        """(prompt messages, chosen text, rejected text, score_chosen, score_rejected) of a raw row."""
-        if fmt == "openbmb":
-            row = _binarize_openbmb(row, binarize, self.seed)
-        require(row, ["chosen", "rejected"])
-        prompt = row.get("prompt")
-        if fmt == "ultrafeedback_binarized":
-            prompt = None  # its `prompt` string is the first user turn; the conversations carry it
-        elif prompt is not None:
-            prompt = _as_messages(prompt, "prompt", "user")
-        chosen = _as_messages(row["chosen"], "chosen", "assistant")
-        rejected = _as_messages(row["rejected"], "rejected", "assistant")
-        prompt, c, r = _split_pair(prompt, chosen, rejected)
-        return prompt, c, r, row.get("score_chosen"), row.get("score_rejected")
+        return to_pair(row, fmt, binarize, self.seed)
 
     def encode(self, row: dict, fmt: str, binarize: str = "random") -> dict:
         prompt, chosen, rejected, s_c, s_r = self.to_pair(row, fmt, binarize)

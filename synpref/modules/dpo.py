@@ -1,4 +1,4 @@
-"""DPO (sigmoid, conservative, IPO) against a frozen reference model, live or precomputed and cached."""
+"""DPO and its loss family against a frozen reference model (live or precomputed and cached), or SimPO without one."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ import torch
 from synpref.batching import length_batches
 from synpref.errors import ConfigError
 from synpref.logprobs import token_logps
-from synpref.losses import LossType, dpo_loss
+from synpref.losses import PreferenceLoss
 from synpref.models import check_same_tokenizer, load_frozen_causal_lm, load_tokenizer
 from synpref.modules.base import CausalLMModule
 from synpref.outputs import check_writable
@@ -26,18 +26,34 @@ log = logging.getLogger(__name__)
 
 
 def sequence_logps(
-    model: torch.nn.Module, batch: dict, chunk_size: Optional[int] = 256
+    model: torch.nn.Module, batch: dict, chunk_size: Optional[int] = 256, ld_alpha: Optional[float] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of log-probs of the labelled (response) tokens per sequence, and their count.
 
     The LM head runs on response positions only, `chunk_size` at a time (`synpref.logprobs`):
-    prompt and padding positions never reach the vocabulary projection.
+    prompt and padding positions never reach the vocabulary projection. `ld_alpha`: see `row_sums`.
     """
     per_token, rows = token_logps(model, batch, chunk_size)
-    n = batch["input_ids"].shape[0]
-    logps = per_token.new_zeros(n).index_add(0, rows, per_token)
-    lengths = per_token.new_zeros(n).index_add(0, rows, torch.ones_like(per_token))
-    return logps, lengths
+    return row_sums(per_token, rows, batch["input_ids"].shape[0], ld_alpha)
+
+
+def row_sums(
+    per_token: torch.Tensor, rows: torch.Tensor, n: int, ld_alpha: Optional[float] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row sums of token log-probs and token counts; rows [0, n/2) are chosen, [n/2, n) rejected.
+
+    With `ld_alpha` (LD-DPO, Liu et al. 2024) the tokens of a reply beyond the length the pair's two
+    replies share count α times: a longer reply's log-prob no longer grows with its verbose tail.
+    """
+    ones = torch.ones_like(per_token)
+    lengths = per_token.new_zeros(n).index_add(0, rows, ones)
+    if ld_alpha is not None:
+        # Tokens come row by row in order, so a token's place in its reply is its index minus the row's start.
+        counts = lengths.long()
+        position = torch.arange(len(rows), device=rows.device) - (counts.cumsum(0) - counts)[rows]
+        shared = torch.minimum(counts[: n // 2], counts[n // 2 :]).repeat(2)
+        per_token = per_token * torch.where(position < shared[rows], ones, ones * ld_alpha)
+    return per_token.new_zeros(n).index_add(0, rows, per_token), lengths
 
 
 def fingerprint(model: torch.nn.Module, datasets_: list, extra: str = "") -> str:
@@ -66,14 +82,20 @@ class DPOModule(CausalLMModule):
     `precompute_ref_logps`, the reference log-probs of every train and val pair are computed once
     before training (sharded over ranks), cached in `ref_cache_dir` under a fingerprint of the
     reference weights and the tokenized pairs (a later run with the same ones reuses the file),
-    and the reference model is freed.
+    and the reference model is freed. A reference-free loss (`simpo`) loads no reference at all.
 
     Args:
         policy: the policy's ModelSpec (its `name_or_path`: the SFT export).
         ref_model: the reference's ModelSpec; unset fields follow the policy's.
-        beta: β, the KL-penalty strength (τ for IPO).
-        loss_type: `sigmoid` (DPO) or `ipo`; see `synpref.losses.dpo_loss`.
-        label_smoothing: ε of conservative DPO (sigmoid only); 0 = plain DPO.
+        beta: β, the KL-penalty strength (τ for IPO; SimPO's reward scale).
+        loss_type: a loss name or a list of them (TRL 1.16's 15 and `simpo`); see `synpref.losses`.
+        label_smoothing: ε of conservative DPO (sigmoid), robust, exo_pair, aot; 0 = none.
+        loss_weights: one weight per loss_type entry (default 1.0 each): Σ weight · loss (MPO).
+        ld_alpha: LD-DPO's α in [0, 1]: weight of reply tokens beyond the pair's shared length.
+        f_divergence_type: f-DPO's regulariser: reverse_kl (DPO), forward_kl, js_divergence, alpha_divergence.
+        f_alpha_divergence_coef: α of the alpha_divergence.
+        discopop_tau: τ of the discopop loss.
+        gamma: SimPO's target reward margin γ ≥ 0 (simpo only).
         precompute_ref_logps: compute the reference log-probs once before training.
         ref_cache_dir: where precomputed reference log-probs are cached.
         **kwargs: CausalLMModule's arguments (lr, scheduler, warmup, ...).
@@ -84,21 +106,41 @@ class DPOModule(CausalLMModule):
         policy: ModelSpec,
         ref_model: ModelSpec = ModelSpec(),
         beta: float = 0.1,
-        loss_type: LossType = "sigmoid",
+        loss_type: Union[str, list[str]] = "sigmoid",
         label_smoothing: float = 0.0,
+        loss_weights: Optional[list[float]] = None,
+        ld_alpha: Optional[float] = None,
+        f_divergence_type: str = "reverse_kl",
+        f_alpha_divergence_coef: float = 0.5,
+        discopop_tau: float = 0.05,
+        gamma: float = 0.5,
         precompute_ref_logps: bool = False,
         ref_cache_dir: str = "artifacts/cache/ref_logps",
         **kwargs,
     ):
         super().__init__(policy, **kwargs)
-        if loss_type not in ("sigmoid", "ipo"):
-            raise ConfigError("model.init_args.loss_type", f"unknown {loss_type!r}; expected 'sigmoid' or 'ipo'")
-        if not beta > 0:  # 0 leaves the policy at the reference; < 0 trains the reverse preference
-            raise ConfigError("model.init_args.beta", f"must be > 0, got {beta}")
-        if label_smoothing and loss_type != "sigmoid":
-            raise ConfigError("model.init_args.label_smoothing", "applies to the sigmoid loss only")
-        if not 0.0 <= label_smoothing < 0.5:
-            raise ConfigError("model.init_args.label_smoothing", f"must lie in [0, 0.5), got {label_smoothing}")
+        self.loss = PreferenceLoss(
+            loss_type,
+            beta,
+            label_smoothing,
+            loss_weights,
+            f_divergence_type,
+            f_alpha_divergence_coef,
+            discopop_tau,
+            gamma,
+        )
+        if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
+            raise ConfigError("model.init_args.ld_alpha", f"must lie in [0, 1] (1 = plain DPO), got {ld_alpha}")
+        if self.loss.reference_free and ref_model.name_or_path:
+            raise ConfigError(
+                "model.init_args.ref_model.name_or_path",
+                f"loss_type {loss_type!r} is reference-free: no reference model is used; remove the path",
+            )
+        if self.loss.reference_free and precompute_ref_logps:
+            raise ConfigError(
+                "model.init_args.precompute_ref_logps",
+                f"loss_type {loss_type!r} is reference-free: nothing to precompute",
+            )
         self.ref_model, self.ref_spec = ref_model, ref_model.following(policy)
         self.ref_path = self.ref_spec.name_or_path
         if self.lora is not None and (ref_model.name_or_path not in (None, policy.name_or_path) or ref_model.dtype):
@@ -109,7 +151,7 @@ class DPOModule(CausalLMModule):
                 f"with lora the reference is the policy's base model with its adapters switched off; "
                 f"drop ref_model ({ref_model}), or drop lora to train against a separate reference",
             )
-        if self.ref_path != self.model_name_or_path:
+        if self.ref_path != self.model_name_or_path and not self.loss.reference_free:
             # Here, not at the first step: the path must exist and score the policy's token ids.
             check_same_tokenizer(
                 self.tokenizer,
@@ -122,11 +164,17 @@ class DPOModule(CausalLMModule):
         self.labelled_by: list[str] = []  # the scorers that labelled the training pairs (record_labellers)
 
     def run_params(self) -> dict:
+        hp = self.hparams
         return {
             **super().run_params(),
             "pairs": pairs_kind(self.trainer.datamodule),
             "beta": self.hparams.beta,
-            "loss_type": self.hparams.loss_type,
+            "loss_type": "+".join(self.loss.loss_type),
+            # The settings that define a loss where they apply (None: left out of the params).
+            "loss_weights": None if hp.loss_weights is None else ",".join(map(str, hp.loss_weights)),
+            "gamma": hp.gamma if "simpo" in self.loss.loss_type else None,
+            "ld_alpha": hp.ld_alpha,
+            "f_divergence_type": None if hp.f_divergence_type == "reverse_kl" else hp.f_divergence_type,
         }
 
     # -- reference -----------------------------------------------------------------------------
@@ -169,7 +217,7 @@ class DPOModule(CausalLMModule):
                 )
             return torch.cat([table[:, 0], table[:, 1]]).to(self.device)
         with torch.no_grad(), self.reference_model() as ref:
-            return sequence_logps(ref, batch, self.hparams.logits_chunk_size)[0]
+            return sequence_logps(ref, batch, self.hparams.logits_chunk_size, self.hparams.ld_alpha)[0]
 
     # -- precomputation ------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -208,8 +256,9 @@ class DPOModule(CausalLMModule):
         """Fill the (pairs, 2) reference table from the cache file or one pass over train+val."""
         dm = self.trainer.datamodule
         sets = [s for s in (dm.train_set, dm.val_set) if s is not None]
+        ld = self.hparams.ld_alpha  # the table holds LD-weighted sums when it is set
         with self.reference_model() as ref:
-            key = fingerprint(ref, sets, extra=str(self.trainer.precision))
+            key = fingerprint(ref, sets, extra=str(self.trainer.precision) + ("" if ld is None else f":ld_alpha={ld}"))
             path = Path(self.hparams.ref_cache_dir) / f"ref_logps-{key}.pt"
             hit = self.trainer.strategy.broadcast(path.exists())
             if not hit:
@@ -240,7 +289,8 @@ class DPOModule(CausalLMModule):
                 batch = dm.collate([ds[i] for i in indices])
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 with self.trainer.precision_plugin.forward_context():
-                    logps = sequence_logps(ref, batch, self.hparams.logits_chunk_size)[0].float()
+                    logps = sequence_logps(ref, batch, self.hparams.logits_chunk_size, self.hparams.ld_alpha)[0]
+                logps = logps.float()
                 b = batch["index"].numel()
                 table[batch["index"], 0] = logps[:b]
                 table[batch["index"], 1] = logps[b:]
@@ -250,15 +300,17 @@ class DPOModule(CausalLMModule):
 
     # -- steps ---------------------------------------------------------------------------------
     def dpo_step(self, batch: dict) -> dict[str, torch.Tensor]:
-        # Reference first: its no-grad temporaries are freed before the policy's activations exist,
-        # so the two never add up in the peak.
-        ref = self.ref_logps(batch)
-        logps, lengths = sequence_logps(self.model, batch, self.hparams.logits_chunk_size)
-        ref = ref.to(logps.dtype)
         b = batch["index"].numel()
-        hp = self.hparams
-        losses, chosen_rewards, rejected_rewards = dpo_loss(
-            logps[:b], logps[b:], ref[:b], ref[b:], hp.beta, hp.loss_type, hp.label_smoothing, lengths[:b], lengths[b:]
+        # Reference first: its no-grad temporaries are freed before the policy's activations exist,
+        # so the two never add up in the peak. A reference-free loss has none.
+        ref = None if self.loss.reference_free else self.ref_logps(batch)
+        per_token, rows = token_logps(self.model, batch, self.hparams.logits_chunk_size)
+        logps, lengths = row_sums(per_token, rows, 2 * b, self.hparams.ld_alpha)
+        # The sft term: the mean NLL over every chosen token (unweighted by ld_alpha, as TRL's).
+        chosen_nll = -per_token[rows < b].mean() if "sft" in self.loss.loss_type else None
+        ref_chosen, ref_rejected = (None, None) if ref is None else ref.to(logps.dtype).chunk(2)
+        losses, chosen_rewards, rejected_rewards = self.loss(
+            logps[:b], logps[b:], ref_chosen, ref_rejected, lengths[:b], lengths[b:], chosen_nll
         )
         return {
             "loss": losses.mean(),
