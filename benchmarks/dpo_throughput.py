@@ -38,11 +38,15 @@ from realshape import (
     StepMeter,
     add_memory_args,
     check_equal_work,
+    floor_bytes,
+    lean_fields,
+    lora_group,
     matmul_peak,
     memory_argv,
     mfu_line,
     preset_model,
     shape,
+    trl_lean_args,
 )  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,6 +132,8 @@ def run_synpref(a) -> dict:
         optimizer_in_backward=a.optimizer_in_backward,
         loss_type=a.loss,
         **loss_args(a.loss),
+        lora=lora_group(a),
+        optim=a.optim,
     )
 
     class Timer(L.Callback):
@@ -177,7 +183,9 @@ def run_trl(a) -> dict:
     meter = Meter()
     ds = load_dataset("json", data_files=a.pairs, split="train")
     start = time.perf_counter()
+    optim, peft_kwargs = trl_lean_args(a)
     args = DPOConfig(
+        **optim,
         output_dir=tempfile.mkdtemp(),
         per_device_train_batch_size=a.batch_size,
         max_length=a.max_length,
@@ -214,6 +222,7 @@ def run_trl(a) -> dict:
         train_dataset=ds,
         processing_class=load_tokenizer(a.model),
         callbacks=[Timer()],
+        **peft_kwargs,
     )
     trainer.data_collator = meter.wrap(trainer.data_collator)
     trainer.train()
@@ -367,9 +376,11 @@ def main() -> None:
     if len(a.settings) < 2:
         return  # the RESULT line compares both settings
     tail = f" mfu={mfu[('synpref', 'live')]:.3f}" if mfu else ""
+    live = results[("synpref", "live")]["peak_rss_mb"] * 2**20
+    floor = None if a.lora else live / floor_bytes(a.model, a, reference=True)
     print(
         f"RESULT dpo speedup_live={speed['live']:.2f} speedup_precomputed={speed['precomputed']:.2f} "
-        f"memory_ratio={memory:.2f}{tail}"
+        f"memory_ratio={memory:.2f}{tail}{lean_fields(a, floor)}"
     )
 
 

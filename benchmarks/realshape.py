@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -160,10 +161,56 @@ def add_memory_args(p) -> None:
         help="synpref steps each parameter as its gradient completes (TRL has no such setting)",
     )
 
+    p.add_argument("--lora", type=int, help="LoRA rank on every linear layer, both sides (TRL: the same peft config)")
+    p.add_argument(
+        "--optim",
+        choices=["adamw", "adamw_bf16", "adamw_8bit"],
+        default="adamw",
+        help="synpref's optimizer; TRL gets the same where it has one (TRL_OPTIM)",
+    )
+
+
+# TRL's (transformers') name for the same optimizer; it has no bf16-moment AdamW without torchdistx.
+TRL_OPTIM = {"adamw": "adamw_torch_fused", "adamw_bf16": "adamw_torch_fused", "adamw_8bit": "adamw_torch_8bit"}
+
 
 def memory_argv(a) -> list[str]:
     """The memory settings of `a` as the command-line flags a worker subprocess reads back."""
     return [
         "--gradient-checkpointing" if a.gradient_checkpointing else "--no-gradient-checkpointing",
         "--optimizer-in-backward" if a.optimizer_in_backward else "--no-optimizer-in-backward",
+        *(["--lora", str(a.lora)] if a.lora else []),
+        "--optim",
+        a.optim,
     ]
+
+
+def lora_group(a):
+    """synpref's LoRA group for --lora R (alpha 2R, every linear layer), or None."""
+    from synpref.specs import LoRA
+
+    return LoRA(r=a.lora, alpha=2.0 * a.lora) if a.lora else None
+
+
+def trl_lean_args(a) -> tuple[dict, dict]:
+    """(TrainingArguments fields, trainer kwargs) giving TRL the same optimizer and peft config."""
+    group = lora_group(a)
+    return {"optim": TRL_OPTIM[a.optim]}, ({"peft_config": group.config()} if group else {})
+
+
+def floor_bytes(model: str, a, reference: bool) -> float:
+    """What a full fine-tune must hold: fp32 weights, the gradients as held (all, or only the tied
+    embedding's when stepped in the backward), the optimizer state and a live fp32 reference."""
+    from transformers import AutoConfig
+
+    from synpref.estimate import OPTIM_STATE_BYTES, Shape
+
+    shape = Shape.from_config(AutoConfig.from_pretrained(model))
+    grads = 4 * (shape.vocab * shape.hidden if a.optimizer_in_backward else shape.params)
+    return (4 + OPTIM_STATE_BYTES[a.optim] + (4 if reference else 0)) * shape.params + grads
+
+
+def lean_fields(a, floor_ratio: Optional[float]) -> str:
+    """The RESULT line's `lora=`, `optim=` and (full fine-tunes) `floor_ratio=` fields."""
+    floor = "" if floor_ratio is None else f" floor_ratio={floor_ratio:.2f}"
+    return f" lora={a.lora or 0} optim={a.optim}{floor}"

@@ -34,11 +34,15 @@ from realshape import (
     StepMeter,
     add_memory_args,
     check_equal_work,
+    floor_bytes,
+    lean_fields,
+    lora_group,
     matmul_peak,
     memory_argv,
     mfu_line,
     preset_model,
     shape,
+    trl_lean_args,
 )  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,6 +126,8 @@ def run_synpref(args) -> dict:
         logits_chunk_size=args.chunk,
         gradient_checkpointing=args.gradient_checkpointing,
         optimizer_in_backward=args.optimizer_in_backward,
+        lora=lora_group(args),
+        optim=args.optim,
     )
 
     class Timer(L.Callback):
@@ -156,9 +162,11 @@ def run_trl(args) -> dict:
     torch.manual_seed(0)
     meter = Meter()
     rows = [json.loads(line) for line in open(args.data, encoding="utf-8")]
+    optim, peft_kwargs = trl_lean_args(args)
     # Single-turn rows: prompt = the user turn, completion = the reply; completion-only loss.
     ds = datasets.Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows])
     config = SFTConfig(
+        **optim,
         output_dir=tempfile.mkdtemp(),
         max_steps=args.steps,
         per_device_train_batch_size=args.batch_size,
@@ -187,7 +195,12 @@ def run_trl(args) -> dict:
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     trainer = SFTTrainer(
-        model=model, args=config, train_dataset=ds, processing_class=load_tokenizer(args.model), callbacks=[Timer()]
+        model=model,
+        args=config,
+        train_dataset=ds,
+        processing_class=load_tokenizer(args.model),
+        callbacks=[Timer()],
+        **peft_kwargs,
     )
     trainer.data_collator = meter.wrap(trainer.data_collator)
     trainer.train()
@@ -312,9 +325,10 @@ def main() -> None:
         f"best tokens/s: synpref {speed['synpref']:.0f}, TRL {speed['trl']:.0f}; "
         f"peak RSS: synpref {memory['synpref']:.0f} MB, TRL {memory['trl']:.0f} MB"
     )
+    floor = None if args.lora else memory["synpref"] * 2**20 / floor_bytes(args.model, args, reference=False)
     print(
         f"RESULT sft speedup={speed['synpref'] / speed['trl']:.2f} memory_ratio={memory['synpref'] / memory['trl']:.2f} "
-        f"mfu={mfu['synpref']:.3f}"
+        f"mfu={mfu['synpref']:.3f}{lean_fields(args, floor)}"
     )
 
 
