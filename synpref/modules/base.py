@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import time
@@ -249,8 +248,15 @@ class CausalLMModule(L.LightningModule):
         if self.lora is None:
             self.model.save_pretrained(out)
         else:
-            # A plain HF model for sampling, evaluation and servers; the adapter alone beside it.
+            # A plain HF model for sampling, evaluation and servers, and the adapter alone beside it;
+            # merged in place and back, so no second copy of the weights is ever held.
             self._peft[0].save_pretrained(out / "adapter")
-            copy.deepcopy(self._peft[0]).merge_and_unload().save_pretrained(out)
+            self._peft[0].merge_adapter()
+            try:
+                weights = self.model.state_dict()
+                plain = {k.replace(".base_layer.", "."): v for k, v in weights.items() if "lora_" not in k}
+                self.model.save_pretrained(out, state_dict=plain)
+            finally:
+                self._peft[0].unmerge_adapter()
         self.tokenizer.save_pretrained(out)
         return out
