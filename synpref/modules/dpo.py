@@ -15,7 +15,7 @@ import torch
 
 from synpref.batching import length_batches
 from synpref.errors import ConfigError
-from synpref.logprobs import token_logps
+from synpref.logprobs import row_sums, sequence_logps, token_logps
 from synpref.losses import PreferenceLoss
 from synpref.models import check_same_tokenizer, load_frozen_causal_lm, load_tokenizer
 from synpref.modules.base import CausalLMModule
@@ -23,37 +23,6 @@ from synpref.outputs import check_writable
 from synpref.specs import ModelSpec
 
 log = logging.getLogger(__name__)
-
-
-def sequence_logps(
-    model: torch.nn.Module, batch: dict, chunk_size: Optional[int] = 256, ld_alpha: Optional[float] = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of log-probs of the labelled (response) tokens per sequence, and their count.
-
-    The LM head runs on response positions only, `chunk_size` at a time (`synpref.logprobs`):
-    prompt and padding positions never reach the vocabulary projection. `ld_alpha`: see `row_sums`.
-    """
-    per_token, rows = token_logps(model, batch, chunk_size)
-    return row_sums(per_token, rows, batch["input_ids"].shape[0], ld_alpha)
-
-
-def row_sums(
-    per_token: torch.Tensor, rows: torch.Tensor, n: int, ld_alpha: Optional[float] = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row sums of token log-probs and token counts; rows [0, n/2) are chosen, [n/2, n) rejected.
-
-    With `ld_alpha` (LD-DPO, Liu et al. 2024) the tokens of a reply beyond the length the pair's two
-    replies share count α times: a longer reply's log-prob no longer grows with its verbose tail.
-    """
-    ones = torch.ones_like(per_token)
-    lengths = per_token.new_zeros(n).index_add(0, rows, ones)
-    if ld_alpha is not None:
-        # Tokens come row by row in order, so a token's place in its reply is its index minus the row's start.
-        counts = lengths.long()
-        position = torch.arange(len(rows), device=rows.device) - (counts.cumsum(0) - counts)[rows]
-        shared = torch.minimum(counts[: n // 2], counts[n // 2 :]).repeat(2)
-        per_token = per_token * torch.where(position < shared[rows], ones, ones * ld_alpha)
-    return per_token.new_zeros(n).index_add(0, rows, per_token), lengths
 
 
 def fingerprint(model: torch.nn.Module, datasets_: list, extra: str = "") -> str:

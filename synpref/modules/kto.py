@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from synpref.errors import ConfigError
+from synpref.logprobs import sequence_logps
 from synpref.losses import kto_loss
-from synpref.modules.dpo import DPOModule, sequence_logps
+from synpref.modules.dpo import DPOModule
 from synpref.specs import ModelSpec
 
 
