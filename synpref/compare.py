@@ -8,7 +8,15 @@ from pathlib import Path
 from typing import Optional
 
 from synpref.errors import ConfigError
-from synpref.report import judge_columns, judge_fields, judges_table, model_cell, power_lines, self_judged_warnings
+from synpref.report import (
+    judge_columns,
+    judge_fields,
+    judge_results,
+    judges_table,
+    model_cell,
+    power_lines,
+    self_judged_warnings,
+)
 from synpref.tracking import pipeline_runs
 from synpref.tracking import tracking_uri as default_tracking_uri
 
@@ -175,14 +183,35 @@ def compare(
     return table
 
 
+def figure_series(rows: list[dict]) -> list[tuple[str, dict, bool]]:
+    """(label, metrics, self-judged) per model and judge: every judge's win rate gets its bars."""
+    nan = float("nan")
+    series = []
+    for r in rows:
+        judges = judge_results(r)
+        for label, m in judges.items():
+            name = r["model"] if len(judges) == 1 and not r.get("judges") else f"{r['model']}\n{label}"
+            values = {k: nan if m.get(k) is None else m[k] for k in RATE_COLUMNS} | {"n": m.get("n", r["n"])}
+            series.append((name, values, bool(m.get("self_judged"))))
+    return series
+
+
 def write_figures(rows: list[dict], out: Path) -> list[Path]:
-    """The paper's Figures 1 and 2 over all compared models (baseline: the first row's)."""
+    """The paper's Figure 1 per model and judge (a self-judged one hatched and labelled so) and Figure 2
+    (the primary judge's average rewards) over all compared models (baseline: the first row's)."""
     from synpref.metrics import plot_average_rewards, plot_win_rates
 
     out.mkdir(parents=True, exist_ok=True)
     nan = float("nan")
-    series = [(r["model"], {k: nan if r.get(k) is None else r[k] for k in RATE_COLUMNS} | {"n": r["n"]}) for r in rows]
     baseline = rows[0]["baseline"] or "baseline"
-    plot_win_rates(series, out / "win_rates.png", baseline)
-    plot_average_rewards(series, out / "avg_rewards.png", baseline)
+    series = figure_series(rows)
+    plot_win_rates([(n, m) for n, m, _ in series], out / "win_rates.png", baseline, [s for *_, s in series])
+    primary = [
+        (
+            r["model"] + (" (self-judged)" if r.get("self_judged") else ""),
+            {k: nan if r.get(k) is None else r[k] for k in RATE_COLUMNS} | {"n": r["n"]},
+        )
+        for r in rows
+    ]
+    plot_average_rewards(primary, out / "avg_rewards.png", baseline)
     return [out / "win_rates.png", out / "avg_rewards.png"]

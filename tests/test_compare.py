@@ -96,3 +96,83 @@ def test_table_from_two_runs(tmp_path, capsys):
     client.create_experiment("empty")
     with pytest.raises(ValueError, match="no eval run"):
         compare("empty", tracking_uri=uri)
+
+
+def judged_row(model, primary, judges=None, n=100):
+    """An eval_runs row: the primary judge's metrics, and per judge (label → (win, low, high, self_judged))."""
+    win, low, high, self_judged = primary
+    row = {"model": model, "baseline": "sft", "reward_model": "synpref.rewards.RuleReward", "n": n}
+    row.update(win_rate=win, win_rate_ci_low=low, win_rate_ci_high=high, self_judged=float(self_judged))
+    if judges:
+        row["judges"] = {
+            label: {"win_rate": w, "win_rate_ci_low": lo, "win_rate_ci_high": hi, "self_judged": float(s)}
+            for label, (w, lo, hi, s) in judges.items()
+        }
+    return row
+
+
+def test_verdict_leads_with_the_independent_judge_and_names_the_self_judged_one():
+    from synpref.parent_run import verdict
+
+    rows = [
+        judged_row(
+            "dpo_synthetic",
+            (0.68, 0.58, 0.76, True),
+            {"RuleReward": (0.68, 0.58, 0.76, True), "clarity": (0.25, 0.17, 0.34, False)},
+        ),
+        judged_row(
+            "dpo_ultrafeedback",
+            (0.66, 0.56, 0.75, False),
+            {"RuleReward": (0.66, 0.56, 0.75, False), "clarity": (0.36, 0.27, 0.46, False)},
+        ),
+    ]
+    assert verdict(rows) == (
+        "clarity (independent): ultrafeedback 36% [27, 46] vs synthetic 25% [17, 34] vs sft; "
+        "RuleReward (self-judged for synthetic): ultrafeedback 66% [56, 75] vs synthetic 68% [58, 76], N = 100"
+    )
+
+
+def test_verdict_says_when_no_independent_judge_is_configured():
+    from synpref.parent_run import verdict
+
+    rows = [
+        judged_row("dpo_synthetic", (0.68, 0.58, 0.76, True)),
+        judged_row("dpo_ultrafeedback", (0.66, 0.56, 0.75, False)),
+    ]
+    assert verdict(rows) == (
+        "RuleReward (self-judged for synthetic): synthetic 68% [58, 76] vs ultrafeedback 66% [56, 75] vs sft; "
+        "no independent judge configured (add one under `judges:`), N = 100"
+    )
+    # A single judge that labelled none of the arms' pairs is independent.
+    rows[0]["self_judged"] = 0.0
+    assert verdict(rows).startswith("RuleReward (independent): synthetic 68% [58, 76]")
+
+
+def test_win_rate_figure_has_bars_per_judge_with_the_self_judged_marked(tmp_path, monkeypatch):
+    import synpref.metrics
+    from synpref.compare import write_figures
+
+    drawn = {}
+    real = synpref.metrics.plot_win_rates
+    monkeypatch.setattr(
+        synpref.metrics,
+        "plot_win_rates",
+        lambda rows, path, baseline, marked: (
+            drawn.update(rows=rows, marked=marked) or real(rows, path, baseline, marked)
+        ),
+    )
+    rows = [
+        judged_row(
+            "dpo_synthetic",
+            (0.68, 0.58, 0.76, True),
+            {"RuleReward": (0.68, 0.58, 0.76, True), "clarity": (0.25, 0.17, 0.34, False)},
+        )
+    ]
+    for r in rows:
+        r.update(tie_rate=0.0, loss_rate=1 - r["win_rate"])
+        for m in r["judges"].values():
+            m.update(tie_rate=0.0, loss_rate=1 - m["win_rate"])
+    files = write_figures(rows, tmp_path)
+    assert [name for name, _ in drawn["rows"]] == ["dpo_synthetic\nRuleReward", "dpo_synthetic\nclarity"]
+    assert [m["win_rate"] for _, m in drawn["rows"]] == [0.68, 0.25] and drawn["marked"] == [True, False]
+    assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)
