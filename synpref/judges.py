@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from itertools import combinations
 from pathlib import Path
@@ -210,9 +211,12 @@ def read_provenance(model_name_or_path: str) -> list[str]:
 def self_judged(judges: Sequence[Judge], labels: Sequence[str], labelled_by: Sequence[str]) -> dict[str, bool]:
     """label → True when that judge is the scorer that labelled the policy's training pairs."""
     result = {label: getattr(j, "name", None) in set(labelled_by) for j, label in zip(judges, labels)}
+    # Under `synpref reproduce` the pipeline's table says it, once for all stages.
+    level = logging.DEBUG if os.environ.get("SYNPREF_PIPELINE_STAGE") else logging.WARNING
     for label, same in result.items():
         if same:
-            log.warning(
+            log.log(
+                level,
                 "judge %s is the scorer that labelled the policy's training pairs: its win rate is "
                 "SELF-JUDGED (the policy was trained to please it); read an independent judge",
                 label,

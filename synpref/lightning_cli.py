@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from synpref.callbacks import HFExportCallback, MLflowSaveConfigCallback
+from synpref.console import verbose
 from synpref.tracking import DEFAULT_EXPERIMENT, experiment_id, mlflow_loggers, tracking_uri
 
 
@@ -42,6 +44,8 @@ class SynprefCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
+        if not verbose():  # the parameter table is chatter beside the progress bar (`--verbose` shows it)
+            self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, ModelSummary)]
         # Made here, before the logger makes it: a relative store keeps its artifact paths relative.
         for logger in mlflow_loggers(self.trainer):
             experiment_id(logger._mlflow_client, logger._experiment_name, logger._tracking_uri or tracking_uri())

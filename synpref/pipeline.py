@@ -65,7 +65,8 @@ def run_stage(
     log_path = state / "logs" / f"{stage.name}.log"
     start = time.perf_counter()
     try:
-        code = run_process(cmd, log_path, {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"})
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1", "SYNPREF_PIPELINE_STAGE": stage.name}
+        code = run_process(cmd, log_path, env)
     except Interrupted as e:
         name, code = e.args
         end_parent(client, parent, "KILLED", f"interrupted by {name} in stage {stage.name!r}", stage.name)
