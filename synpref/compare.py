@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Optional
 
 from synpref.errors import ConfigError
+from synpref.replies import REPLIES_TABLE, replies
+from synpref.replies import show as show_replies
 from synpref.report import (
     judge_columns,
     judge_fields,
@@ -127,6 +129,7 @@ def compare(
     figures_dir: Optional[str] = None,
     head_to_head: list[list[str]] = [],
     log_to_parent: bool = True,
+    show: int = 0,
 ) -> str:
     """Read the experiment's `synpref predict --config configs/eval.yaml` runs; print and return the
     table as markdown, and write it as CSV.
@@ -142,7 +145,10 @@ def compare(
         head_to_head: pairs of arms (their labels or model names) compared prompt by prompt: the
             difference of their win rates with a paired 95% interval and the prompts needed to
             resolve it (synpref.study_report).
-        log_to_parent: log the table to `parent_run_id` (False: a finished run, only read).
+        log_to_parent: log the table to `parent_run_id` (False: a finished run, only read); with it goes
+            `replies.json`, an MLflow table of every arm's reply beside the baseline's on each prompt.
+        show: print this many prompts with every arm's reply beside the baseline's and each judge's
+            verdict, those where judges or arms disagree first (synpref.replies).
     """
     from mlflow import MlflowClient
 
@@ -175,11 +181,16 @@ def compare(
             writer.writerows(flat)
         log.info("wrote %s", csv)
     figures = write_figures(rows, Path(figures_dir)) if figures_dir else []
+    merged = replies(client, rows) if show or (parent_run_id and log_to_parent) else ([], {})
     if parent_run_id and log_to_parent:
         client.log_text(parent_run_id, table + "\n", "win_rates.md")
         for path in ([csv] if csv else []) + figures + study_files:
             client.log_artifact(parent_run_id, str(path))
+        if merged[0]:
+            client.log_table(parent_run_id, merged[1], REPLIES_TABLE)
     print(table)
+    if show and merged[0]:
+        print("\n" + show_replies(merged[1], merged[0], show))
     return table
 
 

@@ -30,15 +30,19 @@ PROVENANCE_FILE = "synpref_provenance.json"
 _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 
 
+def short_label(name: str) -> str:
+    """A judge's name as a metric-name label: 'synpref.rewards.RuleReward' → RuleReward, 'pkg.mod:fn' → fn."""
+    base = re.split(r"[/:]", name.split("@")[0])[-1]
+    base = base.split(".")[-1] if _DOTTED.match(base) else base
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", base)
+
+
 def judge_labels(judges: Sequence[Judge]) -> list[str]:
     """Short, unique metric-name labels: 'synpref.rewards.RuleReward' → RuleReward,
     'pkg.mod:fn' → fn, 'org/model@url' → model; repeats get _2, _3."""
     labels: list[str] = []
     for judge in judges:
-        name = str(getattr(judge, "name", "") or type(judge).__name__).split("@")[0]
-        base = re.split(r"[/:]", name)[-1]
-        base = base.split(".")[-1] if _DOTTED.match(base) else base
-        base = re.sub(r"[^A-Za-z0-9_.-]", "_", base) or type(judge).__name__
+        base = short_label(str(getattr(judge, "name", "") or type(judge).__name__)) or type(judge).__name__
         label, k = base, 2
         while label in labels:
             label, k = f"{base}_{k}", k + 1

@@ -35,7 +35,9 @@ def judge_fields(metrics: dict) -> dict:
 
 def judge_label(name: str) -> str:
     """A judge's short label, as synpref.judges.judge_labels makes it: `synpref.rewards.RuleReward` → RuleReward."""
-    return re.split(r"[/:]", (name or "judge").split("@")[0])[-1].rsplit(".", 1)[-1]
+    from synpref.judges import short_label  # here: `synpref compare` imports torch only if it needs to
+
+    return short_label(name or "judge")
 
 
 def judge_results(row: dict) -> dict[str, dict]:

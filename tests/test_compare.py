@@ -1,6 +1,7 @@
 """`synpref compare`: Table 1 from MLflow runs, as markdown and CSV."""
 
 import csv
+import json
 import struct
 
 import pytest
@@ -176,3 +177,84 @@ def test_win_rate_figure_has_bars_per_judge_with_the_self_judged_marked(tmp_path
     assert [name for name, _ in drawn["rows"]] == ["dpo_synthetic\nRuleReward", "dpo_synthetic\nclarity"]
     assert [m["win_rate"] for _, m in drawn["rows"]] == [0.68, 0.25] and drawn["marked"] == [True, False]
     assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)
+
+
+def record(index, policy, verdicts, baseline="the SFT reply"):
+    """An eval.jsonl record judged by RuleReward and clarity: verdicts = (RuleReward outcome, clarity outcome)."""
+    judges = {
+        label: {"policy_reward": 1.0, "baseline_reward": 0.0, "outcome": o}
+        for label, o in zip(("RuleReward", "clarity"), verdicts)
+    }
+    return {
+        "index": index,
+        "outcome": verdicts[0],
+        "policy_reward": 1.0,
+        "baseline_reward": 0.0,
+        "policy_length": len(policy.split()),
+        "baseline_length": len(baseline.split()),
+        "judges": judges,
+        "prompt": [{"role": "user", "content": f"question {index}?"}],
+        "policy_response": policy,
+        "baseline_response": baseline,
+    }
+
+
+def log_records(client, run_id, records, tmp_path):
+    path = tmp_path / run_id / "eval.jsonl"
+    path.parent.mkdir()
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    client.log_artifact(run_id, str(path))
+    return path
+
+
+def test_eval_table_reads_side_by_side_with_each_judges_scores_and_winner(tmp_path, monkeypatch):
+    from synpref.callbacks.win_rate import eval_table
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    exp = client.create_experiment("t")
+    run = client.create_run(exp).info.run_id
+    jsonl = log_records(client, run, [record(0, "yes", ("win", "loss")), record(1, "no", ("tie", "win"))], tmp_path)
+    client.log_table(run, eval_table(jsonl), "eval_table.json")
+    table = client.load_table(exp, "eval_table.json", run_ids=[run])  # mlflow.load_table in the run's experiment
+    assert list(table.columns)[:4] == ["index", "prompt", "baseline_response", "policy_response"]
+    assert list(table["prompt"]) == ["question 0?", "question 1?"]
+    assert list(table["RuleReward/winner"]) == ["policy", "tie"] and list(table["clarity/winner"]) == [
+        "baseline",
+        "policy",
+    ]
+    assert list(table["clarity/policy"]) == [1.0, 1.0] and list(table["policy_length"]) == [1, 1]
+    # One judge: its verdict under its own label.
+    single = tmp_path / "single.jsonl"
+    single.write_text(json.dumps({k: v for k, v in record(0, "yes", ("loss", "win")).items() if k != "judges"}) + "\n")
+    assert eval_table(single, "RuleReward")["RuleReward/winner"] == ["baseline"]
+
+
+def test_replies_side_by_side_on_the_parent_run_and_disagreements_shown_first(tmp_path, capsys, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    exp = client.create_experiment("paper")
+    parent = client.create_run(exp, run_name="pipeline").info.run_id
+    outcomes = {  # prompt → (synthetic's judges' outcomes, ultrafeedback's); prompt 2: the judges disagree
+        "dpo_synthetic": [("win", "win"), ("loss", "loss"), ("win", "loss")],
+        "dpo_ultrafeedback": [("win", "win"), ("loss", "loss"), ("win", "win")],
+    }
+    for arm, verdicts in outcomes.items():
+        run = log_eval_run(client, exp, f"artifacts/{arm}", metrics(0.5, 0, 0.4, 0.6, 1.0, 0.0, 1.0, n=3), parent)
+        log_records(client, run, [record(i, f"{arm} says {i}", v) for i, v in enumerate(verdicts)], tmp_path)
+
+    compare("paper", tracking_uri=uri, parent_run_id=parent, show=2)
+    shown = capsys.readouterr().out.split("── prompt ")[1:]
+    assert [block.split("\n")[0] for block in shown] == [
+        "2 (judges disagree on dpo_synthetic; clarity splits the arms)",
+        "0",
+    ]
+    assert "dpo_synthetic [RuleReward: win, clarity: loss]: dpo_synthetic says 2" in shown[0]
+    assert "sft: the SFT reply" in shown[0] and "prompt: question 2?" in shown[0]
+
+    replies = client.load_table(exp, "replies.json", run_ids=[parent])
+    assert list(replies["index"]) == [0, 1, 2] and list(replies["sft"]) == ["the SFT reply"] * 3
+    assert list(replies["dpo_ultrafeedback"]) == [f"dpo_ultrafeedback says {i}" for i in range(3)]
+    assert list(replies["dpo_synthetic/clarity"]) == ["win", "loss", "loss"] and all(replies["same_baseline"])
