@@ -15,6 +15,7 @@ from synpref.invocation import INVOCATION
 # Imported before main() configures logging, as Lightning expects: it then gives its own loggers a
 # handler of their own, so its messages do not go through the root handler main() sets up.
 from synpref.lightning_cli import SynprefCLI
+from synpref.resources import resolve_config_args
 
 # name -> ("module:function", one-line help). The function is imported only when its command runs
 # (nothing here imports a module that imports back), with jsonargparse's CLI, so `--help` and
@@ -68,6 +69,7 @@ def main(args: Optional[Sequence[str]] = None):
         os.environ[VERBOSE_ENV] = "1"
     argv = [a for a in argv if a not in ("--debug", "--verbose")]
     INVOCATION[:] = argv
+    argv = resolve_config_args(argv)  # `--config synpref://configs/...`: a config shipped in the package
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet()
     if args is None:

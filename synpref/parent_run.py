@@ -35,7 +35,7 @@ def _reward_name(config: dict) -> Optional[str]:
     return cls.rsplit(".", 1)[-1] + (f"({arg})" if arg else "")
 
 
-def _config_paths(argv: list[str]) -> list[str]:
+def pipeline_config_paths(argv: list[str]) -> list[str]:
     return [
         a.split("=", 1)[1] if a.startswith("--config=") else a
         for i, a in enumerate(argv)
@@ -48,7 +48,7 @@ def pipeline_params(configs: list[dict]) -> dict[str, str]:
     judges = [c for c in configs if c.get("model.class_path", "").endswith("WinRateModule")]
     rewards = [r for r in dict.fromkeys(map(_reward_name, judges or configs)) if r]
     values = {
-        "pipeline_config": _config_paths(INVOCATION) if INVOCATION[:1] == ["reproduce"] else [],
+        "pipeline_config": pipeline_config_paths(INVOCATION) if INVOCATION[:1] == ["reproduce"] else [],
         "seed": _distinct(configs, "seed_everything"),
         "base_model": _distinct(configs, "model.init_args.policy.name_or_path", "SFTModule"),
         "reward": rewards,
