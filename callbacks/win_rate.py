@@ -196,7 +196,16 @@ class WinRateRecorder(L.Callback):
             log.warning("matplotlib is not installed: win-rate figures skipped (pip install matplotlib)")
             return []
         policy, baseline = str(labels.get("policy_name", "policy")), str(labels.get("baseline_name", "baseline"))
-        plot_win_rates([(policy, metrics)], out / "win_rate.png", baseline)
+        # One group of bars per judge when there are several, a self-judged one hatched and labelled so.
+        labels = [
+            k.split("/")[1] for k in metrics if k.count("/") == 2 and k.startswith("eval/") and k.endswith("/win_rate")
+        ]
+        judged = [
+            (f"{policy}\n{label}", {k.split("/")[2]: v for k, v in metrics.items() if k.startswith(f"eval/{label}/")})
+            for label in labels
+        ]
+        marked = [bool(self.self_judged.get(label)) for label in labels]
+        plot_win_rates(judged or [(policy, metrics)], out / "win_rate.png", baseline, marked if judged else None)
         plot_average_rewards([(policy, metrics)], out / "avg_reward.png", baseline)
         return [out / "win_rate.png", out / "avg_reward.png"]
 

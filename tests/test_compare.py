@@ -258,3 +258,27 @@ def test_replies_side_by_side_on_the_parent_run_and_disagreements_shown_first(tm
     assert list(replies["index"]) == [0, 1, 2] and list(replies["sft"]) == ["the SFT reply"] * 3
     assert list(replies["dpo_ultrafeedback"]) == [f"dpo_ultrafeedback says {i}" for i in range(3)]
     assert list(replies["dpo_synthetic/clarity"]) == ["win", "loss", "loss"] and all(replies["same_baseline"])
+
+
+def test_an_evaluations_win_rate_figure_has_a_group_per_judge(tmp_path, monkeypatch):
+    import synpref.callbacks.win_rate as win_rate
+
+    drawn = {}
+    monkeypatch.setattr(
+        win_rate, "plot_win_rates", lambda rows, path, baseline, marked: drawn.update(rows=rows, marked=marked)
+    )
+    monkeypatch.setattr(win_rate, "plot_average_rewards", lambda *args: None)
+    rates = {
+        "win_rate": 0.5,
+        "tie_rate": 0.0,
+        "loss_rate": 0.5,
+        "win_rate_ci_low": 0.4,
+        "win_rate_ci_high": 0.6,
+        "n": 4.0,
+    }
+    metrics = {**rates, **{f"eval/{label}/{k}": v for label in ("RuleReward", "clarity") for k, v in rates.items()}}
+    metrics["eval/agreement/RuleReward/win_rate"] = 1.0  # a pair's metric is no judge
+    recorder = win_rate.WinRateRecorder(self_judged={"RuleReward": True, "clarity": False})
+    recorder._plot(metrics, {"policy_name": "dpo_synthetic"}, tmp_path)
+    assert [name for name, _ in drawn["rows"]] == ["dpo_synthetic\nRuleReward", "dpo_synthetic\nclarity"]
+    assert drawn["marked"] == [True, False] and drawn["rows"][1][1]["win_rate_ci_high"] == 0.6
