@@ -14,6 +14,7 @@ import lightning as L
 import torch
 
 from synpref.callbacks.shards import OnMismatch, ShardWriter, prompt_settings
+from synpref.chat import last_user_message
 from synpref.judges import judge_metrics, metric_name, short_label
 from synpref.metrics import WinRate, length_matched, outcome, plot_average_rewards, plot_win_rates
 from synpref.tracking import mlflow_loggers
@@ -267,12 +268,6 @@ def readable_order(record: dict) -> dict:
 
 
 WINNER = {"win": "policy", "loss": "baseline", "tie": "tie"}
-
-
-def last_user_message(prompt) -> str:
-    if isinstance(prompt, list):
-        return next((m["content"] for m in reversed(prompt) if m.get("role") == "user"), "")
-    return str(prompt)
 
 
 def verdicts(record: dict, primary: str) -> dict[str, dict]:

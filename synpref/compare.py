@@ -194,16 +194,19 @@ def compare(
     return table
 
 
+def _rates(m: dict, n) -> dict:
+    """A row's (or a judge's) figure values: missing rates as NaN, N."""
+    return {k: float("nan") if m.get(k) is None else m[k] for k in RATE_COLUMNS} | {"n": m.get("n", n)}
+
+
 def figure_series(rows: list[dict]) -> list[tuple[str, dict, bool]]:
     """(label, metrics, self-judged) per model and judge: every judge's win rate gets its bars."""
-    nan = float("nan")
     series = []
     for r in rows:
         judges = judge_results(r)
         for label, m in judges.items():
-            name = r["model"] if len(judges) == 1 and not r.get("judges") else f"{r['model']}\n{label}"
-            values = {k: nan if m.get(k) is None else m[k] for k in RATE_COLUMNS} | {"n": m.get("n", r["n"])}
-            series.append((name, values, bool(m.get("self_judged"))))
+            name = r["model"] if not r.get("judges") else f"{r['model']}\n{label}"
+            series.append((name, _rates(m, r["n"]), bool(m.get("self_judged"))))
     return series
 
 
@@ -213,16 +216,9 @@ def write_figures(rows: list[dict], out: Path) -> list[Path]:
     from synpref.metrics import plot_average_rewards, plot_win_rates
 
     out.mkdir(parents=True, exist_ok=True)
-    nan = float("nan")
     baseline = rows[0]["baseline"] or "baseline"
     series = figure_series(rows)
     plot_win_rates([(n, m) for n, m, _ in series], out / "win_rates.png", baseline, [s for *_, s in series])
-    primary = [
-        (
-            r["model"] + (" (self-judged)" if r.get("self_judged") else ""),
-            {k: nan if r.get(k) is None else r[k] for k in RATE_COLUMNS} | {"n": r["n"]},
-        )
-        for r in rows
-    ]
+    primary = [(r["model"] + (" (self-judged)" if r.get("self_judged") else ""), _rates(r, r["n"])) for r in rows]
     plot_average_rewards(primary, out / "avg_rewards.png", baseline)
     return [out / "win_rates.png", out / "avg_rewards.png"]

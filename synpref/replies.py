@@ -7,6 +7,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+from synpref.chat import last_user_message
 from synpref.report import judge_label
 
 # The merged table's name on a pipeline's parent run (an MLflow table: `mlflow.load_table`).
@@ -32,12 +33,6 @@ def replies(client, rows: list[dict]) -> tuple[list[dict], dict[str, list]]:
     return kept, merge_replies(kept, records)
 
 
-def _prompt_text(prompt) -> str:
-    if isinstance(prompt, list):
-        return next((m["content"] for m in reversed(prompt) if m.get("role") == "user"), "")
-    return str(prompt)
-
-
 def merge_replies(rows: list[dict], records: dict[str, list[dict]]) -> dict[str, list]:
     """One row per prompt (and sample) that every arm answered: the prompt, the baseline's reply,
     then per arm its reply and each judge's outcome against the baseline (`win`, `tie`, `loss`;
@@ -60,7 +55,7 @@ def merge_replies(rows: list[dict], records: dict[str, list[dict]]) -> dict[str,
     for key in keys:
         first = keyed[arms[0]][key]
         columns["index"].append(key[0])
-        columns["prompt"].append(_prompt_text(first["prompt"]))
+        columns["prompt"].append(last_user_message(first["prompt"]))
         columns[baseline].append(first["baseline_response"])
         columns[f"{baseline}/length"].append(first.get("baseline_length"))
         for arm in arms:
