@@ -54,6 +54,8 @@ def quiet() -> None:
     sampling, scoring, evaluation) stay."""
     if verbose():
         return
+    # MLflow sets its logger's level when first imported, from this variable (stages inherit it).
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     for name in UNUSED_LOGGERS:

@@ -22,6 +22,7 @@ NOISE = (
     "GPU available",
     "Seed set to",
     "Trainable params",
+    "INFO mlflow",
 )
 
 
