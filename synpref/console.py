@@ -56,6 +56,7 @@ def quiet() -> None:
         return
     # MLflow sets its logger's level when first imported, from this variable (stages inherit it).
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # its artifact downloads: internal
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     for name in UNUSED_LOGGERS:
