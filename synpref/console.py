@@ -71,5 +71,6 @@ def quiet() -> None:
     datasets.disable_progress_bars()
     huggingface_hub.utils.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
-    # Its warnings here are about long texts synpref truncates on purpose, and counts (`zz_data/dropped/*`).
-    transformers.utils.logging.set_verbosity_error()
+    # "Token indices sequence length is longer than ...": synpref truncates long texts on purpose and
+    # counts them (`zz_data/dropped/*`); transformers' other warnings (unused weights, ...) stay.
+    logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)

@@ -23,6 +23,7 @@ NOISE = (
     "Seed set to",
     "Trainable params",
     "INFO mlflow",
+    "Token indices sequence length",
 )
 
 
