@@ -14,7 +14,8 @@ import lightning as L
 import torch
 
 from synpref.callbacks.shards import OnMismatch, ShardWriter, prompt_settings
-from synpref.judges import judge_metrics, metric_name
+from synpref.chat import last_user_message
+from synpref.judges import judge_metrics, metric_name, short_label
 from synpref.metrics import WinRate, length_matched, outcome, plot_average_rewards, plot_win_rates
 from synpref.tracking import mlflow_loggers
 
@@ -186,9 +187,8 @@ class WinRateRecorder(L.Callback):
                 client.log_artifact(run_id, str(f), artifact_path=subdir or None)
             # The same records as an MLflow table: the artifact viewer shows them in columns.
             if metrics["n"]:
-                client.log_table(
-                    run_id, eval_table(jsonl), f"{subdir}/eval_table.json" if subdir else "eval_table.json"
-                )
+                table = eval_table(jsonl, short_label(str(self.settings.get("reward") or "reward")))
+                client.log_table(run_id, table, f"{subdir}/eval_table.json" if subdir else "eval_table.json")
 
     def _plot(self, metrics: dict, labels: dict, out: Path) -> list[Path]:
         try:
@@ -197,7 +197,16 @@ class WinRateRecorder(L.Callback):
             log.warning("matplotlib is not installed: win-rate figures skipped (pip install matplotlib)")
             return []
         policy, baseline = str(labels.get("policy_name", "policy")), str(labels.get("baseline_name", "baseline"))
-        plot_win_rates([(policy, metrics)], out / "win_rate.png", baseline)
+        # One group of bars per judge when there are several, a self-judged one hatched and labelled so.
+        labels = [
+            k.split("/")[1] for k in metrics if k.count("/") == 2 and k.startswith("eval/") and k.endswith("/win_rate")
+        ]
+        judged = [
+            (f"{policy}\n{label}", {k.split("/")[2]: v for k, v in metrics.items() if k.startswith(f"eval/{label}/")})
+            for label in labels
+        ]
+        marked = [bool(self.self_judged.get(label)) for label in labels]
+        plot_win_rates(judged or [(policy, metrics)], out / "win_rate.png", baseline, marked if judged else None)
         plot_average_rewards([(policy, metrics)], out / "avg_reward.png", baseline)
         return [out / "win_rate.png", out / "avg_reward.png"]
 
@@ -258,14 +267,37 @@ def readable_order(record: dict) -> dict:
     }
 
 
-def eval_table(jsonl: Path) -> dict:
-    """eval.jsonl as columns for `MlflowClient.log_table`; the prompt is its last user message."""
+WINNER = {"win": "policy", "loss": "baseline", "tie": "tie"}
+
+
+def verdicts(record: dict, primary: str) -> dict[str, dict]:
+    """label → {policy_reward, baseline_reward, outcome} of every judge of a record (the primary alone
+    when it was the only judge, under the label `primary`)."""
+    return record.get("judges") or {primary: record}
+
+
+def eval_table(jsonl: Path, primary: str = "reward") -> dict:
+    """eval.jsonl as columns for `MlflowClient.log_table`, read side by side: the prompt (its last
+    user message), the baseline's reply, the policy's, then per judge its two scores and its winner
+    (`policy`, `baseline`, `tie`; `–` where it gave no verdict), the lengths and the ids."""
     rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
-    columns: dict[str, list] = {k: [] for k in (rows[0] if rows else {})}
+    labels = list(dict.fromkeys(label for r in rows for label in verdicts(r, primary)))
+    columns: dict[str, list] = {"index": [], "prompt": [], "baseline_response": [], "policy_response": []}
+    columns.update({f"{label}/{k}": [] for label in labels for k in ("baseline", "policy", "winner")})
+    tail = [
+        k
+        for k in ("baseline_length", "policy_length", "length_matched", "sample", "prompt_id")
+        if rows and k in rows[0]
+    ]
+    columns.update({k: [] for k in tail})
     for r in rows:
-        for k in columns:
-            v = r.get(k)
-            if k == "prompt" and isinstance(v, list):
-                v = next((m["content"] for m in reversed(v) if m.get("role") == "user"), "")
-            columns[k].append(v)
+        for k in ("index", "baseline_response", "policy_response", *tail):
+            columns[k].append(r.get(k))
+        columns["prompt"].append(last_user_message(r.get("prompt")))
+        judged = verdicts(r, primary)
+        for label in labels:
+            v = judged.get(label) or {}
+            columns[f"{label}/baseline"].append(v.get("baseline_reward"))
+            columns[f"{label}/policy"].append(v.get("policy_reward"))
+            columns[f"{label}/winner"].append(WINNER.get(v.get("outcome"), "–"))
     return columns

@@ -58,6 +58,13 @@ def chat_messages(messages: Any, field: str = "messages", need_assistant: bool =
     return out
 
 
+def last_user_message(prompt: Any) -> str:
+    """What a prompt asks, for a table cell: its last user message (a plain string as it is)."""
+    if isinstance(prompt, list):
+        return next((m["content"] for m in reversed(prompt) if m.get("role") == "user"), "")
+    return str(prompt)
+
+
 def conversation_field(row: dict) -> str:
     """The column holding a row's turns: `messages`, or `conversations` (sharegpt files) when only it is there."""
     return "conversations" if row.get("messages") is None and row.get("conversations") is not None else "messages"

@@ -8,12 +8,14 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
+from synpref.console import VERBOSE_ENV, quiet
 from synpref.errors import find_user_error, user_error_message
 from synpref.invocation import INVOCATION
 
 # Imported before main() configures logging, as Lightning expects: it then gives its own loggers a
 # handler of their own, so its messages do not go through the root handler main() sets up.
 from synpref.lightning_cli import SynprefCLI
+from synpref.resources import resolve_config_args
 from synpref.secrets import install as redact_secrets
 from synpref.secrets import redact
 
@@ -60,13 +62,19 @@ def main(args: Optional[Sequence[str]] = None):
     """Entry point of `synpref`; tests call it in-process with a list of arguments.
 
     A user error (a SynprefError, or a config jsonargparse rejects) prints one `synpref: error:`
-    line and exits 2; `--debug` or SYNPREF_DEBUG=1 shows the traceback instead.
+    line and exits 2; `--debug` or SYNPREF_DEBUG=1 shows the traceback instead. `--verbose` shows what
+    third-party libraries print (synpref.console).
     """
     argv = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in argv or os.environ.get("SYNPREF_DEBUG", "") not in ("", "0")
-    argv = [a for a in argv if a != "--debug"]
+    if "--verbose" in argv:  # everything third-party says, here and in a pipeline's stages
+        os.environ[VERBOSE_ENV] = "1"
+    argv = [a for a in argv if a not in ("--debug", "--verbose")]
     INVOCATION[:] = argv
+    argv = resolve_config_args(argv)  # `--config synpref://configs/...`: a config shipped in the package
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet()
+    # After quiet(), which sets how warnings print: the redaction wraps what is printed last.
     redact_secrets()  # API keys read later are masked in every log record and traceback
     if args is None:
         sys.argv[1:] = argv  # LightningCLI reads sys.argv itself: without --debug

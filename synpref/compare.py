@@ -8,7 +8,17 @@ from pathlib import Path
 from typing import Optional
 
 from synpref.errors import ConfigError
-from synpref.report import judge_columns, judge_fields, judges_table, model_cell, power_lines, self_judged_warnings
+from synpref.replies import REPLIES_TABLE, replies
+from synpref.replies import show as show_replies
+from synpref.report import (
+    judge_columns,
+    judge_fields,
+    judge_results,
+    judges_table,
+    model_cell,
+    power_lines,
+    self_judged_warnings,
+)
 from synpref.tracking import pipeline_runs, store_errors
 from synpref.tracking import tracking_uri as default_tracking_uri
 
@@ -120,6 +130,7 @@ def compare(
     figures_dir: Optional[str] = None,
     head_to_head: list[list[str]] = [],
     log_to_parent: bool = True,
+    show: int = 0,
 ) -> str:
     """Read the experiment's `synpref predict --config configs/eval.yaml` runs; print and return the
     table as markdown, and write it as CSV.
@@ -135,7 +146,10 @@ def compare(
         head_to_head: pairs of arms (their labels or model names) compared prompt by prompt: the
             difference of their win rates with a paired 95% interval and the prompts needed to
             resolve it (synpref.study_report).
-        log_to_parent: log the table to `parent_run_id` (False: a finished run, only read).
+        log_to_parent: log the table to `parent_run_id` (False: a finished run, only read); with it goes
+            `replies.json`, an MLflow table of every arm's reply beside the baseline's on each prompt.
+        show: print this many prompts with every arm's reply beside the baseline's and each judge's
+            verdict, those where judges or arms disagree first (synpref.replies).
     """
     from mlflow import MlflowClient
 
@@ -168,22 +182,44 @@ def compare(
             writer.writerows(flat)
         log.info("wrote %s", csv)
     figures = write_figures(rows, Path(figures_dir)) if figures_dir else []
+    merged = replies(client, rows) if show or (parent_run_id and log_to_parent) else ([], {})
     if parent_run_id and log_to_parent:
         client.log_text(parent_run_id, table + "\n", "win_rates.md")
         for path in ([csv] if csv else []) + figures + study_files:
             client.log_artifact(parent_run_id, str(path))
+        if merged[0]:
+            client.log_table(parent_run_id, merged[1], REPLIES_TABLE)
     print(table)
+    if show and merged[0]:
+        print("\n" + show_replies(merged[1], merged[0], show))
     return table
 
 
+def _rates(m: dict, n) -> dict:
+    """A row's (or a judge's) figure values: missing rates as NaN, N."""
+    return {k: float("nan") if m.get(k) is None else m[k] for k in RATE_COLUMNS} | {"n": m.get("n", n)}
+
+
+def figure_series(rows: list[dict]) -> list[tuple[str, dict, bool]]:
+    """(label, metrics, self-judged) per model and judge: every judge's win rate gets its bars."""
+    series = []
+    for r in rows:
+        judges = judge_results(r)
+        for label, m in judges.items():
+            name = r["model"] if not r.get("judges") else f"{r['model']}\n{label}"
+            series.append((name, _rates(m, r["n"]), bool(m.get("self_judged"))))
+    return series
+
+
 def write_figures(rows: list[dict], out: Path) -> list[Path]:
-    """The paper's Figures 1 and 2 over all compared models (baseline: the first row's)."""
+    """The paper's Figure 1 per model and judge (a self-judged one hatched and labelled so) and Figure 2
+    (the primary judge's average rewards) over all compared models (baseline: the first row's)."""
     from synpref.metrics import plot_average_rewards, plot_win_rates
 
     out.mkdir(parents=True, exist_ok=True)
-    nan = float("nan")
-    series = [(r["model"], {k: nan if r.get(k) is None else r[k] for k in RATE_COLUMNS} | {"n": r["n"]}) for r in rows]
     baseline = rows[0]["baseline"] or "baseline"
-    plot_win_rates(series, out / "win_rates.png", baseline)
-    plot_average_rewards(series, out / "avg_rewards.png", baseline)
+    series = figure_series(rows)
+    plot_win_rates([(n, m) for n, m, _ in series], out / "win_rates.png", baseline, [s for *_, s in series])
+    primary = [(r["model"] + (" (self-judged)" if r.get("self_judged") else ""), _rates(r, r["n"])) for r in rows]
+    plot_average_rewards(primary, out / "avg_rewards.png", baseline)
     return [out / "win_rates.png", out / "avg_rewards.png"]

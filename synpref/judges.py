@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from itertools import combinations
 from pathlib import Path
@@ -29,15 +30,19 @@ PROVENANCE_FILE = "synpref_provenance.json"
 _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 
 
+def short_label(name: str) -> str:
+    """A judge's name as a metric-name label: 'synpref.rewards.RuleReward' → RuleReward, 'pkg.mod:fn' → fn."""
+    base = re.split(r"[/:]", name.split("@")[0])[-1]
+    base = base.split(".")[-1] if _DOTTED.match(base) else base
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", base)
+
+
 def judge_labels(judges: Sequence[Judge]) -> list[str]:
     """Short, unique metric-name labels: 'synpref.rewards.RuleReward' → RuleReward,
     'pkg.mod:fn' → fn, 'org/model@url' → model; repeats get _2, _3."""
     labels: list[str] = []
     for judge in judges:
-        name = str(getattr(judge, "name", "") or type(judge).__name__).split("@")[0]
-        base = re.split(r"[/:]", name)[-1]
-        base = base.split(".")[-1] if _DOTTED.match(base) else base
-        base = re.sub(r"[^A-Za-z0-9_.-]", "_", base) or type(judge).__name__
+        base = short_label(str(getattr(judge, "name", "") or type(judge).__name__)) or type(judge).__name__
         label, k = base, 2
         while label in labels:
             label, k = f"{base}_{k}", k + 1
@@ -215,9 +220,12 @@ def read_provenance(model_name_or_path: str) -> list[str]:
 def self_judged(judges: Sequence[Judge], labels: Sequence[str], labelled_by: Sequence[str]) -> dict[str, bool]:
     """label → True when that judge is the scorer that labelled the policy's training pairs."""
     result = {label: getattr(j, "name", None) in set(labelled_by) for j, label in zip(judges, labels)}
+    # Under `synpref reproduce` the pipeline's table says it, once for all stages.
+    level = logging.DEBUG if os.environ.get("SYNPREF_PIPELINE_STAGE") else logging.WARNING
     for label, same in result.items():
         if same:
-            log.warning(
+            log.log(
+                level,
                 "judge %s is the scorer that labelled the policy's training pairs: its win rate is "
                 "SELF-JUDGED (the policy was trained to please it); read an independent judge",
                 label,

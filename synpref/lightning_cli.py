@@ -6,9 +6,11 @@ from typing import Optional, Sequence
 
 import lightning as L
 from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from synpref.callbacks import HFExportCallback, MLflowSaveConfigCallback
+from synpref.console import verbose
 from synpref.tracking import (
     DEFAULT_EXPERIMENT,
     experiment_id,
@@ -59,6 +61,8 @@ class SynprefCLI(LightningCLI):
 
                 MlflowClient(uri).search_experiments(max_results=1)  # opens (creates) the store
         super().instantiate_classes()
+        if not verbose():  # the parameter table is chatter beside the progress bar (`--verbose` shows it)
+            self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, ModelSummary)]
         for logger in mlflow_loggers(self.trainer):
             uri = logger._tracking_uri or tracking_uri()
             with store_errors(uri, hint):

@@ -169,16 +169,23 @@ def _pyplot():
     return plt
 
 
-def plot_win_rates(rows: Sequence[tuple[str, dict]], path, baseline: str = "SFT") -> None:
+def plot_win_rates(
+    rows: Sequence[tuple[str, dict]], path, baseline: str = "SFT", self_judged: Optional[Sequence[bool]] = None
+) -> None:
     """Win / tie / loss share of each policy against the baseline, with the win rate's interval
-    as an error bar (the paper's Figure 1); `rows` = (policy label, WinRate.compute() dict)."""
+    as an error bar (the paper's Figure 1); `rows` = (policy label, WinRate.compute() dict).
+    A row marked in `self_judged` (judged by the scorer that labelled its pairs) is hatched and labelled so."""
     plt = _pyplot()
+    marked = list(self_judged or [False] * len(rows))
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     width = 0.8 / 3
     for j, (key, colour) in enumerate([("win_rate", "#2a9d8f"), ("tie_rate", "#adb5bd"), ("loss_rate", "#e76f51")]):
         xs = [i + (j - 1) * width for i in range(len(rows))]
         values = [100 * m[key] for _, m in rows]
-        ax.bar(xs, values, width, label=key.split("_")[0], color=colour)
+        bars = ax.bar(xs, values, width, label=key.split("_")[0], color=colour)
+        for bar, hatched in zip(bars, marked):
+            if hatched:
+                bar.set_hatch("//")
         tops = values
         if key == "win_rate":
             err = [
@@ -193,7 +200,10 @@ def plot_win_rates(rows: Sequence[tuple[str, dict]], path, baseline: str = "SFT"
                 f"{v:.0f}%", (x, top), xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=8
             )
     ax.axhline(50, color="black", linestyle=":", linewidth=1)
-    ax.set_xticks(range(len(rows)), [f"{label}\n(N={int(m['n'])})" for label, m in rows])
+    names = [
+        f"{label}{' (self-judged)' if hatched else ''}\n(N={int(m['n'])})" for (label, m), hatched in zip(rows, marked)
+    ]
+    ax.set_xticks(range(len(rows)), names, fontsize=8 if len(rows) > 3 else None)
     ax.set_ylim(0, 112)  # room for a label above a 100 % interval
     ax.set_ylabel(f"% of prompts vs {baseline}")
     ax.set_title(f"Win rate against {baseline} (95% Wilson interval)")

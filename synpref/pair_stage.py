@@ -12,6 +12,8 @@ from typing import Optional
 
 from synpref.data.prompts import prompt_keys, text_key
 from synpref.errors import ConfigError, DataError
+from synpref.fingerprints import file_sha256
+from synpref.lineage import PAIRS_TAG
 from synpref.outputs import atomic_file, check_writable
 from synpref.pairs import (
     RULES,
@@ -194,4 +196,5 @@ def _log_run(tracking: RunTracking, params: dict, stats: dict, out: Path) -> Non
             client.log_metric(run_id, f"pairs/{key}", float(value))
     for name in ("stats.json", "pairs_vs_threshold.csv"):
         client.log_artifact(run_id, str(out / name), "pairs")
+    client.set_tag(run_id, PAIRS_TAG, file_sha256(out / "pairs.jsonl"))  # found by content (synpref.lineage)
     client.set_terminated(run_id)

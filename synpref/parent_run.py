@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from synpref.invocation import INVOCATION
+from synpref.report import judge_results
 from synpref.tracking import REUSED_RUNS_TAG, experiment_id, keep_artifacts_relative, pipeline_runs
 
 STAGE_TAG = "synpref.pipeline_stage"
@@ -34,7 +35,7 @@ def _reward_name(config: dict) -> Optional[str]:
     return cls.rsplit(".", 1)[-1] + (f"({arg})" if arg else "")
 
 
-def _config_paths(argv: list[str]) -> list[str]:
+def pipeline_config_paths(argv: list[str]) -> list[str]:
     return [
         a.split("=", 1)[1] if a.startswith("--config=") else a
         for i, a in enumerate(argv)
@@ -47,7 +48,7 @@ def pipeline_params(configs: list[dict]) -> dict[str, str]:
     judges = [c for c in configs if c.get("model.class_path", "").endswith("WinRateModule")]
     rewards = [r for r in dict.fromkeys(map(_reward_name, judges or configs)) if r]
     values = {
-        "pipeline_config": _config_paths(INVOCATION) if INVOCATION[:1] == ["reproduce"] else [],
+        "pipeline_config": pipeline_config_paths(INVOCATION) if INVOCATION[:1] == ["reproduce"] else [],
         "seed": _distinct(configs, "seed_everything"),
         "base_model": _distinct(configs, "model.init_args.policy.name_or_path", "SFTModule"),
         "reward": rewards,
@@ -105,18 +106,36 @@ def parent_run(client, experiment: str, state_dir: Path, run_name: str, params: 
     return run_id
 
 
-def verdict(rows: list[dict]) -> str:
-    """One line: each arm's win rate [95% CI] against the baseline, best first, and N."""
+def _arms(rows: list[dict]) -> list[str]:
     arms = [Path(r["model"]).name for r in rows]
     common = os.path.commonprefix(arms) if len(arms) > 1 else ""
     common = common[: common.rfind("_") + 1]  # drop a shared whole-word prefix such as `dpo_`
-    parts = [
-        f"{arm[len(common) :]} {100 * r['win_rate']:.0f}% [{100 * r['win_rate_ci_low']:.0f}, "
-        f"{100 * r['win_rate_ci_high']:.0f}]"
-        for arm, r in sorted(zip(arms, rows), key=lambda x: -x[1]["win_rate"])
-    ]
+    return [arm[len(common) :] for arm in arms]
+
+
+def verdict(rows: list[dict]) -> str:
+    """One line naming its judges: the independent ones first (a judge that labelled no compared arm's
+    pairs), then each self-judged one with the arms it labelled; each judge's arms by win rate [95% CI]
+    against the baseline, best first by the leading judge; N. Without an independent judge it says so."""
+    arms, judged = _arms(rows), [judge_results(r) for r in rows]
+    labels = list(dict.fromkeys(label for j in judged for label in j))
+    self_for = {label: [a for a, j in zip(arms, judged) if j.get(label, {}).get("self_judged")] for label in labels}
+    ordered = [label for label in labels if not self_for[label]] + [label for label in labels if self_for[label]]
+    lead = ordered[0]
+    order = sorted(range(len(rows)), key=lambda i: -judged[i].get(lead, {}).get("win_rate", -1.0))
     baselines = " / ".join(dict.fromkeys(Path(r["baseline"]).name or "baseline" for r in rows))
-    return " vs ".join(parts) + f" vs {baselines}, N = " + " / ".join(dict.fromkeys(str(r["n"]) for r in rows))
+    segments = []
+    for label in ordered:
+        kind = f"self-judged for {', '.join(self_for[label])}" if self_for[label] else "independent"
+        parts = [
+            f"{arms[i]} {100 * m['win_rate']:.0f}% [{100 * m['win_rate_ci_low']:.0f}, {100 * m['win_rate_ci_high']:.0f}]"
+            for i in order
+            if (m := judged[i].get(label)) and m.get("win_rate") is not None
+        ]
+        segments.append(f"{label} ({kind}): " + " vs ".join(parts) + (f" vs {baselines}" if label == lead else ""))
+    if not any(not self_for[label] for label in labels):
+        segments.append("no independent judge configured (add one under `judges:`)")
+    return "; ".join(segments) + ", N = " + " / ".join(dict.fromkeys(str(r["n"]) for r in rows))
 
 
 def log_headline(client, parent: str, rows: list[dict]) -> str:
@@ -134,6 +153,14 @@ def log_headline(client, parent: str, rows: list[dict]) -> str:
             ("avg_reward", "avg_reward_policy"),
         )
         if r.get(key) is not None
+    ]
+    # Each judge's win rate too, so an independent judge's number sits beside the primary's.
+    metrics += [
+        Metric(f"{name}/{label}/{Path(r['model']).name}", m[name], now, 0)
+        for r in rows
+        for label, m in (r.get("judges") or {}).items()
+        for name in ("win_rate", "win_rate_ci_low", "win_rate_ci_high")
+        if m.get(name) is not None
     ]
     client.log_batch(parent, metrics=metrics)
     line = verdict(rows)

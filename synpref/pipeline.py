@@ -9,6 +9,7 @@ import shlex
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -21,12 +22,13 @@ from synpref.parent_run import (
     end_parent,
     log_headline,
     parent_run,
+    pipeline_config_paths,
     pipeline_params,
     previous_parent,
     same_params,
     verdict,
 )
-from synpref.resources import resolve
+from synpref.resources import config_path, resolve
 from synpref.secrets import remember_env_keys
 from synpref.services import Service, ServiceError, Services, for_stages
 from synpref.stage_process import Interrupted, log_tail, run_process
@@ -67,7 +69,8 @@ def run_stage(
     log_path = state / "logs" / f"{stage.name}.log"
     start = time.perf_counter()
     try:
-        code = run_process(cmd, log_path, {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"})
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1", "SYNPREF_PIPELINE_STAGE": stage.name}
+        code = run_process(cmd, log_path, env)
     except Interrupted as e:
         name, code = e.args
         end_parent(client, parent, "KILLED", f"interrupted by {name} in stage {stage.name!r}", stage.name)
@@ -161,6 +164,14 @@ def reproduce(
             evaluation stages after `stages`, sharing every stage whose settings they share; the
             end adds the scaling table, curves and head-to-head comparisons.
     """
+    # `config:` entries are found relative to the pipeline file (synpref.resources.config_path).
+    here = (pipeline_config_paths(INVOCATION) or [None])[-1] if INVOCATION[:1] == ["reproduce"] else None
+    stages = [replace(s, config=[config_path(c, here) for c in s.config]) for s in stages]
+    if study is not None:
+        located = {
+            k: [config_path(c, here) for c in getattr(study, k)] for k in ("dpo_config", "eval_config", "sample_config")
+        }
+        study = replace(study, **located)
     uri = tracking_uri or default_tracking_uri()
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)

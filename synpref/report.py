@@ -33,6 +33,18 @@ def judge_fields(metrics: dict) -> dict:
     return {"judges": {k: v for k, v in judges.items() if "win_rate" in v}, "agreement": pairs}
 
 
+def judge_label(name: str) -> str:
+    """A judge's short label, as synpref.judges.judge_labels makes it: `synpref.rewards.RuleReward` → RuleReward."""
+    from synpref.judges import short_label  # here: `synpref compare` imports torch only if it needs to
+
+    return short_label(name or "judge")
+
+
+def judge_results(row: dict) -> dict[str, dict]:
+    """label → metrics of every judge of an eval row; the primary alone when it was the only judge."""
+    return row.get("judges") or {judge_label(row.get("reward_model", "")): row}
+
+
 def judge_columns(rows: list[dict]) -> tuple[list[str], list[dict]]:
     """CSV columns `<label>/<metric>` and `agreement/<a>~<b>`, `kappa/<a>~<b>`, and the rows with them filled in."""
     flat = []
@@ -101,9 +113,7 @@ def self_judged_warnings(rows: list[dict]) -> list[str]:
                 f"WARNING: {r['model']} is {SELF_JUDGED} by {label}, the scorer that labelled its training "
                 f"pairs (it was trained to please this judge): trust an independent judge's win rate."
             )
-    for line in out:
-        log.warning(line)
-    return out
+    return out  # printed once, with the table (a log line too would say it twice)
 
 
 def power_lines(rows: list[dict], alpha: float = 0.05, power: float = 0.8) -> list[str]:

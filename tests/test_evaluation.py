@@ -241,8 +241,10 @@ def test_cli_predict_logged_win_rate_matches_the_artifact(in_tmp, tiny_model, ba
     ]
     assert list(artifact[0])[-3:] == ["prompt", "policy_response", "baseline_response"]
     table = json.loads(Path(client.download_artifacts(run.info.run_id, "eval_table.json", str(in_tmp))).read_text())
-    assert table["columns"][:2] == ["index", "outcome"]
-    assert [row[1] for row in table["data"]] == [r["outcome"] for r in artifact]
+    assert table["columns"][:4] == ["index", "prompt", "baseline_response", "policy_response"]
+    winner = table["columns"].index("RuleReward/winner")
+    named = {"win": "policy", "loss": "baseline", "tie": "tie"}
+    assert [row[winner] for row in table["data"]] == [named[r["outcome"]] for r in artifact]
     # The judge's scores in the records are its scores of the recorded texts.
     from synpref.rewards import RuleReward
 

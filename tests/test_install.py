@@ -41,12 +41,25 @@ def test_wheel_runs_a_stage_from_another_directory(tmp_path):
     )
     (wheel,) = (tmp_path / "dist").glob("synpref-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"synpref/callbacks/win_rate.py", "synpref/sample/test_prefs.jsonl", "synpref/sample/README.md"} <= names
+    assert {
+        "synpref/callbacks/win_rate.py",
+        "synpref/sample/test_prefs.jsonl",
+        "synpref/sample/README.md",
+        "synpref/configs/tiny/paper.yaml",
+        "synpref/configs/tiny/sft.yaml",
+        "synpref/configs/paper.yaml",
+    } <= names
 
-    # A fresh venv that sees the installed dependencies but holds its own synpref (the wheel).
+    # A fresh venv that holds its own synpref (the wheel) and sees the dependencies this interpreter
+    # sees: its site-packages folders, listed in a .pth file. (`--system-site-packages` would show the
+    # base interpreter's, which lack them when this test itself runs in a virtualenv.) Plain paths: the
+    # .pth files in them, such as this environment's editable synpref, are not read.
     venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], cwd=tmp_path, env=env)
+    run([sys.executable, "-m", "venv", str(venv)], cwd=tmp_path, env=env)
     python = venv / "bin" / "python"
+    purelib = run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path, env)
+    outer = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
+    (Path(purelib.stdout.strip()) / "outer_environment.pth").write_text("\n".join(outer) + "\n")
     run(
         [str(python), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheel)], cwd=tmp_path, env=env
     )
@@ -60,16 +73,20 @@ def test_wheel_runs_a_stage_from_another_directory(tmp_path):
     ).stdout.split()
     assert all(str(venv) in p for p in where), where  # the wheel's code, not the checkout's
 
-    # build-tiny reads its corpus from the installed sample data; fit reads the checkout's config.
+    # The packaged pipeline plans from an empty folder: its stages' configs are found next to it.
     synpref = str(venv / "bin" / "synpref")
-    run([synpref, "build-tiny"], cwd=work, env=env)
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+    plan = run([synpref, "reproduce", "--config", "synpref://configs/tiny/paper.yaml", "--dry_run", "true"], work, env)
+    assert "[1/6] sft … would run (new)" in plan.stdout and "dry run: 6 of 6 stages would run" in plan.stdout
+
+    # build-tiny reads its corpus from the installed sample data; fit reads the installed config.
+    run([synpref, "build-tiny"], cwd=work, env=env)
     run(
         [
             synpref,
             "fit",
             "--config",
-            str(ROOT / "configs" / "tiny" / "sft.yaml"),
+            "synpref://configs/tiny/sft.yaml",
             "--trainer.max_steps=2",
             "--trainer.max_epochs=1",
             "--data.init_args.max_rows=32",

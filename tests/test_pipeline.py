@@ -106,17 +106,23 @@ def test_reproduce_runs_every_stage_once_and_reruns_only_what_is_stale(reduced_p
         "reward": "RuleReward",
         "n_prompts": "6",
     }
-    parts = []
     for arm in ("dpo_synthetic", "dpo_ultrafeedback"):
         child = children[f"eval_{arm}"].data.metrics
         for name in ("win_rate", "win_rate_ci_low", "win_rate_ci_high"):
             assert parent.data.metrics[f"{name}/{arm}"] == pytest.approx(child[f"eval/{name}"])
         assert parent.data.metrics[f"avg_reward/{arm}"] == pytest.approx(child["eval/avg_reward_policy"])
-        low, high = 100 * child["eval/win_rate_ci_low"], 100 * child["eval/win_rate_ci_high"]
-        parts.append(
-            (-child["eval/win_rate"], f"{arm[4:]} {100 * child['eval/win_rate']:.0f}% [{low:.0f}, {high:.0f}]")
-        )
-    assert parent.data.tags["mlflow.note.content"] == " vs ".join(p for _, p in sorted(parts)) + " vs sft, N = 6"
+    # The verdict leads with the independent judge (clarity) and names the self-judged one (RuleReward).
+    judged = lambda arm, label: children[f"eval_{arm}"].data.metrics[f"eval/{label}/win_rate"]
+    order = sorted(("dpo_synthetic", "dpo_ultrafeedback"), key=lambda arm: -judged(arm, "clarity"))
+    cells = lambda label: " vs ".join(
+        f"{arm[4:]} {100 * judged(arm, label):.0f}% [{100 * children[f'eval_{arm}'].data.metrics[f'eval/{label}/win_rate_ci_low']:.0f}, "
+        f"{100 * children[f'eval_{arm}'].data.metrics[f'eval/{label}/win_rate_ci_high']:.0f}]"
+        for arm in order
+    )
+    assert parent.data.tags["mlflow.note.content"] == (
+        f"clarity (independent): {cells('clarity')} vs sft; "
+        f"RuleReward (self-judged for synthetic): {cells('RuleReward')}, N = 6"
+    )
 
     # Second run: every stage is up to date, nothing is redone, no new MLflow runs appear, and the
     # finished parent is only read (the same table and verdict, its status and end time unchanged).

@@ -238,6 +238,15 @@ class PreferenceDataModule(TokenizedDataModule):
         if self.val_set is not None:
             self.val_set = self.val_set.add_column("index", list(range(n, n + len(self.val_set))))
 
+    def data_inputs(self) -> list[dict]:
+        """What it reads, as MLflow dataset inputs (synpref.lineage.log_lineage)."""
+        groups = (("training", self.sources), ("validation", self.val_sources))
+        return [
+            {"path": s.path, "context": context, "split": s.split, "config_name": s.config_name}
+            for context, sources in groups
+            for s in sources
+        ]
+
     def collate(self, rows: list[dict]) -> dict:
         """Chosen sequences then rejected ones, right-padded together: one forward for both."""
         seqs, labels = [], []

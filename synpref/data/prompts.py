@@ -126,6 +126,12 @@ class PromptDataModule(TokenizedDataModule):
         self.prompts = None
         self.excluded_keys: set[str] = set()
 
+    def data_inputs(self, context: str) -> list[dict]:
+        """What it reads, as MLflow dataset inputs (synpref.lineage.log_lineage): its prompts under
+        `context` (`sampling`, `evaluation`) and the files whose prompts it excludes."""
+        prompts = {"path": self.path, "context": context, "split": self.split, "config_name": self.config_name}
+        return [prompts] + [{"path": x, "context": "excluded", "split": self.exclude_split} for x in self.exclude]
+
     def _read(self, path: str, split: str) -> "datasets.Dataset":  # noqa: F821
         def encode(row: dict) -> dict:
             prompt = row_prompt(row)

@@ -82,5 +82,14 @@ class SmolTalkDataModule(TokenizedDataModule):
             self.drop_counts[f"{split}/{reason}"] = n
         return ds
 
+    def data_inputs(self) -> list[dict]:
+        """What it reads, as MLflow dataset inputs (synpref.lineage.log_lineage)."""
+        out = [{"path": self.path, "context": "training", "split": self.split, "config_name": self.config_name}]
+        if self.val_split:
+            local = is_local(self.val_split)
+            path, split = (self.val_split, None) if local else (self.path, self.val_split)
+            out.append({"path": path, "context": "validation", "split": split, "config_name": self.config_name})
+        return out
+
     def collate(self, rows: list[dict]) -> dict:
         return collate_sft(rows, self.tokenizer.pad_token_id)

@@ -29,6 +29,20 @@ def log_data_drops(module: L.LightningModule) -> None:
         module.logger.log_metrics({DROPPED_PREFIX + k.replace(":", "_"): float(v) for k, v in counts.items()})
 
 
+def log_data_lineage(module: L.LightningModule, models: dict[str, str] = {}, context: Optional[str] = None) -> None:
+    """The data module's inputs as the run's MLflow dataset inputs, and tags naming the runs that made
+    them and the `models` (tag → path) it starts from (synpref.lineage)."""
+    from synpref.lineage import log_lineage
+    from synpref.tracking import mlflow_loggers
+
+    datamodule = getattr(module.trainer, "datamodule", None)
+    if not hasattr(datamodule, "data_inputs") or not module.trainer.is_global_zero:
+        return
+    data = datamodule.data_inputs(context) if context else datamodule.data_inputs()
+    for logger in mlflow_loggers(module.trainer):
+        log_lineage(logger.experiment, logger.run_id, data, models)
+
+
 def model_name(name_or_path: str) -> str:
     """The short name of a model: its folder (`artifacts/tiny/dpo_synthetic` -> `dpo_synthetic`) or hub id."""
     path = Path(name_or_path)
@@ -224,6 +238,10 @@ class CausalLMModule(L.LightningModule):
     def on_fit_start(self) -> None:
         log_data_drops(self)
         log_run_params(self)
+        log_data_lineage(self, {"synpref.sft_run_id": self.model_name_or_path} if self.lineage_starts_from_sft else {})
+
+    # A DPO run starts from an SFT export: its run is named in the tag `synpref.sft_run_id`.
+    lineage_starts_from_sft = False
 
     def run_params(self) -> dict:
         """The settings that define a training run (subclasses add theirs)."""

@@ -193,6 +193,8 @@ class DPOModule(CausalLMModule):
         if stage == "fit" and self.hparams.precompute_ref_logps:
             check_writable(self.hparams.ref_cache_dir)  # before any model loads: fail in seconds
 
+    lineage_starts_from_sft = True
+
     def on_fit_start(self) -> None:
         super().on_fit_start()
         self.record_labellers()

@@ -13,7 +13,7 @@ from synpref.generators import Generator
 from synpref.head_to_head import compare_batch
 from synpref.judges import Judge, judge_labels, read_provenance, self_judged
 from synpref.models import load_frozen_causal_lm, load_tokenizer
-from synpref.modules.base import log_data_drops, log_run_params, model_name
+from synpref.modules.base import log_data_drops, log_data_lineage, log_run_params, model_name
 from synpref.rewards.base import OnBadScore, RewardScorer, judge_identity
 from synpref.specs import Decoding, ModelSpec
 
@@ -131,6 +131,11 @@ class WinRateModule(L.LightningModule):
         # Prompts dropped (too long, duplicates, bad rows) shrink N: the run says by how many.
         log_data_drops(self)
         log_run_params(self)  # n_prompts, the number evaluated, comes from the WinRateRecorder at the end
+        models = {
+            "synpref.policy_run_id": self.model_name_or_path,
+            "synpref.baseline_run_id": self.baseline_name_or_path,
+        }
+        log_data_lineage(self, models, context="evaluation")
 
     def run_params(self) -> dict:
         """The settings that define this comparison, as MLflow params (no secrets: names and paths)."""

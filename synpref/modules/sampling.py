@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Optional
 
 import lightning as L
@@ -12,12 +13,14 @@ import torch
 from synpref.callbacks.sampling_stats import GenerationCounters
 from synpref.callbacks.shards import OnMismatch
 from synpref.errors import ConfigError
-from synpref.fingerprints import model_digest
+from synpref.fingerprints import file_sha256, model_digest
 from synpref.generators import Generator, generate_texts
+from synpref.lineage import PAIRS_TAG
 from synpref.models import load_frozen_causal_lm, load_tokenizer
-from synpref.modules.base import log_run_params, model_name
+from synpref.modules.base import log_data_lineage, log_run_params, model_name
 from synpref.rewards.base import OnBadScore, RewardScorer, score_checked
 from synpref.specs import Decoding, ModelSpec
+from synpref.tracking import mlflow_loggers
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +108,7 @@ class SamplingModule(L.LightningModule):
     def on_predict_start(self) -> None:
         self.reward.to(self.device)
         log_run_params(self, n_prompts=len(getattr(self.trainer.datamodule, "prompts", None) or []))
+        log_data_lineage(self, context="sampling")
 
     def run_params(self) -> dict:
         hp, d = self.hparams, self.decoding
@@ -179,6 +183,11 @@ class SamplingModule(L.LightningModule):
         return [r for r in records if len(r["samples"]) >= 2]
 
     def on_predict_end(self) -> None:
+        # The pairs by content: a DPO run on them finds this run (synpref.lineage), wherever the file went.
+        pairs = Path(self.hparams.output_dir) / "pairs.jsonl"
+        if self.trainer.is_global_zero and pairs.is_file():
+            for logger in mlflow_loggers(self.trainer):
+                logger.experiment.set_tag(logger.run_id, PAIRS_TAG, file_sha256(pairs))
         if self.bad_scores:
             log.warning("on_bad_score=skip: %d samples had no finite reward and were dropped", self.bad_scores)
             if self.logger is not None:
