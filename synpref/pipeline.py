@@ -29,6 +29,7 @@ from synpref.stages import (
     plan,
     stage_argv,
     tracking_args,
+    with_overlays,
 )
 from synpref.tracking import tracking_uri as default_tracking_uri
 
@@ -194,6 +195,9 @@ def reproduce(
     build_tiny_model: Optional[str] = None,
     services: list[Service] = [],
     study: Optional[Study] = None,
+    overlays: dict[str, list[str]] = {},
+    build_model: dict[str, str] = {},
+    mirror: Optional[str] = None,
 ) -> Optional[str]:
     """Run the stages that are stale (docs/pipeline.md); each is its own MLflow run, all children of
     one parent run, which ends with the comparison table, headline metrics and a one-line verdict.
@@ -215,6 +219,12 @@ def reproduce(
         study: a scaling grid (synpref.grid, docs/scaling.md): arms expanded into pairs, DPO and
             evaluation stages after `stages`, sharing every stage whose settings they share; the
             end adds the scaling table, curves and head-to-head comparisons.
+        overlays: config files added to every stage (grid stages included) that composes a given one,
+            after the stage's own files: `{configs/sft.yaml: [configs/rehearsal/sft.yaml]}`
+            (configs/rehearsal.yaml). A key no stage composes is an error.
+        build_model: HF model directories to build first, each from a preset (`synpref build-model`):
+            `{artifacts/rehearsal/base: qwen2.5-0.5b}`; kept when present.
+        mirror: write the packaged sample as hub-layout folders here first (`synpref mirror`).
     """
     import mlflow
 
@@ -228,6 +238,16 @@ def reproduce(
     if study is not None:
         extra, arm_stages = expand(study, stages)
         stages = list(stages) + extra
+    stages = with_overlays(stages, overlays)
+    if not dry_run:
+        from synpref.presets import build_preset_model
+
+        for out, preset in build_model.items():
+            build_preset_model(preset, out)
+        if mirror:
+            from synpref.data.mirror import write_mirrors
+
+            write_mirrors(mirror)
     uri = tracking_uri or default_tracking_uri()
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)
