@@ -96,3 +96,16 @@ def test_the_template_is_qwen2_5s(tok):
         "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     )
+
+
+def test_the_saved_tokenizer_loads_back_the_same(tok, tmp_path, sample_dir):
+    """What build-model writes, as `AutoTokenizer` (transformers' Qwen2Tokenizer) reads it back."""
+    from synpref.models import load_tokenizer
+
+    tok.save_pretrained(tmp_path)
+    loaded = load_tokenizer(str(tmp_path))
+    assert len(loaded) == TOKENS and loaded.chat_template == tok.chat_template
+    assert (loaded.eos_token_id, loaded.pad_token_id) == (tok.eos_token_id, tok.pad_token_id)
+    for messages in conversations(sample_dir)[:50]:
+        text = tok.apply_chat_template(messages, tokenize=False)
+        assert loaded(text)["input_ids"] == tok(text)["input_ids"]
