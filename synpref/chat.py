@@ -79,9 +79,10 @@ def assistant_char_spans(
 ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and, per assistant turn, the character span the model must produce.
 
-    A span runs from the end of the generation prompt to the end of that turn, trailing whitespace
-    excluded: the content plus the end-of-turn token (<|im_end|> in ChatML), so the model learns to
-    stop, but not the template's newline after it.
+    A span runs from the end of the generation prompt to where the next turn starts: the content, the
+    end-of-turn token (<|im_end|> in ChatML), so the model learns to stop, and the template's newline
+    after it, as open-instruct's SFT masks and TRL's SFTTrainer (assistant_only_loss, prompt-completion)
+    label them (docs/sft.md).
     """
     text = render(tokenizer, messages)
     spans = []
@@ -89,8 +90,8 @@ def assistant_char_spans(
         if message["role"] != "assistant":
             continue
         start = len(render(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
-        end = len(render(tokenizer, messages[: i + 1]).rstrip())
-        if text[:end] != render(tokenizer, messages[: i + 1])[:end]:
+        end = len(render(tokenizer, messages[: i + 1]))
+        if text[:end] != render(tokenizer, messages[: i + 1]):
             raise ValueError("chat template is not prefix-stable; cannot locate assistant turns")
         spans.append((start, end))
     return text, spans
@@ -126,8 +127,8 @@ def encode_prompt_response(
 ) -> tuple[list[int], list[int]]:
     """(prompt_ids, response_ids) for one assistant reply to `prompt`, split where the reply starts.
 
-    The response ids are the reply's tokens plus its end-of-turn token, located exactly as SFT labels
-    are, so SFT, DPO, sampling and reward models all see a prompt as the same tokens.
+    The response ids are the reply's tokens, its end-of-turn token and the newline after it, located
+    exactly as SFT labels are, so SFT, DPO, sampling and reward models all see a prompt as the same tokens.
     """
     enc = encode_conversation(tokenizer, list(prompt) + [{"role": "assistant", "content": response}])
     ids, labels = enc["input_ids"], enc["labels"]

@@ -32,6 +32,10 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
         "synpref.presets:build_model",
         "build a random model with a preset's config (qwen2.5-0.5b, qwen-vocab-small, ...)",
     ),
+    "mirror": (
+        "synpref.data.mirror:mirror",
+        "write the packaged sample as hub-layout folders (HuggingFaceTB/smoltalk, HuggingFaceH4/ultrafeedback_binarized)",
+    ),
     "compare": (
         "synpref.compare:compare",
         "print the win-rate table (the paper's Table 1) of an MLflow experiment's eval runs",

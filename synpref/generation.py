@@ -23,7 +23,7 @@ def generate(
     """`num_return_sequences` completions per prompt, as text and as generated-token counts.
 
     Prompts are left-padded into one batch and decoded with the KV cache; generation stops at the
-    end of the assistant turn (<|im_end|> or eos). `decoding.seed` seeds the sampling RNG for this
+    end of the assistant turn (<|im_end|> or eos); ids with no token are never sampled. `decoding.seed` seeds the sampling RNG for this
     call, so a batch gives the same completions whatever ran before it.
     """
     ids = [encode_prompt(tokenizer, p) for p in prompts]
@@ -32,6 +32,10 @@ def generate(
     torch.manual_seed(decoding.seed)
     d = decoding
     sampling = {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p} if d.do_sample else {}
+    # Embedding rows beyond the tokenizer (Qwen2.5: 151,936 rows, 151,665 tokens) are padding for
+    # hardware-friendly shapes: no text maps to them, so they are never sampled.
+    rows = model.get_output_embeddings().weight.shape[0]
+    beyond = {"suppress_tokens": list(range(len(tokenizer), rows))} if rows > len(tokenizer) else {}
     out = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -42,6 +46,7 @@ def generate(
         pad_token_id=tokenizer.pad_token_id,
         use_cache=True,
         **sampling,
+        **beyond,
     )
     new = out[:, input_ids.shape[1] :]
     stop = torch.tensor(end_of_turn_ids(tokenizer), device=new.device)

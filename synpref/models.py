@@ -86,6 +86,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     if tok.chat_template is None:
         # Base checkpoints (Qwen2.5-0.5B among them) may ship no template; ChatML is what their
         # instruct siblings use, so the SFT export speaks the same format.
+        log.warning("%s ships no chat template: using ChatML (<|im_start|>role\\n...<|im_end|>)", name_or_path)
         tok.chat_template = CHATML_TEMPLATE
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

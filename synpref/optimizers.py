@@ -48,12 +48,10 @@ class AdamWBf16Moments(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(name: Optim, groups: list[dict], lr: float, betas, eps: float, device: torch.device):
-    """The AdamW of `name` over the parameter groups (their own weight decay)."""
+def build_optimizer(name: Optim, groups: list[dict], lr: float, betas, eps: float, fused: bool = False):
+    """The AdamW of `name` over the parameter groups (their own weight decay); `fused`: torch's
+    fused AdamW kernel for `adamw` (one kernel per parameter, no parameter-sized temporaries)."""
     if name == "adamw":
-        # Fused: one kernel per parameter, no parameter-sized temporaries (the for-loop AdamW makes
-        # 0.5 GB ones for a 0.5B model's embedding); TRL's default `adamw_torch_fused` too.
-        fused = device.type in ("cpu", "cuda")
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
     if name == "adamw_bf16":
         return AdamWBf16Moments(groups, lr=lr, betas=betas, eps=eps)

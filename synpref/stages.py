@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -61,6 +61,12 @@ def check_graph(stages: list[Stage]) -> None:
                     f"stages[{i}].needs", f"stage {stage.name!r} needs {need!r}, which is not an earlier stage"
                 )
         seen.add(stage.name)
+
+
+def with_overlays(stages: list[Stage], overlays: dict[str, list[str]]) -> list[Stage]:
+    """Each stage with the overlay files of every config it composes appended to its own, in order
+    (an overlay for a file no stage composes is unused: one overlay serves several pipelines)."""
+    return [replace(s, config=[*s.config, *(f for c in s.config for f in overlays.get(c, []))]) for s in stages]
 
 
 def stage_argv(stage: Stage) -> list[str]:

@@ -30,7 +30,8 @@ def hand_built(tok, messages):
     """ChatML by hand, piece by piece: <|im_start|> role \\n content <|im_end|> \\n per message.
 
     Special tokens and the newline each stand alone for a byte-level BPE, so tokenizing the pieces
-    separately gives the tokens of the whole text. Labelled: assistant content and its <|im_end|>.
+    separately gives the tokens of the whole text. Labelled: assistant content, its <|im_end|> and the
+    newline after it (as open-instruct and TRL label them).
     """
     start, end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
     ids, labelled = [], []
@@ -39,7 +40,7 @@ def hand_built(tok, messages):
         body = _ids(tok, m["content"]) + [end]
         trailer = _ids(tok, "\n")
         ids += header + body + trailer
-        labelled += [False] * len(header) + [m["role"] == "assistant"] * len(body) + [False] * len(trailer)
+        labelled += [False] * len(header) + [m["role"] == "assistant"] * (len(body) + len(trailer))
     return ids, labelled
 
 
@@ -65,7 +66,7 @@ def test_multi_turn_mask_position_by_position(tok, rows):
         assert got == want, f"position {pos} ({tok.convert_ids_to_tokens(expected_ids[pos])!r}): {got} != {want}"
     assert len(enc["labels"]) == len(expected_labels)
 
-    # Spot checks in words: the labelled text is exactly the two replies, each closed by <|im_end|>.
+    # Spot checks in words: the labelled text is exactly the two replies, each closed by <|im_end|>\n.
     spans, run = [], []
     for t, label in zip(enc["input_ids"], enc["labels"]):
         if label != IGNORE_INDEX:
@@ -73,8 +74,10 @@ def test_multi_turn_mask_position_by_position(tok, rows):
         elif run:
             spans.append(tok.decode(run))
             run = []
-    assert spans == [messages[2]["content"] + "<|im_end|>", messages[4]["content"] + "<|im_end|>"]
-    assert enc["labels"][-1] == IGNORE_INDEX and tok.decode(enc["input_ids"][-1:]) == "\n"
+    if run:
+        spans.append(tok.decode(run))
+    assert spans == [messages[2]["content"] + "<|im_end|>\n", messages[4]["content"] + "<|im_end|>\n"]
+    assert enc["labels"][-1] != IGNORE_INDEX and tok.decode(enc["input_ids"][-1:]) == "\n"
 
 
 def test_truncation_keeps_the_head(tok, rows):

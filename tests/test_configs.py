@@ -13,7 +13,7 @@ from synpref.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Pipeline configs for `synpref reproduce`, not LightningCLI configs (tested with the pipeline).
-PIPELINE_NAMES = {"paper.yaml", "paper_served.yaml", "scaling.yaml", "losses.yaml"}
+PIPELINE_NAMES = {"paper.yaml", "paper_served.yaml", "scaling.yaml", "losses.yaml", "rehearsal.yaml"}
 
 
 def cli_configs() -> list[Path]:

@@ -102,14 +102,14 @@ def test_loss_and_labels_match_trl(sharp_model, conversations, module, batch, tm
     trainer = trl_trainer(sharp_model, conversations, tmp_path)
 
     # Labels: TRL's completion mask (prompt-completion format) covers the reply, <|im_end|> and the
-    # template's newline after it; synpref leaves that newline out. Everything else is equal.
+    # template's newline after it; so do synpref's.
     trl_rows = [trainer.train_dataset[i] for i in range(len(conversations))]
     tok = load_tokenizer(sharp_model)
     for messages, trl_row in zip(conversations, trl_rows):
         ours = encode_conversation(tok, messages, max_length=MAX_LENGTH)
         assert ours["input_ids"] == trl_row["input_ids"]
         assert tok.decode(trl_row["input_ids"][-1:]) == "\n"
-        assert ours["labels"] == trl_row["labels"][:-1] + [IGNORE_INDEX]
+        assert ours["labels"] == trl_row["labels"]
 
     # Loss: the same input_ids/labels through TRL's compute_loss and synpref's sft_loss.
     trainer.model.train()

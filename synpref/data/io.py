@@ -28,11 +28,28 @@ def is_local(path: str) -> bool:
     return p.exists() or p.suffix in LOCAL_SUFFIXES or path.startswith((".", "/", "~", SCHEME))
 
 
+def is_hub_layout(folder: Path) -> bool:
+    """A folder laid out as a hub data set (a downloaded snapshot, or `synpref mirror`): its README.md
+    opens with YAML front matter that names its `configs:` and their data files."""
+    readme = folder / "README.md"
+    if not (folder.is_dir() and readme.is_file()):
+        return False
+    head = readme.read_text(encoding="utf-8", errors="replace")[:65536]
+    return head.startswith("---") and "\nconfigs:" in head.split("\n---", 1)[0]
+
+
 def load_rows(
     path: str, split: str = "train", config_name: Optional[str] = None, max_rows: Optional[int] = None
 ) -> datasets.Dataset:
-    """A hub dataset (`path` = repo id, `config_name`, `split`) or a local file/folder of jsonl/parquet."""
-    if is_local(path):
+    """A hub dataset (`path` = repo id, `config_name`, `split`), a local folder in the hub's layout (the
+    same `config_name` and `split`), or a local file/folder of jsonl/parquet."""
+    if is_local(path) and is_hub_layout(Path(resolve(path)).expanduser()):
+        # The path a downloaded snapshot takes: datasets reads the README's configs and splits.
+        try:
+            ds = datasets.load_dataset(str(Path(resolve(path)).expanduser()), config_name, split=split)
+        except Exception as e:  # a config or split the folder lacks
+            raise DataError(path, None, "split", f"cannot load config {config_name!r}, split {split!r}: {e}") from e
+    elif is_local(path):
         p = Path(resolve(path)).expanduser()
         if not p.exists():
             raise DataError(path, None, "path", f"data path does not exist (resolved: {p.resolve()})")
