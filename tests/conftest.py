@@ -44,6 +44,17 @@ def qwen_small_model(tmp_path_factory, sample_dir) -> str:
     return str(build_preset_model("qwen-vocab-small", out, [sample_dir / "sft_messages.jsonl"]))
 
 
+@pytest.fixture(autouse=True)
+def no_global_tracking_uri(monkeypatch):
+    """Each test starts, as a new process does, with no MLflow tracking URI set in-process (MLflow
+    then reads MLFLOW_TRACKING_URI): Lightning's MLFlowLogger sets the global one when it makes its
+    run, and MLflow's fluent calls (`mlflow.search_runs`, used by `MlflowClient.load_table`) would
+    otherwise read an earlier test's store."""
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setattr(utils, "_tracking_uri", None)
+
+
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch, tiny_model) -> Path:
     """cwd = a fresh folder laid out like the repo root (configs/, artifacts/tiny/base),
