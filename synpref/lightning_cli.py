@@ -14,7 +14,6 @@ from synpref.console import verbose
 from synpref.tracking import (
     DEFAULT_EXPERIMENT,
     experiment_id,
-    keep_artifacts_relative,
     mlflow_loggers,
     store_errors,
     tracking_uri,
@@ -69,7 +68,6 @@ class SynprefCLI(LightningCLI):
                 # Made here, before the logger makes it: a relative store keeps its artifact paths relative.
                 experiment_id(logger._mlflow_client, logger._experiment_name, uri)
                 _ = logger.run_id  # creates the run as the run's start would: a read-only store fails here
-                keep_artifacts_relative(uri)
 
     def _mlflow_uris(self) -> list[str]:
         """The stores of the configured MLflow loggers."""

@@ -10,7 +10,7 @@ from typing import Optional
 
 from synpref.invocation import INVOCATION
 from synpref.report import judge_results
-from synpref.tracking import REUSED_RUNS_TAG, experiment_id, keep_artifacts_relative, pipeline_runs
+from synpref.tracking import REUSED_RUNS_TAG, experiment_id, pipeline_runs
 
 STAGE_TAG = "synpref.pipeline_stage"
 
@@ -100,7 +100,6 @@ def parent_run(client, experiment: str, state_dir: Path, run_name: str, params: 
         tags[REUSED_RUNS_TAG] = json.dumps({name: latest[name] for name in kept if name in latest})
         tags["synpref.previous_parent"] = old.info.run_id
     run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
-    keep_artifacts_relative(client.tracking_uri)
     client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
     (state_dir / "parent_run.json").write_text(json.dumps({"run_id": run_id, "experiment": experiment}))
     return run_id

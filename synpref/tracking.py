@@ -101,7 +101,8 @@ def keep_artifacts_relative(uri: str) -> None:
 
 
 def experiment_id(client, name: str, uri: str) -> str:
-    """The experiment's id, created if new, its artifact paths kept relative (keep_artifacts_relative)."""
+    """The experiment's id, created if new, its artifact paths kept relative (keep_artifacts_relative):
+    runs created in it afterwards inherit relative paths, so no second rewrite is needed."""
     exp = client.get_experiment_by_name(name)
     exp_id = exp.experiment_id if exp else client.create_experiment(name)
     keep_artifacts_relative(uri)
@@ -145,7 +146,6 @@ class RunTracking:
         with store_errors(client.tracking_uri):
             exp_id = experiment_id(client, self.experiment, self.tracking_uri or tracking_uri())
             run_id = client.create_run(exp_id, run_name=self.run_name, tags=self.tags).info.run_id
-            keep_artifacts_relative(self.tracking_uri or tracking_uri())
         return run_id
 
 
