@@ -114,3 +114,15 @@ def test_invalid_json_line_is_located(tiny_model, good, tmp_path):
     with pytest.raises(DataError) as e:
         setup(tiny_model, str(path))
     assert (e.value.source, e.value.row) == (str(path), 1) and "not valid JSON" in str(e.value)
+
+
+def test_one_process_tokenizes_in_this_one(tiny_model, good, tmp_path, monkeypatch):
+    """num_proc=1 maps in this process: datasets >= 4 would fork a pool of one (seconds a stage)."""
+    import datasets.arrow_dataset
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a process pool for num_proc=1")
+
+    monkeypatch.setattr(datasets.arrow_dataset.mp, "Pool", no_pool)
+    data = setup(tiny_model, write(tmp_path / "sft.jsonl", good), num_proc=1)
+    assert len(data.train_set) + len(data.val_set or []) == len(good)

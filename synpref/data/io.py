@@ -171,6 +171,9 @@ def map_rows(
             reason, why = "bad/" + re.sub(r"\[\d+\]", "", e.field), str(error)
         return {**{c: None for c in columns}, "_drop": reason, "_why": why}
 
+    # datasets >= 4 forks a pool for num_proc=1 too (seconds per call, pickling the tokenizer): one
+    # process means this one.
+    num_proc = num_proc if num_proc and num_proc > 1 else None
     out = ds.map(apply, with_indices=True, remove_columns=ds.column_names, num_proc=num_proc, desc=f"preparing {what}")
     counts = dict(Counter(r for r in out["_drop"] if r))
     examples = [w for w in out["_why"] if w]
