@@ -53,10 +53,10 @@ class OpenAIGenerator(Generator):
     One request per prompt asks for all K samples (`n`); a server that ignores `n` (one choice back)
     is asked K times, once per sample, and later prompts go straight to K requests. Each request's
     `seed` is `request_seed(decoding.seed, prompt index, sample)`, so a rerun asks for the same samples:
-    byte-identical where the server honours per-request seeds. Counts come from `usage`
-    (one choice per reply) or, when one reply holds K choices, from re-tokenizing each text with
-    the policy's tokenizer. Replies cut by `max_tokens` (`finish_reason: length`) are counted
-    (`stats["truncated"]`) and logged per batch.
+    byte-identical where the server honours per-request seeds. Counts are the reply's tokens without
+    the end token: `usage` (one choice per reply; less the end token when it stopped) or, when one
+    reply holds K choices, each text re-tokenized with the policy's tokenizer. Replies cut by
+    `max_tokens` (`finish_reason: length`) are counted (`stats["truncated"]`) and logged per batch.
 
     Args:
         base_url: the API root, e.g. http://127.0.0.1:8000/v1.
@@ -217,7 +217,10 @@ class OpenAIGenerator(Generator):
             if not all(isinstance(t, str) for t in texts):
                 raise TypeError(f"choices[].{field} is not a string")
             if len(choices) == 1:
-                counts = [int(reply["usage"]["completion_tokens"])]
+                used = int(reply["usage"]["completion_tokens"])
+                # A server counts the end-of-turn token it stopped at (vLLM, transformers serve); the
+                # counts are the reply's own tokens, as in-process generate() and re-tokenizing give.
+                counts = [used - 1 if choices[0].get("finish_reason") == "stop" and used > 0 else used]
             else:
                 counts = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
             return [(t.strip(), c, ch.get("finish_reason")) for t, c, ch in zip(texts, counts, choices)]

@@ -111,7 +111,7 @@ def test_n_honoured_one_request_per_prompt_choices_in_index_order(server, tokeni
 def test_n_ignored_falls_back_to_one_request_per_sample(server, tokenizer, caplog):
     gen, (texts, counts) = sample(server, tokenizer, "ignores-n", k=3)
     assert texts == [[f"seed={request_seed(3, i, j)} choice=0" for j in range(3)] for i in (4, 9)]
-    assert counts == [[5, 5, 5]] * 2  # usage.completion_tokens of one-choice replies
+    assert counts == [[4, 4, 4]] * 2  # usage.completion_tokens of one-choice replies, less the end token
     # The first request of each prompt asked for n=3; after the first one-choice reply the
     # generator stops asking (two prompts in flight may both have asked).
     assert len(StubServer.requests) == 6 and "ignores n=3" in caplog.text

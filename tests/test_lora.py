@@ -1,8 +1,9 @@
-"""LoRA through peft: DPO parity with TRL + peft, the merged export, adapter-only checkpoints, refused settings."""
+"""LoRA through peft: DPO and SFT parity with TRL + peft, the merged export, adapter-only checkpoints, refused settings."""
 
 from __future__ import annotations
 
 import copy
+import json
 
 import lightning as L
 import pytest
@@ -101,6 +102,81 @@ def test_lora_dpo_matches_trl_with_peft_over_three_steps(sample_dir, tiny_model,
     for name, p in module.model.named_parameters():
         if not p.requires_grad:
             assert torch.equal(p, base[name.replace(".base_layer", "")]), name
+
+
+def trl_lora_sft_run(tiny_model, conversations, start: dict, lr: float, out) -> tuple[list[float], dict]:
+    """TRL 1.16's SFTTrainer, its own `train()` end to end (tokenization of prompt-completion rows,
+    collator, completion-only loss, AdamW, linear schedule) with the same peft config, adapters
+    starting from `start`: per-step losses, final adapters. One batch of every row per epoch."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(
+        output_dir=str(out),
+        report_to="none",
+        use_cpu=True,
+        bf16=False,  # SFTConfig's default autocasts to bf16
+        completion_only_loss=True,
+        max_length=None,
+        per_device_train_batch_size=len(conversations),
+        num_train_epochs=STEPS,
+        learning_rate=lr,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=0.0,  # synpref's fit here clips nothing
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+    )
+    rows = Dataset.from_list([{"prompt": m[:-1], "completion": m[-1:]} for m in conversations])
+    trainer = SFTTrainer(
+        model=load_causal_lm(tiny_model, dtype="float32"),
+        args=args,
+        train_dataset=rows,
+        processing_class=load_tokenizer(tiny_model),
+        peft_config=ADAPTER.config(),
+    )
+    peft.set_peft_model_state_dict(trainer.model, start)
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    return losses, {k: v.detach().clone() for k, v in peft.get_peft_model_state_dict(trainer.model).items()}
+
+
+def test_lora_sft_matches_trl_sft_trainer_with_peft_over_three_steps(sample_dir, tiny_model, tmp_path):
+    """Per-step losses and the adapters after 3 steps (linear decay: lr, 2/3 lr, 1/3 lr) equal TRL's
+    SFTTrainer with the same peft config within 1e-5, both in fp32."""
+    from synpref.chat import encode_conversation
+    from synpref.data.smoltalk import SmolTalkDataModule
+    from tests.conftest import read_jsonl
+
+    tok = load_tokenizer(tiny_model)
+    rows = read_jsonl(sample_dir / "sft_messages.jsonl")[:40]
+    # Short single-turn conversations, untruncated on both sides: TRL's prompt-completion rows.
+    rows = [r for r in rows if len(encode_conversation(tok, r["messages"])["input_ids"]) <= 256][:4]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = SmolTalkDataModule(tiny_model, str(path), max_length=256, batch_size=len(rows))
+    L.seed_everything(0)
+    module = SFTModule(
+        ModelSpec(tiny_model, dtype="float32"), lora=ADAPTER, lr=1e-2, warmup_steps=0, scheduler="linear"
+    )
+    module.configure_model()
+    with torch.no_grad():  # a non-zero start, so lora_A has a gradient from the first step
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    start = adapter_state(module)
+    steps = fit(module, dm, tmp_path / "ours", max_epochs=STEPS)
+    losses, trl_adapters = trl_lora_sft_run(tiny_model, [r["messages"] for r in rows], start, 1e-2, tmp_path / "trl")
+    assert len(steps) == len(losses) == STEPS
+    for ours, theirs in zip(steps, losses):
+        assert ours["train/loss"] == pytest.approx(theirs, abs=1e-5)
+    final = adapter_state(module)
+    assert set(final) == set(trl_adapters)
+    for name, value in final.items():
+        assert torch.allclose(value, trl_adapters[name], atol=1e-5), name
+        assert not torch.equal(value, start[name]), name  # every adapter trained
 
 
 def test_lora_export_is_merged_checkpoint_holds_adapters_and_resume_is_exact(sample_dir, tiny_model, tmp_path):

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
+import torch
 
-from synpref.chat import IGNORE_INDEX, encode_conversation, encode_prompt_response
+from synpref.chat import IGNORE_INDEX, encode_conversation, encode_prompt, encode_prompt_response
 from synpref.data.collate import collate_sft
 from synpref.generation import generate
+from synpref.generators import generate_texts
 from synpref.models import CHATML_TEMPLATE, load_causal_lm, load_tokenizer
+from synpref.presets import QWEN_VOCAB, save_random_qwen2
 from synpref.qwen_tokenizer import qwen2_5_tokenizer
 from synpref.specs import Decoding
 
@@ -97,16 +101,56 @@ def small(qwen_small_model):
     return load_causal_lm(qwen_small_model, "float32").eval(), load_tokenizer(qwen_small_model)
 
 
-@pytest.mark.parametrize("stop", [IM_END, EOT], ids=["im_end", "endoftext"])
-def test_generation_stops_at_either_end_token(small, stop):
-    model, tok = small
-    word = tok.convert_tokens_to_ids("Blue")
-    handle = push(model, lambda step: [word] if step < 2 else [stop] if step == 2 else [word])
-    try:
-        (texts,), (counts,) = generate(model, tok, [TWO_TURNS[:1]], Decoding(max_new_tokens=6, do_sample=False))
-    finally:
-        handle.remove()
-    assert texts == ["BlueBlue"] and counts == [2]
+def chain_model(out: Path, stop: int) -> str:
+    """A Qwen2 with Qwen2.5's tokenizer whose greedy reply to any chat prompt is "Blue sky", then
+    `stop`, then " continues" for ever: a model that goes on after the end token unless told to stop.
+
+    Built by build-model's own `save_random_qwen2` (its generation_config included), then wired as a
+    bigram: with attention and MLP outputs zeroed, each position's hidden state is its token's
+    embedding; the chain's tokens get orthogonal embeddings and the (untied) LM head maps each one to
+    the next. "\n" ends every generation prompt, so it starts the chain."""
+    tok = qwen2_5_tokenizer()
+    shape = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    random = save_random_qwen2(
+        out / "random", tok, vocab_size=QWEN_VOCAB, num_key_value_heads=1, **shape, tie_word_embeddings=False
+    )
+    model = load_causal_lm(str(random), "float32")
+    blue, sky, more = tok("Blue sky continues", add_special_tokens=False)["input_ids"]
+    chain = [tok.convert_tokens_to_ids("Ċ"), blue, sky, stop, more, more]
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        for k, (token, after) in enumerate(zip(chain, chain[1:])):
+            embedding[token] = torch.nn.functional.one_hot(torch.tensor(k), shape["hidden_size"]).float()
+            # normalised, the embedding is 4·e_k: a logit of 20 against the random head's |x| < 1
+            head[after, k] = 5.0
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module", params=[IM_END, EOT], ids=["im_end", "endoftext"])
+def chained(request, tmp_path_factory):
+    return chain_model(tmp_path_factory.mktemp("chain"), request.param), request.param
+
+
+def test_generation_stops_at_either_end_token(chained, monkeypatch):
+    """In process, as the sampling and evaluation stages generate: the reply ends before the end
+    token, and generate() itself stopped there (3 new tokens), though the model would go on."""
+    path, stop = chained
+    model, tok = load_causal_lm(path, "float32").eval(), load_tokenizer(path)
+    prompt = encode_prompt(tok, TWO_TURNS[:1])
+    on = model.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False, eos_token_id=[], pad_token_id=0)
+    assert tok.decode(on[0, len(prompt) :]) == f"Blue sky{tok.decode([stop])} continues continues"
+
+    outputs, original = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: outputs.append(original(**kw)) or outputs[-1])
+    prompts = [TWO_TURNS[:1], TWO_TURNS[:3]]
+    texts, counts = generate_texts(None, model, tok, path, prompts, [0, 1], Decoding(max_new_tokens=6, do_sample=False))
+    assert texts == [["Blue sky"]] * 2 and counts == [[2]] * 2
+    assert outputs[0].shape[1] == len(encode_prompt(tok, prompts[1])) + 3 and (outputs[0][:, -1] == stop).all()
 
 
 def test_ids_without_a_token_are_never_sampled(small, monkeypatch):

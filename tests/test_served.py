@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from synpref.services import Service, running
 from synpref.specs import Decoding, ModelSpec
 from tests.conftest import ROOT, free_port, read_jsonl
 from tests.test_evaluation import perturbed_copy
+from tests.test_real_template import EOT, IM_END, chain_model
 
 DECODING = Decoding(max_new_tokens=8, do_sample=True, temperature=0.7, top_k=50, top_p=1.0)
 
@@ -70,6 +72,23 @@ def test_served_samples_equal_in_process_generate_at_the_same_seed(server, tiny_
                 assert (row[j], row_counts[j]) == (ref_texts[0][0], ref_counts[0][0])
         assert gen.stats["requests"] == 2 * k
         assert gen.stats["truncated"] == sum(c == 8 for row in counts for c in row)
+
+
+@pytest.mark.parametrize("stop", [IM_END, EOT], ids=["im_end", "endoftext"])
+def test_served_replies_stop_at_either_end_token(server, stop, tmp_path):
+    """A model that goes on after the end token (see chain_model) is stopped there by the server: when
+    synpref sends the end-of-turn ids (server: transformers) and when the server reads them from the
+    model's generation_config.json alone (server: openai, as vLLM and SGLang do)."""
+    path = chain_model(tmp_path, stop)
+    tok = load_tokenizer(path)
+    prompts = [[{"role": "user", "content": "Name a colour."}]] * 2
+    for api, kind in itertools.product(("chat", "completions"), ("transformers", "openai")):
+        gen = OpenAIGenerator(base_url=server[0], server=kind, api=api, max_concurrency=1)
+        texts, counts = gen.generate(
+            path, tok, prompts, [0, 1], Decoding(max_new_tokens=6, do_sample=False), num_return_sequences=1
+        )
+        assert texts == [["Blue sky"]] * 2, (api, kind)
+        assert counts == [[2]] * 2 and gen.stats["truncated"] == 0, (api, kind)
 
 
 def predict_args(server_url, model, out, extra=()):
