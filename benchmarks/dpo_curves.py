@@ -36,7 +36,7 @@ def point(preset: str, length: int, budget: int, steps: int, extra: list[str]) -
     data = json.loads(out.read_text())
     from transformers import AutoConfig
 
-    from synpref.estimate import Shape
+    from synpref.reporting.estimate import Shape
 
     sys.path.insert(0, str(HERE))
     from realshape import preset_model

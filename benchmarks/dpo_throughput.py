@@ -30,8 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from synpref.losses import LOSSES, PreferenceLoss
-from synpref.resources import sample
+from synpref.core.losses import LOSSES, PreferenceLoss
+from synpref.core.resources import sample
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from realshape import (
@@ -59,8 +59,8 @@ def write_pairs(path: Path, n: int, max_length: int, model: str, full_length: bo
     full_length: only pairs whose chosen and rejected sequences are both longer than max_length (+8, a
     margin for the two tokenizations), so each side trains every sequence at exactly max_length tokens.
     """
-    from synpref.chat import encode_prompt, encode_prompt_response
-    from synpref.models import load_tokenizer
+    from synpref.core.chat import encode_prompt, encode_prompt_response
+    from synpref.core.models import load_tokenizer
 
     tok = load_tokenizer(model)
     out = []
@@ -105,9 +105,9 @@ def stepped(a, meter: Meter, result: dict) -> dict:
 def run_synpref(a) -> dict:
     import lightning as L
 
+    from synpref.core.specs import ModelSpec
     from synpref.data.preferences import PreferenceDataModule, PreferenceSource
     from synpref.modules.dpo import DPOModule
-    from synpref.specs import ModelSpec
 
     L.seed_everything(0, verbose=False)
     meter = Meter()
@@ -168,7 +168,7 @@ def loss_args(loss: str) -> dict:
 
 def trl_loss(loss: str) -> str:
     """The loss TRL trains against synpref's `loss`: the same one, or sigmoid DPO where TRL has none."""
-    from synpref.losses import TRL_LOSSES
+    from synpref.core.losses import TRL_LOSSES
 
     return loss if loss in TRL_LOSSES else "sigmoid"
 
@@ -178,7 +178,7 @@ def run_trl(a) -> dict:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from synpref.models import load_causal_lm, load_tokenizer
+    from synpref.core.models import load_causal_lm, load_tokenizer
 
     meter = Meter()
     ds = load_dataset("json", data_files=a.pairs, split="train")

@@ -62,8 +62,8 @@ def cuda_matmul_peak(n: int = 8192, repeats: int = 10) -> float:
 
 
 def module_for(stage: str, model: str, lean: bool):
+    from synpref.core.specs import ModelSpec
     from synpref.modules import DPOModule, SFTModule
-    from synpref.specs import ModelSpec
 
     if stage == "sft":
         return SFTModule(ModelSpec(model, dtype="float32"), lr=1e-5, gradient_checkpointing=lean)
@@ -186,7 +186,7 @@ def main() -> None:
 
     import torch
 
-    from synpref.estimate import estimate
+    from synpref.reporting.estimate import estimate
 
     gpus, peak = torch.cuda.device_count(), cuda_matmul_peak()
     print(f"{gpus} × {torch.cuda.get_device_name(0)}; bf16 matmul peak measured now: {peak / 1e12:.1f} TFLOP/s")

@@ -40,9 +40,9 @@ def child(a) -> None:
 
         from synpref.modules import DPOModule  # noqa: F401
     else:
+        from synpref.core.specs import ModelSpec
         from synpref.modules import DPOModule, SFTModule
         from synpref.modules.base import step_in_backward
-        from synpref.specs import ModelSpec
 
         stage = SFTModule if a.stage == "sft" else DPOModule
         module = stage(ModelSpec(a.model), logits_chunk_size=a.chunk, gradient_checkpointing=a.lean)
@@ -86,7 +86,7 @@ def main() -> None:
 
     from transformers import AutoConfig
 
-    from synpref.estimate import Shape, peak_bytes
+    from synpref.reporting.estimate import Shape, peak_bytes
 
     print(f"runtime (imports, no model): {measure(['--stage', 'runtime']) / 1e9:.2f} GB")
     for preset in a.presets:

@@ -187,7 +187,7 @@ def memory_argv(a) -> list[str]:
 
 def lora_group(a):
     """synpref's LoRA group for --lora R (alpha 2R, every linear layer), or None."""
-    from synpref.specs import LoRA
+    from synpref.core.specs import LoRA
 
     return LoRA(r=a.lora, alpha=2.0 * a.lora) if a.lora else None
 
@@ -203,7 +203,7 @@ def floor_bytes(model: str, a, reference: bool) -> float:
     embedding's when stepped in the backward), the optimizer state and a live fp32 reference."""
     from transformers import AutoConfig
 
-    from synpref.estimate import OPTIM_STATE_BYTES, Shape
+    from synpref.reporting.estimate import OPTIM_STATE_BYTES, Shape
 
     shape = Shape.from_config(AutoConfig.from_pretrained(model))
     grads = 4 * (shape.vocab * shape.hidden if a.optimizer_in_backward else shape.params)

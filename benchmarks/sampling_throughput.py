@@ -27,14 +27,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForSequenceClassification, pipeline  # noqa: E402
 
-from synpref.chat import render  # noqa: E402
+from synpref.core.chat import render  # noqa: E402
+from synpref.core.models import end_of_turn_ids, load_causal_lm, load_tokenizer  # noqa: E402
+from synpref.core.resources import sample  # noqa: E402
+from synpref.core.specs import Decoding  # noqa: E402
 from synpref.data import PromptDataModule  # noqa: E402
 from synpref.generation import generate  # noqa: E402
-from synpref.models import end_of_turn_ids, load_causal_lm, load_tokenizer  # noqa: E402
 from synpref.presets import build_tiny_model  # noqa: E402
-from synpref.resources import sample  # noqa: E402
 from synpref.rewards import HFRewardModel  # noqa: E402
-from synpref.specs import Decoding  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from realshape import matmul_peak, mfu_line, preset_model, shape  # noqa: E402
@@ -215,7 +215,7 @@ def served(a, model_dir: str, tok, dm, decoding: dict, in_process: float, tmp: P
     import socket
 
     from synpref.generators import OpenAIGenerator
-    from synpref.services import Service, running
+    from synpref.pipeline.services import Service, running
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from synpref.resources import sample
+from synpref.core.resources import sample
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from realshape import (
@@ -52,8 +52,8 @@ DATA = Path(sample("sft_messages.jsonl"))
 def full_length_rows(model: str, max_length: int, n: int, out: Path) -> Path:
     """The first n sample conversations still longer than max_length (+8, a margin for the two
     tokenizations) with a prompt shorter than max_length - 8, written to `out`."""
-    from synpref.chat import IGNORE_INDEX, encode_conversation
-    from synpref.models import load_tokenizer
+    from synpref.core.chat import IGNORE_INDEX, encode_conversation
+    from synpref.core.models import load_tokenizer
 
     tok = load_tokenizer(model)
     rows = []
@@ -103,9 +103,9 @@ def run_synpref(args) -> dict:
     import lightning as L
     import torch
 
+    from synpref.core.specs import ModelSpec
     from synpref.data import SmolTalkDataModule
     from synpref.modules import SFTModule
-    from synpref.specs import ModelSpec
 
     torch.manual_seed(0)
     meter = Meter()
@@ -157,7 +157,7 @@ def run_trl(args) -> dict:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from synpref.models import load_tokenizer
+    from synpref.core.models import load_tokenizer
 
     torch.manual_seed(0)
     meter = Meter()

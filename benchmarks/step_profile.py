@@ -67,8 +67,8 @@ def main() -> None:
 
     import torch
 
+    from synpref.core.specs import ModelSpec
     from synpref.modules import DPOModule, SFTModule
-    from synpref.specs import ModelSpec
 
     peaks = PhasePeaks()
     base = rss()

@@ -10,9 +10,9 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
-from synpref.fingerprints import write_model_digest
-from synpref.outputs import atomic_dir, check_writable
-from synpref.tracking import mlflow_loggers
+from synpref.core.fingerprints import write_model_digest
+from synpref.core.outputs import atomic_dir, check_writable
+from synpref.core.tracking import mlflow_loggers
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.cli import SaveConfigCallback
 
-from synpref.tracking import mlflow_loggers
+from synpref.core.tracking import mlflow_loggers
 
 
 class MLflowSaveConfigCallback(SaveConfigCallback):

@@ -8,10 +8,10 @@ from typing import Optional
 import lightning as L
 
 from synpref.callbacks.win_rate import WinRateRecorder
+from synpref.core.outputs import check_writable
+from synpref.core.specs import Decoding, ModelSpec
 from synpref.head_to_head import compare_batch
-from synpref.outputs import check_writable
 from synpref.rewards.base import OnBadScore, RewardScorer
-from synpref.specs import Decoding, ModelSpec
 
 
 class PeriodicWinRate(L.Callback):
@@ -130,7 +130,7 @@ class PeriodicWinRate(L.Callback):
         state mixes with training)."""
         if self._baseline is not None:
             return
-        from synpref.models import load_frozen_causal_lm, load_tokenizer
+        from synpref.core.models import load_frozen_causal_lm, load_tokenizer
 
         self._baseline = load_frozen_causal_lm(self.baseline).to(device)
         self._baseline_tokenizer = load_tokenizer(self.baseline_path, self.baseline.trust_remote_code)

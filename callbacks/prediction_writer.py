@@ -10,8 +10,8 @@ import lightning as L
 
 from synpref.callbacks.sampling_stats import PairStats
 from synpref.callbacks.shards import OnMismatch, ShardWriter, prompt_settings
-from synpref.outputs import atomic_file
-from synpref.pairs import pair_row
+from synpref.core.outputs import atomic_file
+from synpref.core.pairs import pair_row
 
 log = logging.getLogger(__name__)
 

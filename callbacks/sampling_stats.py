@@ -13,8 +13,8 @@ from typing import Optional
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
-from synpref.pairs import kept_vs_threshold, select_pair, threshold_grid
-from synpref.tracking import log_artifacts, mlflow_loggers
+from synpref.core.pairs import kept_vs_threshold, select_pair, threshold_grid
+from synpref.core.tracking import log_artifacts, mlflow_loggers
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from typing import Iterator, Literal, Optional, Sequence
 
 import lightning as L
 
-from synpref.fingerprints import config_changes, flatten
-from synpref.outputs import OutputError, OutputLock, ResumeMismatchError, atomic_file, check_writable
+from synpref.core.fingerprints import config_changes, flatten
+from synpref.core.outputs import OutputError, OutputLock, ResumeMismatchError, atomic_file, check_writable
 
 log = logging.getLogger(__name__)
 

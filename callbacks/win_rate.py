@@ -14,10 +14,10 @@ import lightning as L
 import torch
 
 from synpref.callbacks.shards import OnMismatch, ShardWriter, prompt_settings
-from synpref.chat import last_user_message
+from synpref.core.chat import last_user_message
+from synpref.core.metrics import WinRate, length_matched, outcome, plot_average_rewards, plot_win_rates
+from synpref.core.tracking import mlflow_loggers
 from synpref.judges import judge_metrics, metric_name, short_label
-from synpref.metrics import WinRate, length_matched, outcome, plot_average_rewards, plot_win_rates
-from synpref.tracking import mlflow_loggers
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class WinRateRecorder(L.Callback):
 
     Args:
         output_dir: where eval.jsonl, parts/ and run.json go (None: a temporary folder).
-        tie_tolerance, length_match_ratio: the WinRate metric's (synpref.metrics).
+        tie_tolerance, length_match_ratio: the WinRate metric's (synpref.core.metrics).
         figures: log win_rate.png and avg_reward.png.
         settings: what fixes the records (WinRateModule.run_params()); run.json keys resume on it,
             and its policy_name and baseline_name label the figures.

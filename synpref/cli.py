@@ -8,16 +8,16 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
-from synpref.console import VERBOSE_ENV, quiet
-from synpref.errors import find_user_error, user_error_message
-from synpref.invocation import INVOCATION
+from synpref.core.console import VERBOSE_ENV, quiet
+from synpref.core.errors import find_user_error, user_error_message
+from synpref.core.resources import resolve_config_args
+from synpref.core.secrets import install as redact_secrets
+from synpref.core.secrets import redact
+from synpref.pipeline.invocation import INVOCATION
 
 # Imported before main() configures logging, as Lightning expects: it then gives its own loggers a
 # handler of their own, so its messages do not go through the root handler main() sets up.
-from synpref.lightning_cli import SynprefCLI
-from synpref.resources import resolve_config_args
-from synpref.secrets import install as redact_secrets
-from synpref.secrets import redact
+from synpref.pipeline.lightning_cli import SynprefCLI
 
 # name -> ("module:function", one-line help). The function is imported only when its command runs
 # (nothing here imports a module that imports back), with jsonargparse's CLI, so `--help` and
@@ -25,7 +25,7 @@ from synpref.secrets import redact
 EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "build-tiny": ("synpref.presets:build_tiny", "build the tiny offline Qwen2 model used by configs/tiny"),
     "estimate": (
-        "synpref.estimate:estimate",
+        "synpref.reporting.estimate:estimate",
         "expected peak memory of an SFT or DPO step (--preset/--model, --max_length, ...)",
     ),
     "build-model": (
@@ -37,15 +37,15 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
         "write the packaged sample as hub-layout folders (HuggingFaceTB/smoltalk, HuggingFaceH4/ultrafeedback_binarized)",
     ),
     "compare": (
-        "synpref.compare:compare",
+        "synpref.reporting.compare:compare",
         "print the win-rate table (the paper's Table 1) of an MLflow experiment's eval runs",
     ),
     "pairs": (
-        "synpref.pair_stage:build_pairs",
+        "synpref.pipeline.pair_stage:build_pairs",
         "build preference pairs from a sampling run's samples.jsonl by a pair rule (first k samples, max pairs)",
     ),
     "reproduce": (
-        "synpref.pipeline:reproduce",
+        "synpref.pipeline.reproduce:reproduce",
         "run a pipeline config (SFT → sample → DPO ×2 → eval → table), rerunning stale stages",
     ),
 }
@@ -67,7 +67,7 @@ def main(args: Optional[Sequence[str]] = None):
 
     A user error (a SynprefError, or a config jsonargparse rejects) prints one `synpref: error:`
     line and exits 2; `--debug` or SYNPREF_DEBUG=1 shows the traceback instead. `--verbose` shows what
-    third-party libraries print (synpref.console).
+    third-party libraries print (synpref.core.console).
     """
     argv = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in argv or os.environ.get("SYNPREF_DEBUG", "") not in ("", "0")

@@ -6,10 +6,10 @@ from typing import Sequence
 
 import torch
 
-from synpref.batching import pad
-from synpref.chat import encode_prompt
-from synpref.models import end_of_turn_ids
-from synpref.specs import Decoding
+from synpref.core.batching import pad
+from synpref.core.chat import encode_prompt
+from synpref.core.models import end_of_turn_ids
+from synpref.core.specs import Decoding
 
 
 @torch.no_grad()

@@ -10,10 +10,10 @@ import zlib
 from collections import Counter
 from typing import Literal, Optional, Sequence
 
-from synpref.chat import render
+from synpref.core.chat import render
+from synpref.core.models import end_of_turn_ids
+from synpref.core.specs import Decoding
 from synpref.http import MalformedReply, map_concurrent, post_json
-from synpref.models import end_of_turn_ids
-from synpref.specs import Decoding
 
 log = logging.getLogger(__name__)
 

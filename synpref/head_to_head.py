@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from synpref.core.specs import Decoding
 from synpref.generators import Generator, generate_texts
 from synpref.judges import Judge, judge_batch, judge_labels
 from synpref.rewards.base import OnBadScore, RewardScorer, score_checked
-from synpref.specs import Decoding
 
 
 def compare_batch(

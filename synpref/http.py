@@ -10,7 +10,7 @@ Standard library only. Two functions:
   connection errors are retried with exponential backoff and jitter (`backoff`·2^attempt, capped at
   `max_backoff`; a `Retry-After` header wins). `retries`, a Counter, counts retried failures by kind
   ("timeout", "HTTP 429", ...). The key is read from the environment variable NAMED by
-  `api_key_env` and sent as a bearer token; it never reaches logs or error messages (synpref.secrets).
+  `api_key_env` and sent as a bearer token; it never reaches logs or error messages (synpref.core.secrets).
 - `map_concurrent(fn, items, max_concurrency) -> list`: `fn` over `items` on a thread pool, results
   in input order; the first failure is raised (calls not yet started are cancelled).
 
@@ -42,8 +42,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, Optional, TypeVar
 from urllib.parse import urlsplit
 
-from synpref.errors import SynprefError
-from synpref.secrets import redact, remember
+from synpref.core.errors import SynprefError
+from synpref.core.secrets import redact, remember
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def auth_headers(api_key_env: Optional[str], url: str) -> dict[str, str]:
             raise EndpointError(
                 f"environment variable {api_key_env} (api_key_env) is not set; export it with the API key for {url}"
             )
-        remember(key)  # from now on redacted wherever text leaves the process (synpref.secrets)
+        remember(key)  # from now on redacted wherever text leaves the process (synpref.core.secrets)
         headers["Authorization"] = f"Bearer {key}"
     return headers
 

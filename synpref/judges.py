@@ -10,10 +10,8 @@ from itertools import combinations
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from synpref.metrics import LOSS, TIE, WIN, WinRate, outcome
-from synpref.rewards.base import OnBadScore, RewardScorer, score_checked
-from synpref.rewards.pairwise import PairwiseJudge
-from synpref.stats import (
+from synpref.core.metrics import LOSS, TIE, WIN, WinRate, outcome
+from synpref.core.stats import (
     PREFERENCE,
     agreement,
     cluster_bootstrap_interval,
@@ -21,6 +19,8 @@ from synpref.stats import (
     cohen_kappa,
     length_controlled_win_rate,
 )
+from synpref.rewards.base import OnBadScore, RewardScorer, score_checked
+from synpref.rewards.pairwise import PairwiseJudge
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def metric_name(prefix: str, key: str) -> str:
 def labellers(sources: Sequence) -> list[str]:
     """Names of the scorers that labelled preference `sources` (objects with a .path): a sampling
     run's pairs.jsonl sits next to its run.json, which records the reward's name."""
-    from synpref.resources import resolve
+    from synpref.core.resources import resolve
 
     names = []
     for src in sources:

@@ -10,9 +10,9 @@ from typing import Iterable, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from synpref.errors import ConfigError
-from synpref.models import CHATML_TEMPLATE, end_of_turn_ids, resolve_dtype
-from synpref.resources import resolve
+from synpref.core.errors import ConfigError
+from synpref.core.models import CHATML_TEMPLATE, end_of_turn_ids, resolve_dtype
+from synpref.core.resources import resolve
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 def _corpus_from_jsonl(paths: Iterable[str | Path]) -> Iterable[str]:
     """Every message text of jsonl files (OpenAI or sharegpt turns, prompts); a DataError names a
     missing, non-UTF-8 or non-JSON file and row."""
+    from synpref.core.errors import DataError
     from synpref.data.io import check_json_file
-    from synpref.errors import DataError
 
     for path in paths:
         local = Path(resolve(path))
@@ -140,7 +140,7 @@ def build_tiny_model(
 QWEN_VOCAB = 151_936
 _QWEN = {"vocab_size": QWEN_VOCAB, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768}
 # name -> Qwen2 config. Real-vocabulary presets keep Qwen2.5's 151,936-id LM head, which is what a
-# step costs at this size, and use Qwen2.5's exact tokenizer (synpref.qwen_tokenizer): 151,665 tokens,
+# step costs at this size, and use Qwen2.5's exact tokenizer (synpref.core.qwen_tokenizer): 151,665 tokens,
 # so 271 embedding rows are padding no text maps to, as in the released checkpoints.
 PRESETS: dict[str, dict] = {
     "tiny": {},  # build_tiny_model's own defaults: 2,048-token vocabulary, 230k parameters
@@ -217,7 +217,7 @@ def build_preset_model(
         return out
     if preset == "tiny":
         return build_tiny_model(out, corpus, seed=seed)
-    from synpref.qwen_tokenizer import qwen2_5_tokenizer
+    from synpref.core.qwen_tokenizer import qwen2_5_tokenizer
 
     return save_random_qwen2(out, qwen2_5_tokenizer(), seed, dtype, **PRESETS[preset])
 

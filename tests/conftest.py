@@ -14,7 +14,7 @@ from pathlib import Path
 import datasets  # noqa: F401
 import pytest
 
-from synpref.resources import sample
+from synpref.core.resources import sample
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = Path(sample("README.md")).parent

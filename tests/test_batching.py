@@ -1,8 +1,8 @@
-"""synpref.batching: padding and the length-ordered batch plans every caller shares."""
+"""synpref.core.batching: padding and the length-ordered batch plans every caller shares."""
 
 import torch
 
-from synpref.batching import length_batches, longest_first, pad
+from synpref.core.batching import length_batches, longest_first, pad
 
 
 def test_pad_right_and_left():

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from synpref.chat import IGNORE_INDEX, encode_conversation
+from synpref.core.chat import IGNORE_INDEX, encode_conversation
+from synpref.core.models import load_tokenizer
 from synpref.data import SmolTalkDataModule
-from synpref.models import load_tokenizer
 from tests.conftest import read_jsonl
 
 

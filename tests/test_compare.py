@@ -7,7 +7,7 @@ import struct
 import pytest
 from mlflow import MlflowClient
 
-from synpref.compare import compare
+from synpref.reporting.compare import compare
 
 
 def log_eval_run(client, exp_id, policy, metrics, parent=None, name="eval"):
@@ -69,7 +69,7 @@ def test_table_from_two_runs(tmp_path, capsys):
         "| dpo_ultrafeedback | 64.0% [54.2%, 72.7%] | 2.0% | 0.004 | -3.250 | -6.500 | 50.0% | – | 100 "
         "| artifacts/dpo_ultrafeedback |",
     ]
-    # The power line of each arm (synpref.stats.prompts_for_power; values checked by hand in test_judges.py).
+    # The power line of each arm (synpref.core.stats.prompts_for_power; values checked by hand in test_judges.py).
     assert "- dpo_synthetic (63.0%) from 50%: 114; from dpo_ultrafeedback (64.0%): 36,383 per arm" in lines
     with open(tmp_path / "t.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -113,7 +113,7 @@ def judged_row(model, primary, judges=None, n=100):
 
 
 def test_verdict_leads_with_the_independent_judge_and_names_the_self_judged_one():
-    from synpref.parent_run import verdict
+    from synpref.pipeline.parent_run import verdict
 
     rows = [
         judged_row(
@@ -134,7 +134,7 @@ def test_verdict_leads_with_the_independent_judge_and_names_the_self_judged_one(
 
 
 def test_verdict_says_when_no_independent_judge_is_configured():
-    from synpref.parent_run import verdict
+    from synpref.pipeline.parent_run import verdict
 
     rows = [
         judged_row("dpo_synthetic", (0.68, 0.58, 0.76, True)),
@@ -150,13 +150,13 @@ def test_verdict_says_when_no_independent_judge_is_configured():
 
 
 def test_win_rate_figure_has_bars_per_judge_with_the_self_judged_marked(tmp_path, monkeypatch):
-    import synpref.metrics
-    from synpref.compare import write_figures
+    import synpref.core.metrics
+    from synpref.reporting.compare import write_figures
 
     drawn = {}
-    real = synpref.metrics.plot_win_rates
+    real = synpref.core.metrics.plot_win_rates
     monkeypatch.setattr(
-        synpref.metrics,
+        synpref.core.metrics,
         "plot_win_rates",
         lambda rows, path, baseline, marked: (
             drawn.update(rows=rows, marked=marked) or real(rows, path, baseline, marked)

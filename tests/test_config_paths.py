@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from synpref.resources import config_path, resolve, resolve_config_args
+from synpref.core.resources import config_path, resolve, resolve_config_args
 
 
 def test_config_entries_resolve_relative_to_the_pipeline_file_then_the_folders_above(tmp_path, monkeypatch):

@@ -8,8 +8,8 @@ import json
 import pytest
 from mlflow.utils.validation import _validate_metric_name
 
+from synpref.core.errors import DataError
 from synpref.data import SmolTalkDataModule
-from synpref.errors import DataError
 from synpref.modules.base import DROPPED_PREFIX
 from tests.conftest import read_jsonl
 

@@ -9,11 +9,11 @@ import lightning as L
 import pytest
 import torch
 
+from synpref.core.losses import PreferenceLoss
+from synpref.core.models import load_causal_lm
+from synpref.core.specs import ModelSpec
 from synpref.data.preferences import PreferenceDataModule, PreferenceSource
-from synpref.losses import PreferenceLoss
-from synpref.models import load_causal_lm
 from synpref.modules.dpo import DPOModule, sequence_logps
-from synpref.specs import ModelSpec
 
 UF = {"format": "ultrafeedback_binarized"}
 

@@ -8,7 +8,7 @@ import os
 import pytest
 import yaml
 
-from synpref.models import load_tokenizer
+from synpref.core.models import load_tokenizer
 from tests.conftest import ROOT, assert_run_params, read_jsonl
 
 

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from synpref.errors import ConfigError
-from synpref.logprobs import token_logps
-from synpref.losses import TRL_LOSSES, PreferenceLoss
-from synpref.models import load_causal_lm
+from synpref.core.errors import ConfigError
+from synpref.core.logprobs import token_logps
+from synpref.core.losses import TRL_LOSSES, PreferenceLoss
+from synpref.core.models import load_causal_lm
+from synpref.core.specs import ModelSpec
 from synpref.modules.dpo import DPOModule
-from synpref.specs import ModelSpec
 from tests.test_dpo import data, fit
 
 # Settings a loss needs to be meaningful (EXO is undefined at ε = 0); the rest keep TRL's defaults.

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from synpref.cli import main
-from synpref.errors import DataError
-from synpref.specs import Decoding, ModelSpec
+from synpref.core.errors import DataError
+from synpref.core.specs import Decoding, ModelSpec
 from tests.conftest import ROOT
 
 NO_MLFLOW = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]

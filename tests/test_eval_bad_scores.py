@@ -8,10 +8,10 @@ import pytest
 from lightning.pytorch.loggers import MLFlowLogger
 from torch.utils.data import DataLoader
 
+from synpref.core.specs import Decoding, ModelSpec
 from synpref.modules import WinRateModule
 from synpref.rewards import FunctionReward
 from synpref.rewards.base import RewardError
-from synpref.specs import Decoding, ModelSpec
 from tests.conftest import read_jsonl
 from tests.test_evaluation import perturbed_copy
 

@@ -18,9 +18,9 @@ import torch
 from lightning.pytorch.loggers import MLFlowLogger
 from torch.utils.data import DataLoader
 
+from synpref.core.specs import Decoding, ModelSpec
 from synpref.modules import WinRateModule
 from synpref.rewards.base import RewardScorer
-from synpref.specs import Decoding, ModelSpec
 from tests.conftest import assert_run_params, read_jsonl
 
 
@@ -35,7 +35,7 @@ class DistinctWords(RewardScorer):
 
 def perturbed_copy(src: str, dst: Path, scale: float = 0.5, seed: int = 1) -> str:
     """The tiny model with noise on its weights: a second, different 'SFT export'."""
-    from synpref.models import load_causal_lm, load_tokenizer
+    from synpref.core.models import load_causal_lm, load_tokenizer
 
     model, tok = load_causal_lm(src), load_tokenizer(src)
     gen = torch.Generator().manual_seed(seed)

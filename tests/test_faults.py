@@ -16,7 +16,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from synpref.specs import ModelSpec
+from synpref.core.specs import ModelSpec
 from tests.conftest import ROOT, read_jsonl
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}

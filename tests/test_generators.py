@@ -9,10 +9,10 @@ from http.server import BaseHTTPRequestHandler
 
 import pytest
 
+from synpref.core.models import end_of_turn_ids, load_tokenizer
+from synpref.core.specs import Decoding
 from synpref.generators import OpenAIGenerator, request_seed
 from synpref.http import EndpointError, MalformedReply
-from synpref.models import end_of_turn_ids, load_tokenizer
-from synpref.specs import Decoding
 from tests.conftest import http_server
 
 PROMPTS = [[{"role": "user", "content": "Say hi"}], [{"role": "user", "content": "Name a colour"}]]
@@ -120,7 +120,7 @@ def test_n_ignored_falls_back_to_one_request_per_sample(server, tokenizer, caplo
 
 
 def test_transformers_server_gets_a_generation_config_and_text_completions_the_template(server, tokenizer):
-    from synpref.chat import render
+    from synpref.core.chat import render
 
     sample(server, tokenizer, "plain", server="transformers", api="completions")
     path, body = StubServer.requests[0]

@@ -12,12 +12,8 @@ from lightning.pytorch.loggers import MLFlowLogger
 from mlflow import MlflowClient
 from torch.utils.data import DataLoader
 
-from synpref.judges import judge_labels, judge_metrics, labellers, read_provenance, self_judged, write_provenance
-from synpref.report import judge_columns, judges_table, power_lines, self_judged_warnings
-from synpref.rewards import FunctionReward, RuleReward
-from synpref.rewards.heuristics import clarity
-from synpref.specs import Decoding, ModelSpec
-from synpref.stats import (
+from synpref.core.specs import Decoding, ModelSpec
+from synpref.core.stats import (
     agreement,
     cluster_bootstrap_interval,
     clustered_sign_test_p,
@@ -25,6 +21,10 @@ from synpref.stats import (
     length_controlled_win_rate,
     prompts_for_power,
 )
+from synpref.judges import judge_labels, judge_metrics, labellers, read_provenance, self_judged, write_provenance
+from synpref.reporting.report import judge_columns, judges_table, power_lines, self_judged_warnings
+from synpref.rewards import FunctionReward, RuleReward
+from synpref.rewards.heuristics import clarity
 from tests.conftest import read_jsonl
 from tests.test_evaluation import DistinctWords, baseline_model, prompt_batches  # noqa: F401  (fixture)
 
@@ -82,7 +82,7 @@ def test_cluster_bootstrap_is_not_fooled_by_repeated_answers():
     single_low, single_high = cluster_bootstrap_interval([[1.0]] * 30 + [[0.0]] * 20, seed=0)
     assert (low, high) == (single_low, single_high) and low < 0.6 < high
     assert (low, high) == cluster_bootstrap_interval(clusters, seed=0)  # fixed seed: reproducible
-    from synpref.metrics import wilson_interval
+    from synpref.core.metrics import wilson_interval
 
     naive_low, naive_high = wilson_interval(240, 400)
     assert high - low > 1.5 * (naive_high - naive_low)

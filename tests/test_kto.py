@@ -8,12 +8,12 @@ import lightning as L
 import pytest
 import torch
 
+from synpref.core.errors import ConfigError
+from synpref.core.losses import kto_loss
+from synpref.core.models import load_causal_lm
+from synpref.core.specs import ModelSpec
 from synpref.data.unpaired import UnpairedDataModule, UnpairedSource, sample_labels
-from synpref.errors import ConfigError
-from synpref.losses import kto_loss
-from synpref.models import load_causal_lm
 from synpref.modules.kto import KTOModule
-from synpref.specs import ModelSpec
 from tests.test_dpo import exact_log_probs
 
 

@@ -7,8 +7,8 @@ import os
 import mlflow
 
 from synpref.cli import main
-from synpref.fingerprints import file_sha256
-from synpref.resources import resolve
+from synpref.core.fingerprints import file_sha256
+from synpref.core.resources import resolve
 
 FAST_FIT = ["--trainer.max_steps=2", "--trainer.max_epochs=1", "--trainer.limit_val_batches=1"]
 FAST_FIT += ["--trainer.enable_progress_bar=false"]

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from synpref.logprobs import head_token_logps
+from synpref.core.logprobs import head_token_logps
 from synpref.presets import QWEN_VOCAB
 
 N, D, CHUNK = 300, 64, 128  # 300 labelled positions: two full chunks and a partial one
@@ -87,9 +87,9 @@ def largest_logits(fn) -> int:
 
 def test_a_step_never_holds_more_than_chunk_by_vocab_logits(qwen_small_model, sample_dir):
     """A whole SFT step and a whole DPO step (live reference), forward and backward, on the real vocabulary."""
+    from synpref.core.specs import ModelSpec
     from synpref.data.preferences import PreferenceDataModule, PreferenceSource
     from synpref.modules import DPOModule, SFTModule
-    from synpref.specs import ModelSpec
 
     src = PreferenceSource(str(sample_dir / "train_prefs.jsonl"), max_rows=4, format="ultrafeedback_binarized")
     dm = PreferenceDataModule(qwen_small_model, [src], max_length=128, batch_size=4, on_bad_row="skip")

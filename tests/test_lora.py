@@ -9,11 +9,11 @@ import lightning as L
 import pytest
 import torch
 
-from synpref.errors import ConfigError
-from synpref.models import load_causal_lm, load_tokenizer
+from synpref.core.errors import ConfigError
+from synpref.core.models import load_causal_lm, load_tokenizer
+from synpref.core.specs import LoRA, ModelSpec
 from synpref.modules.dpo import DPOModule
 from synpref.modules.sft import SFTModule
-from synpref.specs import LoRA, ModelSpec
 from tests.test_dpo import data, exact_log_probs, fit
 
 peft = pytest.importorskip("peft")
@@ -146,7 +146,7 @@ def trl_lora_sft_run(tiny_model, conversations, start: dict, lr: float, out) -> 
 def test_lora_sft_matches_trl_sft_trainer_with_peft_over_three_steps(sample_dir, tiny_model, tmp_path):
     """Per-step losses and the adapters after 3 steps (linear decay: lr, 2/3 lr, 1/3 lr) equal TRL's
     SFTTrainer with the same peft config within 1e-5, both in fp32."""
-    from synpref.chat import encode_conversation
+    from synpref.core.chat import encode_conversation
     from synpref.data.smoltalk import SmolTalkDataModule
     from tests.conftest import read_jsonl
 
@@ -232,8 +232,8 @@ def test_lora_with_a_separate_reference_is_refused(tiny_model):
 def test_planner_counts_the_adapters_peft_makes_and_shards_what_trains(tiny_model):
     from transformers import AutoConfig
 
-    from synpref.estimate import Shape, lora_params, peak_bytes
     from synpref.presets import PRESETS
+    from synpref.reporting.estimate import Shape, lora_params, peak_bytes
 
     model = peft.get_peft_model(load_causal_lm(tiny_model), LoRA(r=8).config())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

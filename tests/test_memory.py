@@ -6,10 +6,10 @@ import lightning as L
 import pytest
 import torch
 
+from synpref.core.errors import ConfigError
+from synpref.core.specs import ModelSpec
 from synpref.data import SmolTalkDataModule
-from synpref.errors import ConfigError
 from synpref.modules import SFTModule
-from synpref.specs import ModelSpec
 
 
 class Probe(SFTModule):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from synpref.metrics import (
+from synpref.core.metrics import (
     WinRate,
     length_matched,
     outcome,

@@ -8,9 +8,9 @@ import yaml
 from synpref.cli import main
 from synpref.data.io import load_rows
 from synpref.data.mirror import SMOLTALK, UF_SPLITS, ULTRAFEEDBACK
+from synpref.pipeline.stages import Stage, with_overlays
 from synpref.rewards import EndpointReward, RuleReward
 from synpref.rewards.standin import reply
-from synpref.stages import Stage, with_overlays
 from tests.conftest import read_jsonl
 
 UF_COLUMNS = ["prompt", "prompt_id", "chosen", "rejected", "messages", "score_chosen", "score_rejected"]

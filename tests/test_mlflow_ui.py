@@ -24,7 +24,7 @@ def load_screenshots():
 
 def test_fit_failing_before_training_ends_failed_with_its_config(in_tmp):
     from synpref.cli import main
-    from synpref.errors import DataError
+    from synpref.core.errors import DataError
 
     # The data module's setup fails: before any step, before Lightning's config-saving hook.
     with pytest.raises((DataError, SystemExit)):

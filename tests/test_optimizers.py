@@ -6,8 +6,8 @@ import lightning as L
 import pytest
 import torch
 
-from synpref.errors import ConfigError
-from synpref.optimizers import AdamWBf16Moments, build_optimizer
+from synpref.core.errors import ConfigError
+from synpref.core.optimizers import AdamWBf16Moments, build_optimizer
 from tests.test_memory import fit
 
 # The stated tolerance: every step's loss within 1% of fp32 AdamW's over 12 steps of the tiny model

@@ -2,7 +2,7 @@
 
 import pytest
 
-from synpref.pairs import BELOW, EMPTY, IDENTICAL, TIE, kept_vs_threshold, pair_row, select_pair, threshold_grid
+from synpref.core.pairs import BELOW, EMPTY, IDENTICAL, TIE, kept_vs_threshold, pair_row, select_pair, threshold_grid
 
 
 def test_two_samples_best_vs_worst_any_order():

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from synpref.cli import main
-from synpref.pipeline import Stage, is_done
+from synpref.pipeline.reproduce import Stage, is_done
 from tests.conftest import ROOT, read_jsonl
 from tests.test_faults import user_error
 

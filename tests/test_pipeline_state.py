@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from synpref.cli import main
-from synpref.stages import ContentHashes, Stage, check_graph, fingerprint, plan, why_stale
+from synpref.pipeline.stages import ContentHashes, Stage, check_graph, fingerprint, plan, why_stale
 from tests.conftest import ROOT
 
 

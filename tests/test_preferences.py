@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from synpref.chat import IGNORE_INDEX, encode_prompt_response
+from synpref.core.chat import IGNORE_INDEX, encode_prompt_response
+from synpref.core.errors import DataError
+from synpref.core.models import load_tokenizer
 from synpref.data.preferences import PreferenceDataModule, PreferenceSource
-from synpref.errors import DataError
-from synpref.models import load_tokenizer
 from tests.conftest import read_jsonl
 
 

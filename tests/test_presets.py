@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM
 
 from synpref.cli import main
-from synpref.models import load_tokenizer
+from synpref.core.models import load_tokenizer
 from synpref.presets import PRESETS, QWEN_VOCAB
 from tests.conftest import read_jsonl
 
@@ -120,7 +120,7 @@ def test_every_stage_runs_on_the_real_vocabulary(in_tmp, qwen_small_model, sampl
 
 
 def test_estimate_adds_the_documented_terms(capsys):
-    from synpref.estimate import estimate
+    from synpref.reporting.estimate import estimate
 
     live = estimate(stage="dpo", preset="qwen2.5-0.5b", max_length=1024, batch_size=4, chunk=256)
     assert "494M parameters" in capsys.readouterr().out

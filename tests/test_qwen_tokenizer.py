@@ -6,8 +6,15 @@ import unicodedata
 
 import pytest
 
-from synpref.chat import IGNORE_INDEX, chat_messages, encode_conversation
-from synpref.qwen_tokenizer import FIRST_SPECIAL_ID, NON_SPECIAL_ADDED, PATTERN, SPECIALS, load_ranks, qwen2_5_tokenizer
+from synpref.core.chat import IGNORE_INDEX, chat_messages, encode_conversation
+from synpref.core.qwen_tokenizer import (
+    FIRST_SPECIAL_ID,
+    NON_SPECIAL_ADDED,
+    PATTERN,
+    SPECIALS,
+    load_ranks,
+    qwen2_5_tokenizer,
+)
 from tests.conftest import read_jsonl
 
 TOKENS = 151_665  # 151,643 BPE ranks + 22 added tokens
@@ -100,7 +107,7 @@ def test_the_template_is_qwen2_5s(tok):
 
 def test_the_saved_tokenizer_loads_back_the_same(tok, tmp_path, sample_dir):
     """What build-model writes, as `AutoTokenizer` (transformers' Qwen2Tokenizer) reads it back."""
-    from synpref.models import load_tokenizer
+    from synpref.core.models import load_tokenizer
 
     tok.save_pretrained(tmp_path)
     loaded = load_tokenizer(str(tmp_path))

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from synpref.chat import IGNORE_INDEX, encode_conversation, encode_prompt, encode_prompt_response
+from synpref.core.chat import IGNORE_INDEX, encode_conversation, encode_prompt, encode_prompt_response
+from synpref.core.models import CHATML_TEMPLATE, load_causal_lm, load_tokenizer
+from synpref.core.qwen_tokenizer import qwen2_5_tokenizer
+from synpref.core.specs import Decoding
 from synpref.data.collate import collate_sft
 from synpref.generation import generate
 from synpref.generators import generate_texts
-from synpref.models import CHATML_TEMPLATE, load_causal_lm, load_tokenizer
 from synpref.presets import QWEN_VOCAB, save_random_qwen2
-from synpref.qwen_tokenizer import qwen2_5_tokenizer
-from synpref.specs import Decoding
 
 IM_END, EOT, TOKENS = 151_645, 151_643, 151_665
 TWO_TURNS = [
@@ -69,13 +69,13 @@ def test_a_base_checkpoint_without_a_template_gets_chatml_and_says_so(tok, tmp_p
     base = qwen2_5_tokenizer()
     base.chat_template = None
     base.save_pretrained(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="synpref.models"):
+    with caplog.at_level(logging.WARNING, logger="synpref.core.models"):
         loaded = load_tokenizer(str(tmp_path))
     assert loaded.chat_template == CHATML_TEMPLATE
     assert "ships no chat template: using ChatML" in caplog.text
     caplog.clear()
     tok.save_pretrained(tmp_path / "templated")
-    with caplog.at_level(logging.WARNING, logger="synpref.models"):
+    with caplog.at_level(logging.WARNING, logger="synpref.core.models"):
         kept = load_tokenizer(str(tmp_path / "templated"))  # one that has a template keeps it, silently
     assert kept.chat_template == tok.chat_template and not caplog.text
     text = loaded.apply_chat_template(TWO_TURNS[:1], tokenize=False, add_generation_prompt=True)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from synpref.cli import main
+from synpref.core.specs import ModelSpec
 from synpref.data import SmolTalkDataModule
 from synpref.modules import SFTModule
-from synpref.specs import ModelSpec
 
 
 @pytest.mark.parametrize("algorithm", ["norm", "value"])

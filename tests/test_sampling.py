@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from synpref.core.specs import Decoding, ModelSpec
 from synpref.data import PromptDataModule
 from synpref.data.prompts import text_key
 from synpref.modules import SamplingModule
 from synpref.rewards import RuleReward
-from synpref.specs import Decoding, ModelSpec
 from tests.conftest import assert_run_params, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,12 +14,12 @@ import pytest
 import yaml
 
 from synpref.cli import main
-from synpref.errors import ConfigError
-from synpref.grid import Study, arms, expand, label
-from synpref.pair_stage import build_pairs
-from synpref.pairs import TIE, kept_vs_threshold_capped, select_pairs
-from synpref.stages import Stage
-from synpref.study_report import compare_arms, paired_difference, prompts_to_resolve
+from synpref.core.errors import ConfigError
+from synpref.core.pairs import TIE, kept_vs_threshold_capped, select_pairs
+from synpref.pipeline.grid import Study, arms, expand, label
+from synpref.pipeline.pair_stage import build_pairs
+from synpref.pipeline.stages import Stage
+from synpref.reporting.study_report import compare_arms, paired_difference, prompts_to_resolve
 from tests.conftest import ROOT, read_jsonl
 
 TEXTS = [f"reply {i}" for i in range(20)]
@@ -258,7 +258,7 @@ def test_reduced_tiny_grid_end_to_end(in_tmp, capsys):
 
 
 def test_full_scale_grid_expands_and_its_stages_resolve(monkeypatch):
-    from synpref.stages import resolve_config
+    from synpref.pipeline.stages import resolve_config
 
     monkeypatch.chdir(ROOT)
     config = yaml.safe_load((ROOT / "configs" / "scaling.yaml").read_text())
@@ -286,7 +286,7 @@ def test_full_scale_grid_expands_and_its_stages_resolve(monkeypatch):
 @pytest.mark.parametrize("path", ["configs/tiny/losses.yaml", "configs/losses.yaml"])
 def test_loss_study_expands_and_its_stages_resolve(path, monkeypatch):
     """loss as a grid variable: pair losses share one pairs stage; KTO reads every sample; SimPO gets its β, γ."""
-    from synpref.stages import resolve_config
+    from synpref.pipeline.stages import resolve_config
 
     monkeypatch.chdir(ROOT)
     config = yaml.safe_load((ROOT / path).read_text())

@@ -15,9 +15,9 @@ import mlflow
 import pytest
 
 from synpref.cli import main
+from synpref.core.secrets import MASK, redact, remember, remember_env_keys
 from synpref.http import EndpointError, post_json
-from synpref.secrets import MASK, redact, remember, remember_env_keys
-from synpref.stage_process import run_process
+from synpref.pipeline.stage_process import run_process
 from tests.conftest import ROOT, http_server
 
 KEY = "sk-never-log-me-42"
@@ -193,7 +193,7 @@ def test_remember_env_keys_finds_every_api_key_env(monkeypatch):
 def test_a_warning_and_a_thread_traceback_are_redacted():
     code = (
         "import threading, warnings\n"
-        "from synpref.secrets import remember\n"
+        "from synpref.core.secrets import remember\n"
         "remember('sk-warned-key-2468')\n"
         "warnings.warn('the key sk-warned-key-2468 looks old')\n"
         "def fail():\n"

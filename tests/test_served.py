@@ -15,11 +15,11 @@ import pytest
 import yaml
 
 from synpref.cli import main
+from synpref.core.models import load_frozen_causal_lm, load_tokenizer
+from synpref.core.specs import Decoding, ModelSpec
 from synpref.generation import generate
 from synpref.generators import OpenAIGenerator, request_seed
-from synpref.models import load_frozen_causal_lm, load_tokenizer
-from synpref.services import Service, running
-from synpref.specs import Decoding, ModelSpec
+from synpref.pipeline.services import Service, running
 from tests.conftest import ROOT, free_port, read_jsonl
 from tests.test_evaluation import perturbed_copy
 from tests.test_real_template import EOT, IM_END, chain_model

@@ -1,4 +1,4 @@
-"""synpref.services with a real (cheap) server process: started for its stages, stopped after them, on errors, Ctrl-C and SIGTERM."""
+"""synpref.pipeline.services with a real (cheap) server process: started for its stages, stopped after them, on errors, Ctrl-C and SIGTERM."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from synpref.errors import ConfigError
-from synpref.services import Service, ServiceError, for_stages, running
+from synpref.core.errors import ConfigError
+from synpref.pipeline.services import Service, ServiceError, for_stages, running
 from tests.conftest import free_port
 
 STAGES = ["sft", "sample", "dpo", "eval"]

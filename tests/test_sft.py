@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from synpref.chat import IGNORE_INDEX, encode_conversation
+from synpref.core.chat import IGNORE_INDEX, encode_conversation
+from synpref.core.models import load_tokenizer
+from synpref.core.specs import ModelSpec
 from synpref.data.collate import collate_sft
-from synpref.models import load_tokenizer
 from synpref.modules import SFTModule
-from synpref.specs import ModelSpec
 from tests.conftest import read_jsonl
 
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from synpref.chat import chat_messages
+from synpref.core.chat import chat_messages
+from synpref.core.errors import DataError
 from synpref.data import PreferenceDataModule, PreferenceSource, PromptDataModule, SmolTalkDataModule
-from synpref.errors import DataError
 
 OPENAI = [
     {"role": "system", "content": "Be brief."},

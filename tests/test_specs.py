@@ -7,8 +7,8 @@ import torch
 import yaml
 
 from synpref.cli import main
-from synpref.errors import ConfigError
-from synpref.specs import Decoding, ModelSpec
+from synpref.core.errors import ConfigError
+from synpref.core.specs import Decoding, ModelSpec
 
 
 def print_config(capsys, command: str, *args) -> dict:
@@ -81,7 +81,7 @@ def test_a_bf16_reference_beside_an_fp32_policy_trains(tiny_model, sample_dir, t
     weights in bf16 while the policy trains in fp32, and a DPO step runs."""
     import lightning as L
 
-    from synpref.models import load_causal_lm
+    from synpref.core.models import load_causal_lm
     from synpref.modules import DPOModule
     from tests.test_dpo import data
 

@@ -7,7 +7,7 @@ import sqlite3
 import mlflow
 import pytest
 
-from synpref.tracking import RunTracking, TrackingError, store_errors
+from synpref.core.tracking import RunTracking, TrackingError, store_errors
 from tests.test_cli import FAST
 from tests.test_errors import fails
 

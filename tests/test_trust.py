@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from synpref import fingerprints
 from synpref.cli import main
-from synpref.fingerprints import DIGEST_FILE, model_digest
+from synpref.core import fingerprints
+from synpref.core.fingerprints import DIGEST_FILE, model_digest
 from tests.conftest import ROOT, read_jsonl
 from tests.test_faults import sample_args, user_error, write_jsonl
 
@@ -122,8 +122,8 @@ def test_pipeline_names_and_numbers_are_checked_before_anything_runs(in_tmp, cap
     [({"threshold": "high"}, "threshold"), ({"k": True}, "k"), ({"pairs": 2.5}, "pairs"), ({"rounds": "2"}, "rounds")],
 )
 def test_malformed_grid_values_are_named(defaults, key):
-    from synpref.errors import ConfigError
-    from synpref.grid import Study, arms
+    from synpref.core.errors import ConfigError
+    from synpref.pipeline.grid import Study, arms
 
     config = yaml.safe_load((ROOT / "configs/tiny/scaling.yaml").read_text())
     study = Study(**{**config["study"], "sweeps": [], "head_to_head": [], "defaults": defaults})
@@ -134,7 +134,7 @@ def test_malformed_grid_values_are_named(defaults, key):
 def test_a_moved_project_folder_reads_and_writes_its_own_artifacts(tmp_path, monkeypatch):
     import mlflow
 
-    from synpref.tracking import RunTracking, keep_artifacts_relative
+    from synpref.core.tracking import RunTracking, keep_artifacts_relative
 
     old, new = tmp_path / "old", tmp_path / "new"
     old.mkdir()

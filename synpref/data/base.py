@@ -9,8 +9,8 @@ import datasets
 import lightning as L
 from torch.utils.data import DataLoader
 
-from synpref.errors import ConfigError
-from synpref.models import load_tokenizer
+from synpref.core.errors import ConfigError
+from synpref.core.models import load_tokenizer
 
 
 class ResumableDataLoader(DataLoader):

@@ -7,8 +7,8 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
-from synpref.batching import longest_first, pad
-from synpref.chat import IGNORE_INDEX
+from synpref.core.batching import longest_first, pad
+from synpref.core.chat import IGNORE_INDEX
 
 
 def collate_sft(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

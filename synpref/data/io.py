@@ -12,8 +12,8 @@ from typing import Callable, Iterable, Literal, Optional
 
 import datasets
 
-from synpref.errors import DataError, FieldError
-from synpref.resources import SCHEME, resolve
+from synpref.core.errors import DataError, FieldError
+from synpref.core.resources import SCHEME, resolve
 
 log = logging.getLogger(__name__)
 

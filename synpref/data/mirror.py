@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from synpref.resources import sample
+from synpref.core.resources import sample
 
 # The hub's layouts (README.md's `configs:` YAML block and parquet files under data/), as on
 # huggingface.co/datasets/HuggingFaceTB/smoltalk (data/all/train-0000N-of-00009.parquet,

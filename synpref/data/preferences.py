@@ -9,11 +9,11 @@ from typing import Literal, Optional
 import datasets
 import torch
 
-from synpref.batching import pad
-from synpref.chat import IGNORE_INDEX, chat_messages, encode_prompt_response
+from synpref.core.batching import pad
+from synpref.core.chat import IGNORE_INDEX, chat_messages, encode_prompt_response
+from synpref.core.errors import FieldError
 from synpref.data.base import TokenizedDataModule
 from synpref.data.io import Dropped, OnBadRow, load_rows, map_rows, require, source_name
-from synpref.errors import FieldError
 
 Format = Literal["ultrafeedback_binarized", "openbmb", "synpref", "trl"]
 COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "length"]
@@ -239,7 +239,7 @@ class PreferenceDataModule(TokenizedDataModule):
             self.val_set = self.val_set.add_column("index", list(range(n, n + len(self.val_set))))
 
     def data_inputs(self) -> list[dict]:
-        """What it reads, as MLflow dataset inputs (synpref.lineage.log_lineage)."""
+        """What it reads, as MLflow dataset inputs (synpref.core.lineage.log_lineage)."""
         groups = (("training", self.sources), ("validation", self.val_sources))
         return [
             {"path": s.path, "context": context, "split": s.split, "config_name": s.config_name}

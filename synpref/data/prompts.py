@@ -10,11 +10,11 @@ from typing import Optional, Sequence
 
 from torch.utils.data import DataLoader
 
-from synpref.batching import length_batches
-from synpref.chat import chat_messages, conversation_field, encode_prompt
+from synpref.core.batching import length_batches
+from synpref.core.chat import chat_messages, conversation_field, encode_prompt
+from synpref.core.errors import ConfigError, DataError, FieldError
 from synpref.data.base import TokenizedDataModule
 from synpref.data.io import Dropped, OnBadRow, load_rows, map_rows, source_name
-from synpref.errors import ConfigError, DataError, FieldError
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class PromptDataModule(TokenizedDataModule):
         self.excluded_keys: set[str] = set()
 
     def data_inputs(self, context: str) -> list[dict]:
-        """What it reads, as MLflow dataset inputs (synpref.lineage.log_lineage): its prompts under
+        """What it reads, as MLflow dataset inputs (synpref.core.lineage.log_lineage): its prompts under
         `context` (`sampling`, `evaluation`) and the files whose prompts it excludes."""
         prompts = {"path": self.path, "context": context, "split": self.split, "config_name": self.config_name}
         return [prompts] + [{"path": x, "context": "excluded", "split": self.exclude_split} for x in self.exclude]

@@ -6,7 +6,7 @@ from typing import Optional
 
 import datasets
 
-from synpref.chat import IGNORE_INDEX, chat_messages, conversation_field, encode_conversation
+from synpref.core.chat import IGNORE_INDEX, chat_messages, conversation_field, encode_conversation
 from synpref.data.base import TokenizedDataModule
 from synpref.data.collate import collate_sft
 from synpref.data.io import Dropped, OnBadRow, is_local, load_rows, map_rows, source_name
@@ -83,7 +83,7 @@ class SmolTalkDataModule(TokenizedDataModule):
         return ds
 
     def data_inputs(self) -> list[dict]:
-        """What it reads, as MLflow dataset inputs (synpref.lineage.log_lineage)."""
+        """What it reads, as MLflow dataset inputs (synpref.core.lineage.log_lineage)."""
         out = [{"path": self.path, "context": "training", "split": self.split, "config_name": self.config_name}]
         if self.val_split:
             local = is_local(self.val_split)

@@ -9,12 +9,12 @@ from typing import Literal, Optional
 import datasets
 import torch
 
-from synpref.batching import pad
-from synpref.chat import IGNORE_INDEX, encode_prompt_response
+from synpref.core.batching import pad
+from synpref.core.chat import IGNORE_INDEX, encode_prompt_response
+from synpref.core.errors import ConfigError, FieldError
 from synpref.data.base import TokenizedDataModule
 from synpref.data.io import Dropped, OnBadRow, load_rows, map_rows, require, source_name
 from synpref.data.preferences import _as_messages, _weighted, to_pair
-from synpref.errors import ConfigError, FieldError
 
 UnpairedFormat = Literal["samples", "kto", "ultrafeedback_binarized", "openbmb", "synpref", "trl"]
 COLUMNS = ["prompt_ids", "completion_ids", "label", "length"]

@@ -12,10 +12,10 @@ from typing import Iterator, Literal, Optional
 import lightning as L
 import torch
 
-from synpref.errors import ConfigError
-from synpref.models import end_of_turn_ids, load_causal_lm, load_tokenizer
-from synpref.optimizers import Optim, build_optimizer
-from synpref.specs import LoRA, ModelSpec
+from synpref.core.errors import ConfigError
+from synpref.core.models import end_of_turn_ids, load_causal_lm, load_tokenizer
+from synpref.core.optimizers import Optim, build_optimizer
+from synpref.core.specs import LoRA, ModelSpec
 
 # Drop counts sort after every other metric section in the MLflow UI (the results come first).
 DROPPED_PREFIX = "zz_data/dropped/"
@@ -31,9 +31,9 @@ def log_data_drops(module: L.LightningModule) -> None:
 
 def log_data_lineage(module: L.LightningModule, models: dict[str, str] = {}, context: Optional[str] = None) -> None:
     """The data module's inputs as the run's MLflow dataset inputs, and tags naming the runs that made
-    them and the `models` (tag → path) it starts from (synpref.lineage)."""
-    from synpref.lineage import log_lineage
-    from synpref.tracking import mlflow_loggers
+    them and the `models` (tag → path) it starts from (synpref.core.lineage)."""
+    from synpref.core.lineage import log_lineage
+    from synpref.core.tracking import mlflow_loggers
 
     datamodule = getattr(module.trainer, "datamodule", None)
     if not hasattr(datamodule, "data_inputs") or not module.trainer.is_global_zero:
@@ -89,10 +89,10 @@ class CausalLMModule(L.LightningModule):
     the model trained, loaded from its starting weights.
 
     The LM head and log-softmax run over `logits_chunk_size` labelled positions at a time, so a step
-    never holds more than (chunk, vocab) logits (`synpref.logprobs`); None or 0 runs them all at once.
+    never holds more than (chunk, vocab) logits (`synpref.core.logprobs`); None or 0 runs them all at once.
 
     Optimizer: AdamW (`optim`: `adamw` fused fp32 moments, `adamw_bf16` bf16 moments, `adamw_8bit`
-    torchao's 8-bit moments; synpref.optimizers), no weight decay on biases and norms. Schedule: linear warmup (`warmup_steps`,
+    torchao's 8-bit moments; synpref.core.optimizers), no weight decay on biases and norms. Schedule: linear warmup (`warmup_steps`,
     else `warmup_ratio` of all optimizer steps) then cosine, linear or constant decay, stepped per
     optimizer step. AdamW is fused on CPU and CUDA. `optimizer_in_backward` steps each parameter as its
     gradient completes and frees it (as torchtune's `optimizer_in_bwd`): a step never holds all

@@ -13,14 +13,14 @@ from typing import Iterator, Optional, Union
 import numpy as np
 import torch
 
-from synpref.batching import length_batches
-from synpref.errors import ConfigError
-from synpref.logprobs import row_sums, sequence_logps, token_logps
-from synpref.losses import PreferenceLoss
-from synpref.models import check_same_tokenizer, load_frozen_causal_lm, load_tokenizer
+from synpref.core.batching import length_batches
+from synpref.core.errors import ConfigError
+from synpref.core.logprobs import row_sums, sequence_logps, token_logps
+from synpref.core.losses import PreferenceLoss
+from synpref.core.models import check_same_tokenizer, load_frozen_causal_lm, load_tokenizer
+from synpref.core.outputs import check_writable
+from synpref.core.specs import ModelSpec
 from synpref.modules.base import CausalLMModule
-from synpref.outputs import check_writable
-from synpref.specs import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class DPOModule(CausalLMModule):
         policy: the policy's ModelSpec (its `name_or_path`: the SFT export).
         ref_model: the reference's ModelSpec; unset fields follow the policy's.
         beta: β, the KL-penalty strength (τ for IPO; SimPO's reward scale).
-        loss_type: a loss name or a list of them (TRL 1.16's 15 and `simpo`); see `synpref.losses`.
+        loss_type: a loss name or a list of them (TRL 1.16's 15 and `simpo`); see `synpref.core.losses`.
         label_smoothing: ε of conservative DPO (sigmoid), robust, exo_pair, aot; 0 = none.
         loss_weights: one weight per loss_type entry (default 1.0 each): Σ weight · loss (MPO).
         ld_alpha: LD-DPO's α in [0, 1]: weight of reply tokens beyond the pair's shared length.

@@ -8,14 +8,14 @@ import lightning as L
 import torch
 
 from synpref.callbacks.shards import OnMismatch
-from synpref.fingerprints import model_digest
+from synpref.core.fingerprints import model_digest
+from synpref.core.models import load_frozen_causal_lm, load_tokenizer
+from synpref.core.specs import Decoding, ModelSpec
 from synpref.generators import Generator
 from synpref.head_to_head import compare_batch
 from synpref.judges import Judge, judge_labels, read_provenance, self_judged
-from synpref.models import load_frozen_causal_lm, load_tokenizer
 from synpref.modules.base import log_data_drops, log_data_lineage, log_run_params, model_name
 from synpref.rewards.base import OnBadScore, RewardScorer, judge_identity
-from synpref.specs import Decoding, ModelSpec
 
 
 class WinRateModule(L.LightningModule):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from synpref.errors import ConfigError
-from synpref.logprobs import sequence_logps
-from synpref.losses import kto_loss
+from synpref.core.errors import ConfigError
+from synpref.core.logprobs import sequence_logps
+from synpref.core.losses import kto_loss
+from synpref.core.specs import ModelSpec
 from synpref.modules.dpo import DPOModule
-from synpref.specs import ModelSpec
 
 
 class KTOModule(DPOModule):

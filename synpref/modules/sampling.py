@@ -12,15 +12,15 @@ import torch
 
 from synpref.callbacks.sampling_stats import GenerationCounters
 from synpref.callbacks.shards import OnMismatch
-from synpref.errors import ConfigError
-from synpref.fingerprints import file_sha256, model_digest
+from synpref.core.errors import ConfigError
+from synpref.core.fingerprints import file_sha256, model_digest
+from synpref.core.lineage import PAIRS_TAG
+from synpref.core.models import load_frozen_causal_lm, load_tokenizer
+from synpref.core.specs import Decoding, ModelSpec
+from synpref.core.tracking import mlflow_loggers
 from synpref.generators import Generator, generate_texts
-from synpref.lineage import PAIRS_TAG
-from synpref.models import load_frozen_causal_lm, load_tokenizer
 from synpref.modules.base import log_data_lineage, log_run_params, model_name
 from synpref.rewards.base import OnBadScore, RewardScorer, score_checked
-from synpref.specs import Decoding, ModelSpec
-from synpref.tracking import mlflow_loggers
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class SamplingModule(L.LightningModule):
         return [r for r in records if len(r["samples"]) >= 2]
 
     def on_predict_end(self) -> None:
-        # The pairs by content: a DPO run on them finds this run (synpref.lineage), wherever the file went.
+        # The pairs by content: a DPO run on them finds this run (synpref.core.lineage), wherever the file went.
         pairs = Path(self.hparams.output_dir) / "pairs.jsonl"
         if self.trainer.is_global_zero and pairs.is_file():
             for logger in mlflow_loggers(self.trainer):

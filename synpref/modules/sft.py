@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from synpref.logprobs import token_logps
+from synpref.core.logprobs import token_logps
 from synpref.modules.base import CausalLMModule
 
 

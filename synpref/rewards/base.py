@@ -6,7 +6,7 @@ import logging
 import math
 from typing import Literal, Optional, Sequence
 
-from synpref.errors import SynprefError
+from synpref.core.errors import SynprefError
 
 log = logging.getLogger(__name__)
 

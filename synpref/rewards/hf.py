@@ -8,16 +8,16 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from synpref.batching import length_batches, pad
-from synpref.chat import render
-from synpref.fingerprints import model_digest
-from synpref.models import load_tokenizer, resolve_dtype
+from synpref.core.batching import length_batches, pad
+from synpref.core.chat import render
+from synpref.core.fingerprints import model_digest
+from synpref.core.models import load_tokenizer, resolve_dtype
 from synpref.rewards.base import RewardScorer, check_lengths
 
 
 class _LocalReward(RewardScorer):
     """Tokenizes (prompt + assistant reply) with the reward model's own chat template, the same
-    path SFT and DPO use (synpref.chat), and scores length-grouped batches; the model loads lazily
+    path SFT and DPO use (synpref.core.chat), and scores length-grouped batches; the model loads lazily
     so building a config does not load weights.
 
     With `share_prefix` (decoder-only models), the K samples of one prompt are scored against a
@@ -77,7 +77,7 @@ class _LocalReward(RewardScorer):
         return self
 
     def encode(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str]) -> list[list[int]]:
-        """Token ids of each conversation: synpref.chat's rendering (the ids encode_conversation gives),
+        """Token ids of each conversation: synpref.core.chat's rendering (the ids encode_conversation gives),
         tokenized in one fast-tokenizer call, since no labels are needed here."""
         texts = [
             render(self.tokenizer, list(p) + [{"role": "assistant", "content": r}]) for p, r in zip(prompts, responses)

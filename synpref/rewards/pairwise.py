@@ -8,8 +8,8 @@ import re
 from collections import Counter
 from typing import Optional, Sequence
 
+from synpref.core.metrics import LOSS, TIE, WIN
 from synpref.http import MalformedReply, auth_headers, map_concurrent, post_json
-from synpref.metrics import LOSS, TIE, WIN
 from synpref.rewards.base import check_lengths, prompt_text
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import math
 import re
 from typing import Callable, Sequence
 
-from synpref.errors import ConfigError, SynprefError
+from synpref.core.errors import ConfigError, SynprefError
 from synpref.rewards.base import RewardScorer, ScoreFailed, check_lengths, prompt_text
 
 _WORD = re.compile(r"[a-z0-9']+")

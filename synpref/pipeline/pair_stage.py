@@ -10,12 +10,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from synpref.data.prompts import prompt_keys, text_key
-from synpref.errors import ConfigError, DataError
-from synpref.fingerprints import file_sha256
-from synpref.lineage import PAIRS_TAG
-from synpref.outputs import atomic_file, check_writable
-from synpref.pairs import (
+from synpref.core.errors import ConfigError, DataError
+from synpref.core.fingerprints import file_sha256
+from synpref.core.lineage import PAIRS_TAG
+from synpref.core.outputs import atomic_file, check_writable
+from synpref.core.pairs import (
     RULES,
     Rule,
     kept_vs_threshold_capped,
@@ -23,8 +22,9 @@ from synpref.pairs import (
     select_pairs,
     threshold_grid,
 )
-from synpref.resources import resolve
-from synpref.tracking import RunTracking, tracking_uri
+from synpref.core.resources import resolve
+from synpref.core.tracking import RunTracking, tracking_uri
+from synpref.data.prompts import prompt_keys, text_key
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def build_pairs(
             same distribution as a run with K = k, and nested (k=2 ⊂ k=4), so arms differing only
             in k share their random numbers and differ less by chance.
         rule: best_worst (the paper), best_random, best_vs_mean_minus_2sigma or all_above_gap
-            (synpref.pairs.select_pairs).
+            (synpref.core.pairs.select_pairs).
         threshold: keep a pair when score_chosen − score_rejected ≥ this (ties always dropped).
         max_pairs: keep this many pairs (None: all), taken prompt by prompt in an order shuffled by
             `seed`, so a smaller count is a subset of a larger one (nested, as k).
@@ -196,5 +196,5 @@ def _log_run(tracking: RunTracking, params: dict, stats: dict, out: Path) -> Non
             client.log_metric(run_id, f"pairs/{key}", float(value))
     for name in ("stats.json", "pairs_vs_threshold.csv"):
         client.log_artifact(run_id, str(out / name), "pairs")
-    client.set_tag(run_id, PAIRS_TAG, file_sha256(out / "pairs.jsonl"))  # found by content (synpref.lineage)
+    client.set_tag(run_id, PAIRS_TAG, file_sha256(out / "pairs.jsonl"))  # found by content (synpref.core.lineage)
     client.set_terminated(run_id)

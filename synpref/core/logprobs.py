@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from synpref.chat import IGNORE_INDEX
+from synpref.core.chat import IGNORE_INDEX
 
 # Rows of the weight gradient formed per matmul when it is accumulated in another dtype.
 VOCAB_BLOCK = 16384
@@ -152,7 +152,7 @@ def sequence_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of log-probs of the labelled (response) tokens per sequence, and their count.
 
-    The LM head runs on response positions only, `chunk_size` at a time (`synpref.logprobs`):
+    The LM head runs on response positions only, `chunk_size` at a time (`synpref.core.logprobs`):
     prompt and padding positions never reach the vocabulary projection. `ld_alpha`: see `row_sums`.
     """
     per_token, rows = token_logps(model, batch, chunk_size)

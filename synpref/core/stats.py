@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from synpref.metrics import LOSS, TIE, WIN, sign_test_p
+from synpref.core.metrics import LOSS, TIE, WIN, sign_test_p
 
 #: Outcome as a preference score: a tie is half a win (AlpacaEval's convention).
 PREFERENCE = {WIN: 1.0, TIE: 0.5, LOSS: 0.0}

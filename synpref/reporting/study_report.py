@@ -9,8 +9,8 @@ from pathlib import Path
 from statistics import NormalDist, fmean, stdev
 from typing import Optional, Sequence
 
-from synpref.errors import ConfigError
-from synpref.stats import PREFERENCE
+from synpref.core.errors import ConfigError
+from synpref.core.stats import PREFERENCE
 
 # arm.* params that are not a curve's series: the x axes, and what every row has.
 NOT_SERIES = ("pairs", "synthetic_pairs", "round", "rounds", "label", "reference")
@@ -130,7 +130,7 @@ def _series(arm: dict) -> str:
 def plot_curves(rows: list[dict], out: Path) -> list[Path]:
     """win_rate_vs_pairs.png (log x, one line per arm setting, 95% band; UltraFeedback arms as
     horizontal bands) and, when an arm has rounds, win_rate_per_round.png."""
-    from synpref.metrics import _pyplot
+    from synpref.core.metrics import _pyplot
 
     plt = _pyplot()
     written = []

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
 
-from synpref.errors import SynprefError
+from synpref.core.errors import SynprefError
 
 log = logging.getLogger(__name__)
 

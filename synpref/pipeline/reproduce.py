@@ -13,11 +13,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
-from synpref.errors import SynprefError
-from synpref.grid import ArmStage, Study, check_k, expand, label, select
-from synpref.invocation import INVOCATION
-from synpref.outputs import OutputLock
-from synpref.parent_run import (
+from synpref.core.errors import SynprefError
+from synpref.core.outputs import OutputLock
+from synpref.core.resources import config_path, resolve
+from synpref.core.secrets import remember_env_keys
+from synpref.core.tracking import store_errors
+from synpref.core.tracking import tracking_uri as default_tracking_uri
+from synpref.pipeline.grid import ArmStage, Study, check_k, expand, label, select
+from synpref.pipeline.invocation import INVOCATION
+from synpref.pipeline.parent_run import (
     STAGE_TAG,
     end_parent,
     log_headline,
@@ -28,11 +32,9 @@ from synpref.parent_run import (
     same_params,
     verdict,
 )
-from synpref.resources import config_path, resolve
-from synpref.secrets import remember_env_keys
-from synpref.services import Service, ServiceError, Services, for_stages
-from synpref.stage_process import Interrupted, log_tail, run_process
-from synpref.stages import (
+from synpref.pipeline.services import Service, ServiceError, Services, for_stages
+from synpref.pipeline.stage_process import Interrupted, log_tail, run_process
+from synpref.pipeline.stages import (
     ContentHashes,
     Stage,
     fingerprint,
@@ -45,8 +47,6 @@ from synpref.stages import (
     tracking_args,
     with_overlays,
 )
-from synpref.tracking import store_errors
-from synpref.tracking import tracking_uri as default_tracking_uri
 
 __all__ = ["Stage", "is_done", "reproduce"]
 
@@ -163,8 +163,8 @@ def reproduce(
             (skipped when it exists).
         services: servers some stages need (e.g. `transformers serve` for served generation):
             started before a stage needing one runs, stopped before one that does not, and on
-            failure, Ctrl-C or SIGTERM (synpref.services).
-        study: a scaling grid (synpref.grid, docs/scaling.md): arms expanded into pairs, DPO and
+            failure, Ctrl-C or SIGTERM (synpref.pipeline.services).
+        study: a scaling grid (synpref.pipeline.grid, docs/scaling.md): arms expanded into pairs, DPO and
             evaluation stages after `stages`, sharing every stage whose settings they share; the
             end adds the scaling table, curves and head-to-head comparisons.
         overlays: config files added to every stage (grid stages included) that composes a given one,
@@ -174,7 +174,7 @@ def reproduce(
             `{artifacts/rehearsal/base: qwen2.5-0.5b}`; kept when present.
         mirror: write the packaged sample as hub-layout folders here first (`synpref mirror`).
     """
-    # `config:` entries are found relative to the pipeline file (synpref.resources.config_path).
+    # `config:` entries are found relative to the pipeline file (synpref.core.resources.config_path).
     here = (pipeline_config_paths(INVOCATION) or [None])[-1] if INVOCATION[:1] == ["reproduce"] else None
     stages = [replace(s, config=[config_path(c, here) for c in s.config]) for s in stages]
     if study is not None:
@@ -287,7 +287,7 @@ def _reproduce(stages, experiment, uri, state, run_name, comparison_csv, force, 
 def _result(client, experiment, uri, parent, stages, state, comparison_csv, h2h, finished: bool) -> Optional[str]:
     """Print the table, verdict, figures and the MLflow line of a pipeline run; log them to the
     parent unless it is `finished` (history is only read)."""
-    from synpref.compare import compare, eval_runs
+    from synpref.reporting.compare import compare, eval_runs
 
     rows = eval_runs(experiment, uri, parent)
     table = None

@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence
 from transformers import PreTrainedTokenizerBase
 
 # DataError stays importable from here, where it was first defined; it lives with the errors.
-from synpref.errors import DataError, FieldError  # noqa: F401
+from synpref.core.errors import DataError, FieldError  # noqa: F401
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")

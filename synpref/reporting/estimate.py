@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from synpref.errors import ConfigError
+from synpref.core.errors import ConfigError
 
 # Calibration (benchmarks/memory_calibration.py, CPU peak RSS, fp32, AdamW, no gradient checkpointing):
 # RUNTIME is the resident size of a process with torch, transformers and lightning imported and no
@@ -159,7 +159,7 @@ def estimate(
 ) -> dict:
     """Print the expected peak memory of one SFT or DPO training step, per GPU (fp32 master weights).
 
-    Built from bytes per parameter and per token (synpref.estimate; calibration in docs/benchmarks.md).
+    Built from bytes per parameter and per token (synpref.reporting.estimate; calibration in docs/benchmarks.md).
 
     Args:
         stage: sft or dpo.

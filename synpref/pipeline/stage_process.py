@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from synpref.secrets import StreamRedactor
+from synpref.core.secrets import StreamRedactor
 
 
 class Interrupted(Exception):
@@ -27,7 +27,7 @@ def _signal_group(pgid: int, signum: int) -> None:
 
 def _pump(src, sink, log_file, lock: threading.Lock) -> None:
     """Copy a stage's stream to our own stream and to its log as it arrives (progress bars included),
-    remembered secrets redacted (synpref.secrets: the pipeline remembers its stages' API keys)."""
+    remembered secrets redacted (synpref.core.secrets: the pipeline remembers its stages' API keys)."""
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     redactor = StreamRedactor()
     while True:

@@ -7,10 +7,12 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from synpref.errors import ConfigError
-from synpref.replies import REPLIES_TABLE, replies
-from synpref.replies import show as show_replies
-from synpref.report import (
+from synpref.core.errors import ConfigError
+from synpref.core.tracking import pipeline_runs, store_errors
+from synpref.core.tracking import tracking_uri as default_tracking_uri
+from synpref.reporting.replies import REPLIES_TABLE, replies
+from synpref.reporting.replies import show as show_replies
+from synpref.reporting.report import (
     judge_columns,
     judge_fields,
     judge_results,
@@ -19,8 +21,6 @@ from synpref.report import (
     power_lines,
     self_judged_warnings,
 )
-from synpref.tracking import pipeline_runs, store_errors
-from synpref.tracking import tracking_uri as default_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def eval_runs(experiment: str, tracking_uri: Optional[str] = None, parent_run_id
             **judge_fields(m),
         )
         arm = {k[len("arm.") :]: v for k, v in p.items() if k.startswith("arm.")}
-        if arm:  # an arm of a scaling grid (synpref.grid)
+        if arm:  # an arm of a scaling grid (synpref.pipeline.grid)
             row["arm"] = arm
         latest[(row["path"] or row["model"], row["baseline"], row["reward_model"])] = row  # later runs replace earlier
     return sorted(latest.values(), key=lambda r: (r["model"], r["path"], r["baseline"], r["reward_model"]))
@@ -145,15 +145,15 @@ def compare(
             for a scaling grid also scaling.csv, win_rate_vs_pairs.png and win_rate_per_round.png.
         head_to_head: pairs of arms (their labels or model names) compared prompt by prompt: the
             difference of their win rates with a paired 95% interval and the prompts needed to
-            resolve it (synpref.study_report).
+            resolve it (synpref.reporting.study_report).
         log_to_parent: log the table to `parent_run_id` (False: a finished run, only read); with it goes
             `replies.json`, an MLflow table of every arm's reply beside the baseline's on each prompt.
         show: print this many prompts with every arm's reply beside the baseline's and each judge's
-            verdict, those where judges or arms disagree first (synpref.replies).
+            verdict, those where judges or arms disagree first (synpref.reporting.replies).
     """
     from mlflow import MlflowClient
 
-    from synpref.study_report import study_report
+    from synpref.reporting.study_report import study_report
 
     rows = eval_runs(experiment, tracking_uri, parent_run_id)
     if not rows:
@@ -214,7 +214,7 @@ def figure_series(rows: list[dict]) -> list[tuple[str, dict, bool]]:
 def write_figures(rows: list[dict], out: Path) -> list[Path]:
     """The paper's Figure 1 per model and judge (a self-judged one hatched and labelled so) and Figure 2
     (the primary judge's average rewards) over all compared models (baseline: the first row's)."""
-    from synpref.metrics import plot_average_rewards, plot_win_rates
+    from synpref.core.metrics import plot_average_rewards, plot_win_rates
 
     out.mkdir(parents=True, exist_ok=True)
     baseline = rows[0]["baseline"] or "baseline"

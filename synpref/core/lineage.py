@@ -7,8 +7,8 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from synpref.fingerprints import file_sha256, tree_digest
-from synpref.resources import resolve
+from synpref.core.fingerprints import file_sha256, tree_digest
+from synpref.core.resources import resolve
 
 # Tags carrying what a run wrote, by content: an SFT or DPO export (HFExportCallback) and a pairs file
 # (sampling, `synpref pairs`). A later run finds the run that made its input by the input's digest, so
@@ -71,7 +71,7 @@ def log_lineage(client, run_id: str, data: list[dict], models: dict[str, str]) -
     if makers:
         client.set_tag(run_id, "synpref.sampling_run_id", ",".join(dict.fromkeys(makers)))
     for tag, path in models.items():
-        from synpref.fingerprints import model_digest
+        from synpref.core.fingerprints import model_digest
 
         maker = run_with_tag(client, EXPORT_TAG, model_digest(path)) if Path(path).is_dir() else None
         if maker:

@@ -9,7 +9,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Optional
 
-from synpref.stats import prompts_for_power
+from synpref.core.stats import prompts_for_power
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def self_judged_warnings(rows: list[dict]) -> list[str]:
 
 def power_lines(rows: list[dict], alpha: float = 0.05, power: float = 0.8) -> list[str]:
     """For each arm: prompts needed to tell its win rate from 50 % and from each other arm's
-    (synpref.stats.prompts_for_power), at `power` with a two-sided test at level `alpha`."""
+    (synpref.core.stats.prompts_for_power), at `power` with a two-sided test at level `alpha`."""
     arms = [(Path(r["model"]).name or r["model"], r["win_rate"]) for r in rows if r.get("win_rate") is not None]
     if not arms:
         return []

@@ -6,7 +6,7 @@ from typing import Literal
 
 import torch
 
-from synpref.errors import ConfigError
+from synpref.core.errors import ConfigError
 
 Optim = Literal["adamw", "adamw_bf16", "adamw_8bit"]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence, Union
 
-from synpref.errors import ConfigError, SynprefError
+from synpref.core.errors import ConfigError, SynprefError
 
 log = logging.getLogger(__name__)
 

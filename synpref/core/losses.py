@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from synpref.errors import ConfigError
+from synpref.core.errors import ConfigError
 
 # TRL 1.16 DPOConfig.loss_type's names, in its order; formulas as its DPOTrainer._compute_loss.
 TRL_LOSSES = (

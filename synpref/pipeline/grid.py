@@ -8,10 +8,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from synpref.errors import ConfigError
-from synpref.losses import LOSSES
-from synpref.pairs import RULES
-from synpref.stages import Stage
+from synpref.core.errors import ConfigError
+from synpref.core.losses import LOSSES
+from synpref.core.pairs import RULES
+from synpref.pipeline.stages import Stage
 
 DATA = ("synthetic", "ultrafeedback", "union")
 REFERENCES = ("sft", "previous")

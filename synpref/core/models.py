@@ -10,8 +10,8 @@ from typing import Optional
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from synpref.errors import ConfigError, SynprefError
-from synpref.specs import ModelSpec
+from synpref.core.errors import ConfigError, SynprefError
+from synpref.core.specs import ModelSpec
 
 log = logging.getLogger(__name__)
 

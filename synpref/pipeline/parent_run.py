@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from synpref.invocation import INVOCATION
-from synpref.report import judge_results
-from synpref.tracking import REUSED_RUNS_TAG, experiment_id, pipeline_runs
+from synpref.core.tracking import REUSED_RUNS_TAG, experiment_id, pipeline_runs
+from synpref.pipeline.invocation import INVOCATION
+from synpref.reporting.report import judge_results
 
 STAGE_TAG = "synpref.pipeline_stage"
 

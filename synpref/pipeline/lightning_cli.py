@@ -10,8 +10,8 @@ from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from synpref.callbacks import HFExportCallback, MLflowSaveConfigCallback
-from synpref.console import verbose
-from synpref.tracking import (
+from synpref.core.console import verbose
+from synpref.core.tracking import (
     DEFAULT_EXPERIMENT,
     experiment_id,
     mlflow_loggers,

@@ -8,7 +8,7 @@ from typing import Optional, Union
 
 import torch
 
-from synpref.errors import ConfigError
+from synpref.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import synpref
-from synpref.errors import ConfigError
-from synpref.fingerprints import DIGEST_FILE, config_changes, file_sha256, flatten, tree_digest
-from synpref.resources import resolve
+from synpref.core.errors import ConfigError
+from synpref.core.fingerprints import DIGEST_FILE, config_changes, file_sha256, flatten, tree_digest
+from synpref.core.resources import resolve
 
 # Where results are logged and which files were composed do not change what a stage computes.
 NOT_FINGERPRINTED = ("config", "trainer.logger", "tracking")
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # Plain-function commands a stage may run (module:function); they log through a `tracking` argument.
-FUNCTION_COMMANDS = {"pairs": "synpref.pair_stage:build_pairs"}
+FUNCTION_COMMANDS = {"pairs": "synpref.pipeline.pair_stage:build_pairs"}
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Stage:
 
     Args:
         name: stage name (markers, logs, `--force`, `needs`).
-        command: the LightningCLI subcommand, or `pairs` (synpref.pair_stage).
+        command: the LightningCLI subcommand, or `pairs` (synpref.pipeline.pair_stage).
         config: config files, composed in order.
         args: extra command-line overrides (`--trainer.max_steps=10`).
         needs: earlier stages whose outputs this stage reads: their outputs are part of its
@@ -118,7 +118,7 @@ def resolve_config(stage: Stage) -> dict:
     if stage.command in FUNCTION_COMMANDS:
         flat = flatten(yaml.safe_load(_parse_function_stage(stage)))
         return {k: v for k, v in flat.items() if not any(k == p or k.startswith(p + ".") for p in NOT_FINGERPRINTED)}
-    from synpref.lightning_cli import SynprefCLI
+    from synpref.pipeline.lightning_cli import SynprefCLI
 
     class Resolver(SynprefCLI):
         def parse_arguments(self, parser, args):

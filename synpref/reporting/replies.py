@@ -7,8 +7,8 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-from synpref.chat import last_user_message
-from synpref.report import judge_label
+from synpref.core.chat import last_user_message
+from synpref.reporting.report import judge_label
 
 # The merged table's name on a pipeline's parent run (an MLflow table: `mlflow.load_table`).
 REPLIES_TABLE = "replies.json"

@@ -1,0 +1,1 @@
+"""The core: errors, paths, groups, loading, labels, losses, MLflow, metrics and statistics."""

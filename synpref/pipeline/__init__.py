@@ -1,0 +1,1 @@
+"""The pipeline and its stages: `synpref reproduce`, stage processes, services, grids."""

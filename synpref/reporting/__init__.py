@@ -1,0 +1,1 @@
+"""Reporting: Table 1, figures, replies side by side, study tables, the memory planner."""
