@@ -369,8 +369,12 @@ def main() -> None:
     if a.loss != "sigmoid":
         s = a.settings[0]
         ratio = results[("synpref", s)]["peak_rss_mb"] / results[("trl", s)]["peak_rss_mb"]
+        # The floor holds a reference only where this loss keeps one live (SimPO has none).
+        held_ref = s == "live" and not PreferenceLoss(a.loss, **loss_args(a.loss)).reference_free
+        floor = None if a.lora else results[("synpref", s)]["peak_rss_mb"] * 2**20 / floor_bytes(a.model, a, held_ref)
         print(
             f"RESULT dpo loss={a.loss} against={trl_loss(a.loss)}:{s} speedup={speed[s]:.2f} memory_ratio={ratio:.2f}"
+            f"{lean_fields(a, floor)}"
         )
         return
     if len(a.settings) < 2:
