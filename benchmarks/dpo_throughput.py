@@ -103,6 +103,9 @@ def stepped(a, meter: Meter, result: dict) -> dict:
 
 
 def run_synpref(a) -> dict:
+    from synpref.core.host_memory import release_freed_memory
+
+    release_freed_memory()  # as every `synpref` command does first (synpref.cli.main)
     import lightning as L
 
     from synpref.core.specs import ModelSpec

@@ -100,6 +100,9 @@ class Meter(StepMeter):
 
 
 def run_synpref(args) -> dict:
+    from synpref.core.host_memory import release_freed_memory
+
+    release_freed_memory()  # as every `synpref` command does first (synpref.cli.main)
     import lightning as L
     import torch
 

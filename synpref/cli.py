@@ -10,6 +10,7 @@ from typing import Callable, Optional, Sequence
 
 from synpref.core.console import VERBOSE_ENV, quiet
 from synpref.core.errors import find_user_error, user_error_message
+from synpref.core.host_memory import release_freed_memory
 from synpref.core.resources import resolve_config_args
 from synpref.core.secrets import install as redact_secrets
 from synpref.core.secrets import redact
@@ -69,6 +70,7 @@ def main(args: Optional[Sequence[str]] = None):
     line and exits 2; `--debug` or SYNPREF_DEBUG=1 shows the traceback instead. `--verbose` shows what
     third-party libraries print (synpref.core.console).
     """
+    release_freed_memory()  # before any model or batch is allocated
     argv = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in argv or os.environ.get("SYNPREF_DEBUG", "") not in ("", "0")
     if "--verbose" in argv:  # everything third-party says, here and in a pipeline's stages
