@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -51,7 +52,7 @@ SHOTS = (
     "mlflow_lineage.png",
     "mlflow_compare.png",
 )
-# The replies table's columns sit side by side: a wider page shows both arms' replies beside SFT's.
+# For the wide tables (the Dataset column sized to its content, the replies side by side).
 WIDE_VIEWPORT = {"width": 1920, "height": 900}
 # The tags a run gets from synpref.core.lineage.log_lineage, naming the runs that made its inputs.
 LINEAGE_TAGS = ("synpref.sampling_run_id", "synpref.sft_run_id")
@@ -179,21 +180,22 @@ def capture(
             page.wait_for_timeout(1000)
             texts["runs"] = shoot(page, out, "mlflow_runs.png")
             # 1b. The Dataset column (shown by default in MLflow 3, 300 px wide: names cut off) sized
-            # to its content by a double click on its header's resize handle, as a user would.
-            header = page.locator('[role="columnheader"][col-id="attributes.`Dataset`"]')
-            header.hover()
-            header.locator(".ag-header-cell-resize").dblclick(force=True)  # the handle shows on hover only
-            page.wait_for_timeout(1000)
-            texts["datasets"] = shoot(page, out, "mlflow_datasets.png")
+            # to its content by a double click on its header's resize handle, as a user would; a
+            # training run's second dataset (validation, excluded prompts) needs the wide page.
+            with widened(page):
+                header = page.locator('[role="columnheader"][col-id="attributes.`Dataset`"]')
+                header.hover()
+                header.locator(".ag-header-cell-resize").dblclick(force=True)  # the handle shows on hover only
+                page.wait_for_timeout(1000)
+                texts["datasets"] = shoot(page, out, "mlflow_datasets.png")
             # 2. The parent run: description, params, the per-arm win rates.
             page.goto(f"{url}/#/experiments/{experiment_id}/runs/{parent}?{RUNS_VIEW}", timeout=120_000)
             page.get_by_text("win_rate/", exact=False).first.wait_for(timeout=60_000)
             close_assistant(page)
             texts["parent"] = shoot(page, out, "mlflow_parent_run.png")
             # 2b. The parent's replies side by side: the artifact viewer renders an MLflow table
-            # (mlflow.log_table's JSON) as a grid. Without the sidebar and on a wider page, both
-            # arms' replies and verdicts fit beside SFT's.
-            page.set_viewport_size(WIDE_VIEWPORT)
+            # (mlflow.log_table's JSON) as a grid; on the wide page both arms' replies and verdicts
+            # fit beside SFT's.
             page.goto(
                 f"{url}/#/experiments/{experiment_id}/runs/{parent}/artifacts/{REPLIES_TABLE}?{RUNS_VIEW}",
                 timeout=120_000,
@@ -203,11 +205,9 @@ def capture(
             shown = ("View as table", "Select a file to preview", "No Artifacts Recorded")
             page.locator("body").get_by_text(re.compile("|".join(shown))).first.wait_for(timeout=60_000)
             close_assistant(page)
-            page.get_by_role("button", name="Toggle sidebar").click()
-            page.wait_for_timeout(1000)
-            texts["replies"] = shoot(page, out, "mlflow_replies.png")
-            page.get_by_role("button", name="Toggle sidebar").click()  # the choice is remembered
-            page.set_viewport_size(VIEWPORT)
+            with widened(page):
+                page.wait_for_timeout(1000)
+                texts["replies"] = shoot(page, out, "mlflow_replies.png")
             # 2c. A DPO run's page: its dataset inputs and the tags naming its SFT and sampling runs.
             if lineage:
                 page.goto(f"{url}/#/experiments/{experiment_id}/runs/{lineage}?{RUNS_VIEW}", timeout=120_000)
@@ -236,6 +236,19 @@ def close_assistant(page) -> None:
     if close.count():
         close.first.click()
         page.wait_for_timeout(500)
+
+
+@contextmanager
+def widened(page):
+    """The page at WIDE_VIEWPORT with MLflow's sidebar folded, for tables wider than VIEWPORT; then
+    as before (MLflow remembers the sidebar's state, so later pages would keep it folded)."""
+    page.set_viewport_size(WIDE_VIEWPORT)
+    page.get_by_role("button", name="Toggle sidebar").click()
+    try:
+        yield page
+    finally:
+        page.get_by_role("button", name="Toggle sidebar").click()
+        page.set_viewport_size(VIEWPORT)
 
 
 def shoot(page, out: Optional[Path], name: str, full_page: bool = False) -> str:
