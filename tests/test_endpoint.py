@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler
 
 import pytest
 
+from synpref.http import HttpSettings
 from synpref.rewards import EndpointError, EndpointReward
 from tests.conftest import http_server
 
@@ -118,8 +119,9 @@ def server(monkeypatch):
 
 
 def reward(url, **kw):
+    source = kw.pop("source", "content")
     kw = {"base_url": url, "api_key_env": "SYNPREF_TEST_KEY", "timeout": 0.5, "max_retries": 2, "backoff": 0.01, **kw}
-    return EndpointReward(**kw)
+    return EndpointReward(http=HttpSettings(**kw), source=source)
 
 
 PROMPT = [{"role": "user", "content": "Say hi"}]
