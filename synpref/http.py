@@ -259,6 +259,8 @@ class Endpoint:
     def __init__(self, settings: HttpSettings):
         self.settings = settings
         self.base_url = settings.base_url.rstrip("/")
+        # post_json's keywords, worked out once: asdict per request cost as much as parsing the reply.
+        self._knobs = {k: v for k, v in asdict(settings).items() if k not in ("base_url", "max_concurrency")}
         self._lock = threading.Lock()
         self._client: Optional[httpx.Client] = None
 
@@ -271,8 +273,7 @@ class Endpoint:
 
     def post(self, path: str, payload: dict, retries: Optional[Counter] = None) -> dict:
         """post_json to `{base_url}/{path}` with these settings, on the pool."""
-        knobs = {k: v for k, v in asdict(self.settings).items() if k not in ("base_url", "max_concurrency")}
-        return post_json(self.url(path), payload, retries=retries, client=self._pool(), **knobs)
+        return post_json(self.url(path), payload, retries=retries, client=self._pool(), **self._knobs)
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         """map_concurrent at `max_concurrency`."""

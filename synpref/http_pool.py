@@ -28,18 +28,26 @@ def _left(timeout: Optional[float]) -> Optional[float]:
 
 
 class _ClippedStream(httpcore.NetworkStream):
-    """A socket stream whose reads and writes end by the attempt's deadline."""
+    """A socket stream whose reads and writes end by the attempt's deadline. Writes wait for the next
+    read, so a request's headers and body leave in one send: one wake-up of the server, not two."""
 
     def __init__(self, stream: httpcore.NetworkStream):
         self._stream = stream
+        self._unsent: list[bytes] = []
 
     def read(self, max_bytes: int, timeout: Optional[float] = None) -> bytes:
+        if self._unsent:
+            data, self._unsent = b"".join(self._unsent), []
+            self._stream.write(data, _left(timeout))
         return self._stream.read(max_bytes, _left(timeout))
 
     def write(self, buffer: bytes, timeout: Optional[float] = None) -> None:
-        self._stream.write(buffer, _left(timeout))
+        _left(timeout)  # out of time: fail now, not at the read
+        if buffer:
+            self._unsent.append(buffer)
 
     def close(self) -> None:
+        self._unsent = []
         self._stream.close()
 
     def start_tls(self, ssl_context, server_hostname=None, timeout=None) -> httpcore.NetworkStream:
