@@ -140,7 +140,7 @@ def _delay(attempt: int, retry_after: Optional[str], backoff: float, max_backoff
 
 
 def post_json(
-    url: str,
+    url: str | httpx.URL,
     payload: dict,
     *,
     api_key_env: Optional[str] = None,
@@ -261,6 +261,7 @@ class Endpoint:
         self.base_url = settings.base_url.rstrip("/")
         # post_json's keywords, worked out once: asdict per request cost as much as parsing the reply.
         self._knobs = {k: v for k, v in asdict(settings).items() if k not in ("base_url", "max_concurrency")}
+        self._parsed: dict[str, httpx.URL] = {}  # by path: httpx parses a string URL on every request
         self._lock = threading.Lock()
         self._client: Optional[httpx.Client] = None
 
@@ -273,7 +274,8 @@ class Endpoint:
 
     def post(self, path: str, payload: dict, retries: Optional[Counter] = None) -> dict:
         """post_json to `{base_url}/{path}` with these settings, on the pool."""
-        return post_json(self.url(path), payload, retries=retries, client=self._pool(), **self._knobs)
+        url = self._parsed.get(path) or self._parsed.setdefault(path, httpx.URL(self.url(path)))
+        return post_json(url, payload, retries=retries, client=self._pool(), **self._knobs)
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         """map_concurrent at `max_concurrency`."""
