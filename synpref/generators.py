@@ -13,7 +13,7 @@ from typing import Literal, Optional, Sequence
 from synpref.core.chat import render
 from synpref.core.models import end_of_turn_ids
 from synpref.core.specs import Decoding
-from synpref.http import MalformedReply, map_concurrent, post_json
+from synpref.http import Endpoint, HttpSettings, MalformedReply
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,10 @@ class OpenAIGenerator(Generator):
     `max_tokens` (`finish_reason: length`) are counted (`stats["truncated"]`) and logged per batch.
 
     Args:
-        base_url: the API root, e.g. http://127.0.0.1:8000/v1.
+        http: the server (base_url, e.g. http://127.0.0.1:8000/v1; api_key_env), requests in flight
+            (max_concurrency), timeout, deadline and retries (synpref.http.HttpSettings).
         model: the served model name; None = the module's model path (what `vllm serve <path>` and
             `transformers serve` answer to).
-        api_key_env: NAME of the environment variable holding the API key (None: no key).
         api: 'chat' (`/chat/completions`, the server applies the chat template) or 'completions'
             (`/completions` with the prompt rendered here by the policy's chat template).
         server: how decoding settings the OpenAI schema lacks are sent. 'vllm' and 'sglang':
@@ -70,38 +70,22 @@ class OpenAIGenerator(Generator):
             serve rejects unknown fields and decodes greedily unless told to sample). 'openai':
             `top_k` is not sent.
         use_n: ask for K samples in one request (`n`).
-        max_concurrency: requests in flight at once.
-        timeout: seconds one attempt may take end to end (a dripping reply counts as a timeout).
-        deadline: seconds one request may take across retries (None: bounded by `max_retries`).
-        max_retries: retries after 429, 5xx, timeouts and connection errors (exponential backoff).
         extra_body: more request fields, e.g. {"min_p": 0.05} or {"repetition_penalty": 1.1}.
     """
 
     def __init__(
         self,
-        base_url: str = "http://127.0.0.1:8000/v1",
+        http: HttpSettings = HttpSettings(timeout=600.0, max_concurrency=32),
         model: Optional[str] = None,
-        api_key_env: Optional[str] = None,
         api: Literal["chat", "completions"] = "chat",
         server: Literal["vllm", "sglang", "transformers", "openai"] = "vllm",
         use_n: bool = True,
-        max_concurrency: int = 32,
-        timeout: float = 600.0,
-        deadline: Optional[float] = None,
-        max_retries: int = 6,
-        backoff: float = 1.0,
         extra_body: Optional[dict] = None,
     ):
-        self.base_url, self.model, self.api, self.server = base_url.rstrip("/"), model, api, server
-        self.url = f"{self.base_url}/{'chat/completions' if api == 'chat' else 'completions'}"
-        self.use_n, self.max_concurrency, self.extra_body = use_n, max_concurrency, dict(extra_body or {})
-        self.http = {
-            "api_key_env": api_key_env,
-            "timeout": timeout,
-            "deadline": deadline,
-            "max_retries": max_retries,
-            "backoff": backoff,
-        }
+        self.endpoint, self.model, self.api, self.server = Endpoint(http), model, api, server
+        self.path = "chat/completions" if api == "chat" else "completions"
+        self.url = self.endpoint.url(self.path)
+        self.use_n, self.extra_body = use_n, dict(extra_body or {})
         # Not the URL (a restarted server may listen elsewhere): what decides the samples' distribution.
         self.name = f"openai:{api}:{server}:n={'K' if use_n else 1}"
         self.stats: Counter = Counter()  # requests, replies, truncated, completion_tokens, retries by kind
@@ -123,10 +107,9 @@ class OpenAIGenerator(Generator):
     ):
         name = self.model or model
         before = self.stats["truncated"]
-        rows = map_concurrent(
+        rows = self.endpoint.map(
             lambda job: self._samples(name, tokenizer, job[0], job[1], num_return_sequences, decoding),
             list(zip(prompts, indices)),
-            self.max_concurrency,
         )
         cut = self.stats["truncated"] - before
         if cut:
@@ -172,7 +155,7 @@ class OpenAIGenerator(Generator):
             payload["n"] = n
         payload.update(self.extra_body)
         retries: Counter = Counter()
-        reply = post_json(self.url, payload, retries=retries, **self.http)
+        reply = self.endpoint.post(self.path, payload, retries)
         choices = self._parse(reply, n, tokenizer)
         with self._lock:
             self.stats.update(

@@ -1,49 +1,27 @@
-"""The one HTTP client for OpenAI-compatible servers (reward endpoints, judges, generation servers).
-
-Standard library only. Two functions:
-
-- `post_json(url, payload, *, api_key_env=None, timeout=60, deadline=None, max_retries=6, backoff=1,
-  max_backoff=60, retries=None) -> dict`: POST `payload` as JSON, return the decoded JSON object.
-  `timeout` bounds each ATTEMPT end to end (connect, send, headers and every byte of the body; a
-  server that drips one byte a second fails the attempt at `timeout`, like any timeout); `deadline`
-  bounds the whole call across attempts and backoff sleeps. 408/409/429/5xx, timeouts and
-  connection errors are retried with exponential backoff and jitter (`backoff`·2^attempt, capped at
-  `max_backoff`; a `Retry-After` header wins). `retries`, a Counter, counts retried failures by kind
-  ("timeout", "HTTP 429", ...). The key is read from the environment variable NAMED by
-  `api_key_env` and sent as a bearer token; it never reaches logs or error messages (synpref.core.secrets).
-- `map_concurrent(fn, items, max_concurrency) -> list`: `fn` over `items` on a thread pool, results
-  in input order; the first failure is raised (calls not yet started are cancelled).
-
-SIGTERM and SIGINT end every backoff wait at once, in worker threads too, with SystemExit(128 + signal):
-while either function runs in the main thread its handler wakes the waits, then does what the
-previous handler does (Lightning's only records SIGTERM and returns; the default exits).
-
-Errors: `EndpointError` (a non-retryable status, retries or deadline exhausted, a missing key) and its
-subclass `MalformedReply` (the body is not a JSON object; callers raise it for missing fields).
-HTTP(S) proxies from the environment (`https_proxy`, `no_proxy`) are honoured.
-"""
+"""The one HTTP client for OpenAI-compatible servers: HttpSettings, Endpoint, post_json, map_concurrent."""
 
 from __future__ import annotations
 
 import contextlib
 import email.utils
-import http.client
 import json
 import logging
 import os
 import random
 import signal
-import socket
 import threading
 import time
-import urllib.request
+import weakref
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Iterator, Optional, TypeVar
-from urllib.parse import urlsplit
+
+import httpx
 
 from synpref.core.errors import SynprefError
 from synpref.core.secrets import redact, remember
+from synpref.http_pool import attempt_deadline, pooled_client
 
 log = logging.getLogger(__name__)
 
@@ -139,71 +117,15 @@ def auth_headers(api_key_env: Optional[str], url: str) -> dict[str, str]:
     return headers
 
 
-def _connection(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
-    """A connection to the URL's host (through the environment's proxy, if any) and the request target."""
-    parts = urlsplit(url)
-    https = parts.scheme == "https"
-    host, port = parts.hostname, parts.port or (443 if https else 80)
-    target = parts.path + (f"?{parts.query}" if parts.query else "")
-    proxy = urllib.request.getproxies().get(parts.scheme)
-    if proxy and not urllib.request.proxy_bypass(host):
-        p = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-        if https:
-            conn = http.client.HTTPSConnection(p.hostname, p.port or 80, timeout=timeout)
-            conn.set_tunnel(host, port)
-            return conn, target
-        return http.client.HTTPConnection(p.hostname, p.port or 80, timeout=timeout), url
-    cls = http.client.HTTPSConnection if https else http.client.HTTPConnection
-    return cls(host, port, timeout=timeout), target
-
-
-def _attempt(url: str, body: bytes, headers: dict, timeout: float) -> tuple[int, http.client.HTTPMessage, bytes]:
+def _attempt(client: httpx.Client, url: str, body: bytes, headers: dict, timeout: float) -> httpx.Response:
     """One POST, finished (status, headers, body) within `timeout` seconds of wall clock, or _Retryable."""
-    until = time.monotonic() + timeout
-    conn, target = _connection(url, timeout)
-    watchdog = None
     try:
-        conn.connect()
-        sock = conn.sock
-        # The socket timeout bounds one blocking call; the watchdog bounds them all (a server that
-        # drips its headers), and the clock check below bounds a dripping body between reads.
-        watchdog = threading.Timer(max(0.0, until - time.monotonic()), _shut, (sock,))
-        watchdog.daemon = True
-        watchdog.start()
-        conn.request("POST", target, body=body, headers=headers)
-        reply = conn.getresponse()
-        chunks = []
-        while True:
-            left = until - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("deadline passed while reading the body")
-            sock.settimeout(left)
-            chunk = reply.read1(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-        if time.monotonic() >= until:  # the watchdog ended the body early
-            raise TimeoutError("deadline passed while reading the body")
-        if reply.length:  # the connection closed before Content-Length bytes came
-            raise http.client.IncompleteRead(b"".join(chunks), reply.length)
-        return reply.status, reply.headers, b"".join(chunks)
-    except TimeoutError:  # socket.timeout is TimeoutError since 3.10
+        with attempt_deadline(timeout):
+            return client.post(url, content=body, headers=headers, timeout=timeout)
+    except httpx.TimeoutException:
         raise _Retryable(f"timed out after {timeout:g} s") from None
-    except (OSError, http.client.HTTPException) as e:
-        if time.monotonic() >= until:  # the watchdog cut the socket
-            raise _Retryable(f"timed out after {timeout:g} s") from None
+    except httpx.TransportError as e:
         raise _Retryable(f"{type(e).__name__}: {e}") from None
-    finally:
-        if watchdog is not None:
-            watchdog.cancel()
-        conn.close()
-
-
-def _shut(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 def _delay(attempt: int, retry_after: Optional[str], backoff: float, max_backoff: float) -> float:
@@ -218,7 +140,7 @@ def _delay(attempt: int, retry_after: Optional[str], backoff: float, max_backoff
 
 
 def post_json(
-    url: str,
+    url: str | httpx.URL,
     payload: dict,
     *,
     api_key_env: Optional[str] = None,
@@ -228,13 +150,31 @@ def post_json(
     backoff: float = 1.0,
     max_backoff: float = 60.0,
     retries: Optional[Counter] = None,
+    client: Optional[httpx.Client] = None,
 ) -> dict:
-    """POST `payload` to `url`; the reply's JSON object. See the module docstring for the semantics."""
+    """POST `payload` as JSON to `url`; the reply's JSON object.
+
+    `timeout` bounds each ATTEMPT end to end (connect, send, headers and every byte of the body: a
+    server that drips one byte a second fails the attempt at `timeout`); `deadline` bounds the whole
+    call across attempts and backoff waits. 408/409/429/5xx, timeouts and connection errors are
+    retried with exponential backoff and jitter (`backoff`·2^attempt, capped at `max_backoff`; a
+    `Retry-After` header wins); `retries` counts them by kind ("timeout", "HTTP 429", ...). The key
+    is read from the environment variable NAMED by `api_key_env` and sent as a bearer token; it never
+    reaches logs or messages (synpref.core.secrets). `client`: a pooled_client to reuse (None: one for
+    this call). SIGTERM/SIGINT end a backoff wait at once with SystemExit (see _interruptible).
+    """
     with _interruptible():
-        return _post_json(url, payload, api_key_env, timeout, deadline, max_retries, backoff, max_backoff, retries)
+        if client is not None:
+            return _post_json(
+                client, url, payload, api_key_env, timeout, deadline, max_retries, backoff, max_backoff, retries
+            )
+        with pooled_client(1) as own:
+            return _post_json(
+                own, url, payload, api_key_env, timeout, deadline, max_retries, backoff, max_backoff, retries
+            )
 
 
-def _post_json(url, payload, api_key_env, timeout, deadline, max_retries, backoff, max_backoff, retries) -> dict:
+def _post_json(client, url, payload, api_key_env, timeout, deadline, max_retries, backoff, max_backoff, retries):
     headers = auth_headers(api_key_env, url)
     body = json.dumps(payload).encode()
     give_up_at = None if deadline is None else time.monotonic() + deadline
@@ -244,9 +184,9 @@ def _post_json(url, payload, api_key_env, timeout, deadline, max_retries, backof
         try:
             if budget <= 0:
                 raise _Retryable(f"deadline of {deadline:g} s passed")
-            status, reply_headers, raw = _attempt(url, body, headers, budget)
-            if status in RETRY_STATUS:
-                raise _Retryable(f"HTTP {status}", reply_headers.get("Retry-After"))
+            reply = _attempt(client, url, body, headers, budget)
+            if reply.status_code in RETRY_STATUS:
+                raise _Retryable(f"HTTP {reply.status_code}", reply.headers.get("Retry-After"))
         except _Retryable as e:
             if retries is not None:
                 retries["timeout" if e.problem.startswith("timed out") else e.problem.split(":")[0]] += 1
@@ -260,22 +200,105 @@ def _post_json(url, payload, api_key_env, timeout, deadline, max_retries, backof
             log.warning("%s: %s; retry %d/%d in %.1fs", url, e.problem, attempt + 1, max_retries, delay)
             _wait(delay)
             continue
-        if status in (401, 403) and api_key_env:
-            # The key's name, never the key.
-            raise EndpointError(
-                f"{url} refused the API key from ${api_key_env} (HTTP {status}: {snippet(raw)}); "
-                f"export a valid key in {api_key_env}"
-            )
-        if status != 200:
-            raise EndpointError(f"{url} answered HTTP {status}: {snippet(raw)}")
-        try:
-            reply = json.loads(raw)
-        except ValueError as e:
-            raise MalformedReply(f"{url}: malformed reply (not JSON: {e}): {snippet(raw)}") from None
-        if not isinstance(reply, dict):
-            raise MalformedReply(f"{url}: malformed reply (expected a JSON object): {snippet(raw)}")
-        return reply
+        return _decode(url, reply.status_code, reply.content, api_key_env)
     raise AssertionError("unreachable")
+
+
+def _decode(url: str, status: int, raw: bytes, api_key_env: Optional[str]) -> dict:
+    """The JSON object of a final reply, or the EndpointError that says what came instead."""
+    if status in (401, 403) and api_key_env:
+        # The key's name, never the key.
+        raise EndpointError(
+            f"{url} refused the API key from ${api_key_env} (HTTP {status}: {snippet(raw)}); "
+            f"export a valid key in {api_key_env}"
+        )
+    if status != 200:
+        raise EndpointError(f"{url} answered HTTP {status}: {snippet(raw)}")
+    try:
+        reply = json.loads(raw)
+    except ValueError as e:
+        raise MalformedReply(f"{url}: malformed reply (not JSON: {e}): {snippet(raw)}") from None
+    if not isinstance(reply, dict):
+        raise MalformedReply(f"{url}: malformed reply (expected a JSON object): {snippet(raw)}")
+    return reply
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """How a client reaches its OpenAI-compatible server (EndpointReward, PairwiseLLMJudge, OpenAIGenerator).
+
+    Args:
+        base_url: the API root, e.g. http://127.0.0.1:8000/v1.
+        api_key_env: NAME of the environment variable holding the API key (None: no key); the key
+            itself is never an argument, so it never reaches configs, MLflow params or logs.
+        timeout: seconds one attempt may take end to end (connect, send, every byte of the reply);
+            a slower or dripping reply counts as a timeout and is retried.
+        deadline: seconds one request may take across all attempts and backoff (None: bounded by
+            `max_retries` only).
+        max_concurrency: requests in flight at once (threads, each on a pooled keep-alive connection).
+        max_retries: retries after a 408/409/429, a 5xx, a timeout or a connection error.
+        backoff: first retry delay in seconds; doubles each retry (with jitter), capped at
+            `max_backoff`; a `Retry-After` header wins when present.
+        max_backoff: longest delay between retries.
+    """
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key_env: Optional[str] = None
+    timeout: float = 60.0
+    deadline: Optional[float] = None
+    max_concurrency: int = 8
+    max_retries: int = 6
+    backoff: float = 1.0
+    max_backoff: float = 60.0
+
+
+class Endpoint:
+    """An API root (`settings.base_url`) POSTed to over one pool of keep-alive connections, reused
+    by every request and thread; the pool opens on first use and closes with `close()` or the object."""
+
+    def __init__(self, settings: HttpSettings):
+        self.settings = settings
+        self.base_url = settings.base_url.rstrip("/")
+        # post_json's keywords, worked out once: asdict per request cost as much as parsing the reply.
+        self._knobs = {k: v for k, v in asdict(settings).items() if k not in ("base_url", "max_concurrency")}
+        self._parsed: dict[str, httpx.URL] = {}  # by path: httpx parses a string URL on every request
+        self._lock = threading.Lock()
+        self._client: Optional[httpx.Client] = None
+
+    def url(self, path: str) -> str:
+        return f"{self.base_url}/{path}"
+
+    def check_key(self) -> None:
+        """EndpointError naming the variable when the key is missing (before any request)."""
+        auth_headers(self.settings.api_key_env, self.base_url)
+
+    def post(self, path: str, payload: dict, retries: Optional[Counter] = None) -> dict:
+        """post_json to `{base_url}/{path}` with these settings, on the pool."""
+        url = self._parsed.get(path) or self._parsed.setdefault(path, httpx.URL(self.url(path)))
+        return post_json(url, payload, retries=retries, client=self._pool(), **self._knobs)
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        """map_concurrent at `max_concurrency`."""
+        return map_concurrent(fn, items, self.settings.max_concurrency)
+
+    def _pool(self) -> httpx.Client:
+        with self._lock:
+            if self._client is None:
+                self._client = pooled_client(max(1, self.settings.max_concurrency))
+                weakref.finalize(self, self._client.close)
+            return self._client
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    def __getstate__(self) -> dict:  # copies and pickles open their own pool
+        return {"settings": self.settings}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["settings"])
 
 
 def map_concurrent(fn: Callable[[T], R], items: Iterable[T], max_concurrency: int) -> list[R]:

@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler
 
 import pytest
 
+from synpref.http import HttpSettings
 from synpref.rewards import EndpointError, EndpointReward
 from tests.conftest import http_server
 
@@ -60,6 +61,17 @@ class FakeNemotron(BaseHTTPRequestHandler):
         except OSError:  # the client hung up: what the deadline is for
             pass
 
+    def _drip_headers(self):
+        """The status line, then the headers one byte a second: the reply never gets past its headers."""
+        self._done()
+        try:
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Padding: " + b"x" * 1000:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(1.0 if byte == ord("x") else 0)
+        except OSError:
+            pass
+
     def do_POST(self):
         cls = type(self)
         with cls.lock:
@@ -87,6 +99,8 @@ class FakeNemotron(BaseHTTPRequestHandler):
                 time.sleep(1.0)
             if kind == "drip" and (first or value == "always"):
                 return self._drip()
+            if kind == "dripheaders" and first:
+                return self._drip_headers()
             if kind == "garbage":
                 return self._send(200, b"<html>not json</html>")
             if kind == "nocontent":
@@ -118,8 +132,9 @@ def server(monkeypatch):
 
 
 def reward(url, **kw):
+    source = kw.pop("source", "content")
     kw = {"base_url": url, "api_key_env": "SYNPREF_TEST_KEY", "timeout": 0.5, "max_retries": 2, "backoff": 0.01, **kw}
-    return EndpointReward(**kw)
+    return EndpointReward(http=HttpSettings(**kw), source=source)
 
 
 PROMPT = [{"role": "user", "content": "Say hi"}]
@@ -190,3 +205,13 @@ def test_deadline_bounds_the_request_across_retries(server):
         scorer.score([PROMPT], ["drip:always"])
     assert 2.0 <= time.monotonic() - start < 3.0
     assert FakeNemotron.attempts["drip:always"] == 2 and scorer.retries["timeout"] == 2
+
+
+def test_headers_dripped_byte_by_byte_fail_at_the_timeout_too(server, caplog):
+    """Every read of a header dripped at 1 byte/s succeeds; the attempt still ends at its 1.5 s."""
+    scorer = reward(server, timeout=1.5)
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        assert scorer.score([PROMPT], ["dripheaders:2.5"]) == [2.5]
+    assert 1.5 <= time.monotonic() - start < 3.5
+    assert FakeNemotron.attempts["dripheaders:2.5"] == 2 and scorer.retries == Counter({"timeout": 1})

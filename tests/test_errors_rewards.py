@@ -89,7 +89,7 @@ def test_endpoint_refusing_the_key_names_the_variable(in_tmp, capsys, monkeypatc
     with http_server(RefusesKey, monkeypatch, "SYNPREF_TEST_KEY", key) as url:
         reward = (
             "--model.init_args.reward={class_path: synpref.rewards.EndpointReward, init_args: "
-            f"{{base_url: '{url}', api_key_env: SYNPREF_TEST_KEY, max_retries: 0}}}}"
+            f"{{http: {{base_url: '{url}', api_key_env: SYNPREF_TEST_KEY, max_retries: 0}}}}}}"
         )
         line = fails(capsys, [*SAMPLE, reward], "refused the API key from $SYNPREF_TEST_KEY (HTTP 401", code=1)
     assert key not in line and "***" in line

@@ -12,7 +12,7 @@ import pytest
 from synpref.core.models import end_of_turn_ids, load_tokenizer
 from synpref.core.specs import Decoding
 from synpref.generators import OpenAIGenerator, request_seed
-from synpref.http import EndpointError, MalformedReply
+from synpref.http import EndpointError, HttpSettings, MalformedReply
 from tests.conftest import http_server
 
 PROMPTS = [[{"role": "user", "content": "Say hi"}], [{"role": "user", "content": "Name a colour"}]]
@@ -92,7 +92,10 @@ def tokenizer(tiny_model):
 
 
 def sample(url, tokenizer, model, k=2, **kw):
-    gen = OpenAIGenerator(base_url=url, api_key_env="SYNPREF_GEN_KEY", backoff=0.01, max_concurrency=2, **kw)
+    http = HttpSettings(
+        base_url=url, api_key_env="SYNPREF_GEN_KEY", backoff=0.01, max_concurrency=2, timeout=kw.pop("timeout", 600.0)
+    )
+    gen = OpenAIGenerator(http, **kw)
     return gen, gen.generate(model, tokenizer, PROMPTS, [4, 9], DECODING, num_return_sequences=k)
 
 

@@ -50,8 +50,8 @@ RECORDS_ONLY = "import signal\nsignal.signal(signal.SIGTERM, lambda signum, fram
 CALLS = {
     "post_json": "from synpref.http import post_json\npost_json(URL + '/chat/completions', {}, max_retries=3)\n",
     "map_concurrent": (  # two worker threads, each waiting out a Retry-After
-        "from synpref.rewards import EndpointReward\n"
-        "EndpointReward(base_url=URL, api_key_env='SYNPREF_TEST_KEY', max_concurrency=2, deadline=None)"
+        "from synpref.http import HttpSettings\nfrom synpref.rewards import EndpointReward\n"
+        "EndpointReward(http=HttpSettings(base_url=URL, api_key_env='SYNPREF_TEST_KEY', max_concurrency=2))"
         ".score([[{'role': 'user', 'content': 'hi'}]] * 2, ['a', 'b'])\n"
     ),
 }
@@ -98,9 +98,9 @@ def test_sigterm_ends_a_predict_run_waiting_out_a_retry_after(in_tmp, limited):
         "configs/tiny/sample.yaml",
         "--model.init_args.policy.name_or_path=artifacts/tiny/base",
         "--model.init_args.reward=synpref.rewards.EndpointReward",
-        f"--model.init_args.reward.init_args.base_url={limited}",
-        "--model.init_args.reward.init_args.api_key_env=SYNPREF_TEST_KEY",
-        "--model.init_args.reward.init_args.max_concurrency=2",
+        f"--model.init_args.reward.init_args.http.base_url={limited}",
+        "--model.init_args.reward.init_args.http.api_key_env=SYNPREF_TEST_KEY",
+        "--model.init_args.reward.init_args.http.max_concurrency=2",
         "--model.init_args.decoding.max_new_tokens=4",
         "--data.init_args.max_prompts=2",
         "--trainer.enable_progress_bar=false",

@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler
 
 import pytest
 
-from synpref.http import EndpointError
+from synpref.http import EndpointError, HttpSettings
 from synpref.rewards.pairwise import PairwiseLLMJudge, parse_verdict
 from tests.conftest import http_server
 
@@ -59,7 +59,9 @@ class BiasedJudge(BaseHTTPRequestHandler):
 @pytest.fixture
 def judge(monkeypatch):
     with http_server(BiasedJudge, monkeypatch, "JUDGE_KEY", KEY) as url:
-        yield PairwiseLLMJudge("fake-judge", base_url=url, api_key_env="JUDGE_KEY", max_concurrency=8, backoff=0.01)
+        yield PairwiseLLMJudge(
+            "fake-judge", HttpSettings(base_url=url, api_key_env="JUDGE_KEY", max_concurrency=8, backoff=0.01)
+        )
 
 
 def prompts(n, tag=""):

@@ -19,6 +19,7 @@ from synpref.core.models import load_frozen_causal_lm, load_tokenizer
 from synpref.core.specs import Decoding, ModelSpec
 from synpref.generation import generate
 from synpref.generators import OpenAIGenerator, request_seed
+from synpref.http import HttpSettings
 from synpref.pipeline.services import Service, running
 from tests.conftest import ROOT, free_port, read_jsonl
 from tests.test_evaluation import perturbed_copy
@@ -62,7 +63,9 @@ def test_served_samples_equal_in_process_generate_at_the_same_seed(server, tiny_
     tok, model = load_tokenizer(tiny_model), load_frozen_causal_lm(ModelSpec(tiny_model))
     prompts = prompts_of(sample_dir, 2)
     for api, k in (("chat", 2), ("completions", 1)):
-        gen = OpenAIGenerator(base_url=server[0], server="transformers", api=api, max_concurrency=1)
+        gen = OpenAIGenerator(
+            HttpSettings(base_url=server[0], timeout=600.0, max_concurrency=1), server="transformers", api=api
+        )
         texts, counts = gen.generate(
             tiny_model, tok, prompts, [3, 7], replace(DECODING, seed=11), num_return_sequences=k
         )
@@ -100,7 +103,7 @@ def predict_args(server_url, model, out, extra=()):
         "--config",
         "configs/tiny/sample_served.yaml",
         f"--model.init_args.policy.name_or_path={model}",
-        f"--model.init_args.generator.init_args.base_url={server_url}",
+        f"--model.init_args.generator.init_args.http.base_url={server_url}",
         f"--model.init_args.output_dir={out}",
         "--model.init_args.decoding.max_new_tokens=8",
         "--data.init_args.max_prompts=6",
@@ -146,7 +149,7 @@ def test_evaluation_serves_policy_and_baseline_by_their_paths(server, in_tmp, ti
             "configs/tiny/eval_served.yaml",
             f"--model.init_args.policy.name_or_path={tiny_model}",
             f"--model.init_args.baseline.name_or_path={baseline}",
-            f"--model.init_args.generator.init_args.base_url={server[0]}",
+            f"--model.init_args.generator.init_args.http.base_url={server[0]}",
             "--model.init_args.output_dir=eval",
             "--model.init_args.decoding.max_new_tokens=8",
             "--data.init_args.max_prompts=3",
@@ -182,7 +185,7 @@ def test_reproduce_starts_the_server_for_served_stages_and_stops_it(in_tmp, tiny
             "needs": [],
             "args": s.get("args", [])
             + keep[s["name"]]
-            + [f"--model.init_args.generator.init_args.base_url=http://127.0.0.1:{port}/v1"],
+            + [f"--model.init_args.generator.init_args.http.base_url=http://127.0.0.1:{port}/v1"],
         }
         for s in config["stages"]
         if s["name"] in keep

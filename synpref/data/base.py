@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+import random
+from dataclasses import asdict
+from typing import Callable, Optional
 
 import datasets
 import lightning as L
@@ -11,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from synpref.core.errors import ConfigError
 from synpref.core.models import load_tokenizer
+from synpref.data.io import OnBadRow, load_rows, map_rows, source_name
 
 
 class ResumableDataLoader(DataLoader):
@@ -48,7 +51,24 @@ class ResumableDataLoader(DataLoader):
 
 class TokenizedDataModule(L.LightningDataModule):
     """Subclasses implement `prepare(split) -> datasets.Dataset` (tokenized rows with a `length`)
-    and `collate`; this class owns the tokenizer, the validation split and the loaders."""
+    and `collate`; this class owns the tokenizer, the validation split and the loaders.
+
+    Args:
+        tokenizer_name_or_path: HF directory or hub id of the tokenizer (the policy's).
+        batch_size: rows per training step (per device).
+        eval_batch_size: rows per validation step (None: batch_size).
+        val_fraction: the share of training rows held out for validation when there is no
+            validation source.
+        group_by_length: batches of similar lengths (less padding), in a seeded order.
+        num_workers: DataLoader worker processes.
+        seed: the split's, the length grouping's and the source weights' seed.
+        trust_remote_code: allow a hub tokenizer's custom code.
+        on_bad_row: a malformed row is an `error` (file, row, field) or skipped and counted (`skip`).
+        num_proc: processes that tokenize (None: this one).
+    """
+
+    #: Subclasses whose rows carry a stable `index` (cached reference log-probs key on it).
+    numbered = False
 
     def __init__(
         self,
@@ -60,6 +80,8 @@ class TokenizedDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         trust_remote_code: bool = False,
+        on_bad_row: OnBadRow = "error",
+        num_proc: Optional[int] = None,
     ):
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -72,6 +94,7 @@ class TokenizedDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.trust_remote_code = trust_remote_code
+        self.on_bad_row, self.num_proc = on_bad_row, num_proc
         self._tokenizer = None
         self.train_set: Optional[datasets.Dataset] = None
         self.val_set: Optional[datasets.Dataset] = None
@@ -109,7 +132,48 @@ class TokenizedDataModule(L.LightningDataModule):
                 )
             parts = train.train_test_split(test_size=self.val_fraction, seed=self.seed, shuffle=True)
             train, val = parts["train"], parts["test"]
+        if self.numbered:  # stable ids, assigned once after mixing and splitting: train 0..n-1, val n..n+m-1
+            train = train.add_column("index", list(range(len(train))))
+            if val is not None:
+                val = val.add_column("index", list(range(len(train), len(train) + len(val))))
         self.train_set, self.val_set = train, val
+
+    # -- several weighted sources (preference pairs, unpaired examples) ------------------------
+    def keep_sources(self, kind: type, sources: list, val_sources: Optional[list]) -> None:
+        """`sources` and `val_sources` as `kind` objects; in the hyper-parameters as plain dicts, so
+        checkpoints load with torch.load(weights_only=True). Call after save_hyperparameters."""
+        if not sources:
+            raise ValueError(f"{type(self).__name__} needs at least one source")
+        self.sources = [s if isinstance(s, kind) else kind(**s) for s in sources]
+        self.val_sources = [s if isinstance(s, kind) else kind(**s) for s in val_sources or []]
+        self.hparams["sources"] = [asdict(s) for s in self.sources]
+        self.hparams["val_sources"] = [asdict(s) for s in self.val_sources]
+
+    def mix(
+        self,
+        sources: list,
+        split: str,
+        encode: Callable,
+        columns: list[str],
+        what: str,
+        reshape: Optional[Callable[[datasets.Dataset], datasets.Dataset]] = None,
+    ) -> datasets.Dataset:
+        """Each source's rows as `encode(row, source)` makes them (then `reshape`d), its drops counted
+        under `split` (and `source<k>` when there are several), weighted, all concatenated."""
+        parts = []
+        for k, src in enumerate(sources):
+            rows = load_rows(src.path, src.split, src.config_name, src.max_rows)
+            name = source_name(src.path, src.split, src.config_name)
+            ds, counts = map_rows(
+                rows, lambda r, s=src: encode(r, s), name, columns, self.on_bad_row, what, self.num_proc
+            )
+            if reshape is not None:
+                ds = reshape(ds)
+            for reason, n in counts.items():
+                key = f"{split}/{reason}" if len(sources) == 1 else f"{split}/source{k}/{reason}"
+                self.drop_counts[key] = self.drop_counts.get(key, 0) + n
+            parts.append(weighted(ds, src.weight, self.seed + k))
+        return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
     def _loader(self, ds: datasets.Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         from synpref.data.collate import LengthGroupedSampler
@@ -154,3 +218,16 @@ class TokenizedDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         return [] if self.val_set is None else self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+
+
+def weighted(ds: datasets.Dataset, weight: float, seed: int) -> datasets.Dataset:
+    """Each row floor(weight) times plus a seeded random share of the remainder."""
+    if weight < 0:
+        raise ValueError(f"source weight must be ≥ 0, got {weight}")
+    whole, frac = int(weight), weight - int(weight)
+    picks = list(range(len(ds))) * whole
+    if frac > 0:
+        picks += sorted(random.Random(seed).sample(range(len(ds)), round(frac * len(ds))))
+    if not picks:
+        raise ValueError(f"source weight {weight} keeps no row of {len(ds)}")
+    return ds.select(picks)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import datasets
@@ -13,7 +13,7 @@ from synpref.core.batching import pad
 from synpref.core.chat import IGNORE_INDEX, chat_messages, encode_prompt_response
 from synpref.core.errors import FieldError
 from synpref.data.base import TokenizedDataModule
-from synpref.data.io import Dropped, OnBadRow, load_rows, map_rows, require, source_name
+from synpref.data.io import Dropped, require
 
 Format = Literal["ultrafeedback_binarized", "openbmb", "synpref", "trl"]
 COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "length"]
@@ -139,42 +139,22 @@ class PreferenceDataModule(TokenizedDataModule):
     reference log-probs. Validation: `val_sources`, else a `val_fraction` of the training pairs.
     """
 
+    numbered = True
+
     def __init__(
         self,
         tokenizer_name_or_path: str,
         sources: list[PreferenceSource],
         val_sources: Optional[list[PreferenceSource]] = None,
-        val_fraction: float = 0.0,
         max_length: int = 1024,
         drop_ties: bool = True,
-        on_bad_row: OnBadRow = "error",
-        batch_size: int = 8,
-        eval_batch_size: Optional[int] = None,
-        group_by_length: bool = True,
-        num_workers: int = 0,
-        num_proc: Optional[int] = None,
-        seed: int = 0,
-        trust_remote_code: bool = False,
+        **loader,
     ):
-        super().__init__(
-            tokenizer_name_or_path,
-            batch_size,
-            eval_batch_size,
-            val_fraction,
-            group_by_length,
-            num_workers,
-            seed,
-            trust_remote_code,
-        )
-        if not sources:
-            raise ValueError("PreferenceDataModule needs at least one source")
-        self.sources = [s if isinstance(s, PreferenceSource) else PreferenceSource(**s) for s in sources]
-        self.val_sources = [s if isinstance(s, PreferenceSource) else PreferenceSource(**s) for s in val_sources or []]
-        # Plain dicts in the hyper-parameters: checkpoints then load with torch.load(weights_only=True).
-        sources = [asdict(s) for s in self.sources]
-        val_sources = [asdict(s) for s in self.val_sources]
+        """`loader`: TokenizedDataModule's settings (batch_size, val_fraction, on_bad_row, seed, ...)."""
+        super().__init__(tokenizer_name_or_path, **loader)
         self.save_hyperparameters(logger=False)  # MLflow params: the module's run_params()
-        self.max_length, self.drop_ties, self.on_bad_row, self.num_proc = max_length, drop_ties, on_bad_row, num_proc
+        self.keep_sources(PreferenceSource, sources, val_sources)
+        self.max_length, self.drop_ties = max_length, drop_ties
 
     # -- one row -------------------------------------------------------------------------------
     def to_pair(
@@ -202,41 +182,12 @@ class PreferenceDataModule(TokenizedDataModule):
         }
 
     # -- data sets -----------------------------------------------------------------------------
-    def _load(self, sources: list[PreferenceSource], split: str) -> datasets.Dataset:
-        parts = []
-        for k, src in enumerate(sources):
-            rows = load_rows(src.path, src.split, src.config_name, src.max_rows)
-            name = source_name(src.path, src.split, src.config_name)
-            ds, counts = map_rows(
-                rows,
-                lambda r, s=src: self.encode(r, s.format, s.binarize),
-                name,
-                COLUMNS,
-                self.on_bad_row,
-                "preference pairs",
-                self.num_proc,
-            )
-            for reason, n in counts.items():
-                key = f"{split}/{reason}" if len(sources) == 1 else f"{split}/source{k}/{reason}"
-                self.drop_counts[key] = self.drop_counts.get(key, 0) + n
-            parts.append(_weighted(ds, src.weight, self.seed + k))
-        return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-
     def prepare(self, split: str) -> Optional[datasets.Dataset]:
         sources = self.sources if split == "train" else self.val_sources
         if not sources:
             return None
-        return self._load(sources, split)
-
-    def setup(self, stage: str) -> None:
-        if self.train_set is not None:
-            return
-        super().setup(stage)
-        # Stable ids, assigned once after mixing and splitting: train 0..n-1, val n..n+m-1.
-        n = len(self.train_set)
-        self.train_set = self.train_set.add_column("index", list(range(n)))
-        if self.val_set is not None:
-            self.val_set = self.val_set.add_column("index", list(range(n, n + len(self.val_set))))
+        encode = lambda row, src: self.encode(row, src.format, src.binarize)  # noqa: E731
+        return self.mix(sources, split, encode, COLUMNS, "preference pairs")
 
     def data_inputs(self) -> list[dict]:
         """What it reads, as MLflow dataset inputs (synpref.core.lineage.log_lineage)."""
@@ -260,16 +211,3 @@ class PreferenceDataModule(TokenizedDataModule):
             "labels": pad(labels, IGNORE_INDEX),
             "index": torch.tensor([r["index"] for r in rows], dtype=torch.long),
         }
-
-
-def _weighted(ds: datasets.Dataset, weight: float, seed: int) -> datasets.Dataset:
-    """Each row floor(weight) times plus a seeded random share of the remainder."""
-    if weight < 0:
-        raise ValueError(f"source weight must be ≥ 0, got {weight}")
-    whole, frac = int(weight), weight - int(weight)
-    picks = list(range(len(ds))) * whole
-    if frac > 0:
-        picks += sorted(random.Random(seed).sample(range(len(ds)), round(frac * len(ds))))
-    if not picks:
-        raise ValueError(f"source weight {weight} keeps no pair of {len(ds)}")
-    return ds.select(picks)

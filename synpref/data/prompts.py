@@ -112,7 +112,13 @@ class PromptDataModule(TokenizedDataModule):
         trust_remote_code: bool = False,
     ):
         super().__init__(
-            tokenizer_name_or_path, batch_size, None, 0.0, group_by_length, num_workers, 0, trust_remote_code
+            tokenizer_name_or_path,
+            batch_size,
+            group_by_length=group_by_length,
+            num_workers=num_workers,
+            trust_remote_code=trust_remote_code,
+            on_bad_row=on_bad_row,
+            num_proc=num_proc,
         )
         if max_prompts is not None and max_prompts < 1:
             raise ConfigError("data.init_args.max_prompts", f"must be ≥ 1 or null (all), got {max_prompts}")
@@ -122,7 +128,7 @@ class PromptDataModule(TokenizedDataModule):
         self.save_hyperparameters(logger=False)  # MLflow params: the module's run_params()
         self.path, self.split, self.config_name, self.max_prompts = path, split, config_name, max_prompts
         self.exclude, self.exclude_split = list(exclude or []), exclude_split
-        self.max_prompt_length, self.on_bad_row, self.num_proc = max_prompt_length, on_bad_row, num_proc
+        self.max_prompt_length = max_prompt_length
         self.prompts = None
         self.excluded_keys: set[str] = set()
 

@@ -9,7 +9,7 @@ import datasets
 from synpref.core.chat import IGNORE_INDEX, chat_messages, conversation_field, encode_conversation
 from synpref.data.base import TokenizedDataModule
 from synpref.data.collate import collate_sft
-from synpref.data.io import Dropped, OnBadRow, is_local, load_rows, map_rows, source_name
+from synpref.data.io import Dropped, is_local, load_rows, map_rows, source_name
 
 
 class SmolTalkDataModule(TokenizedDataModule):
@@ -31,28 +31,13 @@ class SmolTalkDataModule(TokenizedDataModule):
         val_fraction: float = 0.0,
         max_length: int = 2048,
         max_rows: Optional[int] = None,
-        on_bad_row: OnBadRow = "error",
-        batch_size: int = 8,
-        eval_batch_size: Optional[int] = None,
-        group_by_length: bool = True,
-        num_workers: int = 0,
-        num_proc: Optional[int] = None,
-        seed: int = 0,
-        trust_remote_code: bool = False,
+        **loader,
     ):
-        super().__init__(
-            tokenizer_name_or_path,
-            batch_size,
-            eval_batch_size,
-            val_fraction,
-            group_by_length,
-            num_workers,
-            seed,
-            trust_remote_code,
-        )
+        """`loader`: TokenizedDataModule's settings (batch_size, on_bad_row, seed, ...)."""
+        super().__init__(tokenizer_name_or_path, val_fraction=val_fraction, **loader)
         self.save_hyperparameters(logger=False)  # MLflow params: the module's run_params()
         self.path, self.config_name, self.split, self.val_split = path, config_name, split, val_split
-        self.max_length, self.max_rows, self.on_bad_row, self.num_proc = max_length, max_rows, on_bad_row, num_proc
+        self.max_length, self.max_rows = max_length, max_rows
 
     def _encode(self, row: dict) -> dict:
         field = conversation_field(row)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import datasets
@@ -13,8 +13,8 @@ from synpref.core.batching import pad
 from synpref.core.chat import IGNORE_INDEX, encode_prompt_response
 from synpref.core.errors import ConfigError, FieldError
 from synpref.data.base import TokenizedDataModule
-from synpref.data.io import Dropped, OnBadRow, load_rows, map_rows, require, source_name
-from synpref.data.preferences import _as_messages, _weighted, to_pair
+from synpref.data.io import Dropped, require
+from synpref.data.preferences import _as_messages, to_pair
 
 UnpairedFormat = Literal["samples", "kto", "ultrafeedback_binarized", "openbmb", "synpref", "trl"]
 COLUMNS = ["prompt_ids", "completion_ids", "label", "length"]
@@ -67,43 +67,24 @@ class UnpairedDataModule(TokenizedDataModule):
     must be ≥ 2. Drops are counted in `drop_counts` as for preference pairs.
     """
 
+    numbered = True
+
     def __init__(
         self,
         tokenizer_name_or_path: str,
         sources: list[UnpairedSource],
         val_sources: Optional[list[UnpairedSource]] = None,
-        val_fraction: float = 0.0,
         max_length: int = 1024,
         drop_ties: bool = True,
-        on_bad_row: OnBadRow = "error",
-        batch_size: int = 8,
-        eval_batch_size: Optional[int] = None,
-        group_by_length: bool = True,
-        num_workers: int = 0,
-        num_proc: Optional[int] = None,
-        seed: int = 0,
-        trust_remote_code: bool = False,
+        **loader,
     ):
-        super().__init__(
-            tokenizer_name_or_path,
-            batch_size,
-            eval_batch_size,
-            val_fraction,
-            group_by_length,
-            num_workers,
-            seed,
-            trust_remote_code,
-        )
-        if batch_size < 2:  # the KL estimate of a one-example batch is its own reward
-            raise ConfigError("data.init_args.batch_size", f"must be ≥ 2 for KTO's KL estimate, got {batch_size}")
-        if not sources:
-            raise ValueError("UnpairedDataModule needs at least one source")
-        self.sources = [s if isinstance(s, UnpairedSource) else UnpairedSource(**s) for s in sources]
-        self.val_sources = [s if isinstance(s, UnpairedSource) else UnpairedSource(**s) for s in val_sources or []]
-        sources = [asdict(s) for s in self.sources]
-        val_sources = [asdict(s) for s in self.val_sources]
+        """`loader`: TokenizedDataModule's settings (batch_size ≥ 2, val_fraction, on_bad_row, seed, ...)."""
+        super().__init__(tokenizer_name_or_path, **loader)
+        if self.batch_size < 2:  # the KL estimate of a one-example batch is its own reward
+            raise ConfigError("data.init_args.batch_size", f"must be ≥ 2 for KTO's KL estimate, got {self.batch_size}")
         self.save_hyperparameters(logger=False)
-        self.max_length, self.drop_ties, self.on_bad_row, self.num_proc = max_length, drop_ties, on_bad_row, num_proc
+        self.keep_sources(UnpairedSource, sources, val_sources)
+        self.max_length, self.drop_ties = max_length, drop_ties
 
     # -- one row -------------------------------------------------------------------------------
     def examples(self, row: dict, src: UnpairedSource) -> list[tuple[list[dict], str, bool]]:
@@ -146,29 +127,9 @@ class UnpairedDataModule(TokenizedDataModule):
         sources = self.sources if split == "train" else self.val_sources
         if not sources:
             return None
-        parts = []
-        for k, src in enumerate(sources):
-            rows = load_rows(src.path, src.split, src.config_name, src.max_rows)
-            name = source_name(src.path, src.split, src.config_name)
-            ds, counts = map_rows(
-                rows, lambda r, s=src: self.encode(r, s), name, COLUMNS, self.on_bad_row, "examples", self.num_proc
-            )
-            # A row holds a list of examples per column: one example per output row.
-            ds = ds.map(lambda b: {c: sum(b[c], []) for c in COLUMNS}, batched=True, desc="unpairing")
-            for reason, n in counts.items():
-                key = f"{split}/{reason}" if len(sources) == 1 else f"{split}/source{k}/{reason}"
-                self.drop_counts[key] = self.drop_counts.get(key, 0) + n
-            parts.append(_weighted(ds, src.weight, self.seed + k))
-        return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-
-    def setup(self, stage: str) -> None:
-        if self.train_set is not None:
-            return
-        super().setup(stage)
-        n = len(self.train_set)
-        self.train_set = self.train_set.add_column("index", list(range(n)))
-        if self.val_set is not None:
-            self.val_set = self.val_set.add_column("index", list(range(n, n + len(self.val_set))))
+        # A row holds a list of examples per column: one example per output row.
+        flat = lambda ds: ds.map(lambda b: {c: sum(b[c], []) for c in COLUMNS}, batched=True, desc="unpairing")  # noqa: E731
+        return self.mix(sources, split, self.encode, COLUMNS, "examples", reshape=flat)
 
     def collate(self, rows: list[dict]) -> dict:
         """The examples, and under `kl_` the mismatched sequences: prompt i + completion i−1 (cut to max_length)."""

@@ -228,6 +228,10 @@ def expand(study: Study, shared: list[Stage]) -> tuple[list[Stage], dict[str, Ar
             info.setdefault(stage.name, arm_stage)
         return stage.name
 
+    def predict(name: str, config: list[str], args: list[str], needs: list[str], output: str, run_name: str) -> Stage:
+        """A `synpref predict` stage over the held-out prompts (sampling or evaluation)."""
+        return Stage(name, "predict", list(config), args, needs, list(study.held_out), [output], run_name)
+
     root, m = study.root.rstrip("/"), study.prompts_per_round
     for arm in arms(study):
         kto = arm["loss"] == "kto"
@@ -245,11 +249,10 @@ def expand(study: Study, shared: list[Stage]) -> tuple[list[Stage], dict[str, Ar
                 if r >= 2:
                     out = f"{root}/samples/{label(arm, 'sample', r)}"
                     samples_stage = add(
-                        Stage(
-                            name=f"sample-{label(arm, 'sample', r)}",
-                            command="predict",
-                            config=list(study.sample_config),
-                            args=list(study.sample_args)
+                        predict(
+                            f"sample-{label(arm, 'sample', r)}",
+                            study.sample_config,
+                            list(study.sample_args)
                             + [
                                 f"--model.init_args.policy.name_or_path={policy_dir}",
                                 f"--model.init_args.output_dir={out}",
@@ -257,10 +260,9 @@ def expand(study: Study, shared: list[Stage]) -> tuple[list[Stage], dict[str, Ar
                                 f"--data.init_args.max_prompts={m}",
                             ]
                             + ([f"--model.init_args.num_samples={arm['k']}"] if arm["k"] else []),
-                            needs=[policy_stage],
-                            inputs=list(study.held_out),
-                            outputs=[f"{out}/samples.jsonl"],
-                            run_name=f"{label(arm, 'sample', r)}·sample",
+                            [policy_stage],
+                            f"{out}/samples.jsonl",
+                            f"{label(arm, 'sample', r)}·sample",
                         )
                     )
                     samples, first, num = f"{out}/samples.jsonl", 0, None
@@ -327,20 +329,18 @@ def expand(study: Study, shared: list[Stage]) -> tuple[list[Stage], dict[str, Ar
             )
             out = f"{root}/eval/{name}"
             add(
-                Stage(
-                    name=f"eval-{name}",
-                    command="predict",
-                    config=list(study.eval_config),
-                    args=list(study.eval_args)
+                predict(
+                    f"eval-{name}",
+                    study.eval_config,
+                    list(study.eval_args)
                     + [
                         f"--model.init_args.policy.name_or_path={export}",
                         f"--model.init_args.baseline.name_or_path={sft_dir}",
                         f"--model.init_args.output_dir={out}",
                     ],
-                    needs=[study.sft, dpo],
-                    inputs=list(study.held_out),
-                    outputs=[f"{out}/eval.jsonl"],
-                    run_name=f"{name}·eval",
+                    [study.sft, dpo],
+                    f"{out}/eval.jsonl",
+                    f"{name}·eval",
                 ),
                 ArmStage(name, "eval", values, r, stats),
             )

@@ -9,7 +9,7 @@ from collections import Counter
 from typing import Optional, Sequence
 
 from synpref.core.metrics import LOSS, TIE, WIN
-from synpref.http import MalformedReply, auth_headers, map_concurrent, post_json
+from synpref.http import Endpoint, HttpSettings, MalformedReply
 from synpref.rewards.base import check_lengths, prompt_text
 
 log = logging.getLogger(__name__)
@@ -61,52 +61,38 @@ class PairwiseLLMJudge(PairwiseJudge):
 
     Args:
         model: the judge model's served name.
-        base_url: the OpenAI-compatible API root (`{base_url}/chat/completions`).
-        api_key_env: NAME of the environment variable holding the key (None: no key).
+        http: the server (`{base_url}/chat/completions`, api_key_env), requests in flight, timeout,
+            deadline and retries (synpref.http.HttpSettings).
         system_prompt / template: the instructions and the user message; the template has
             `{question}`, `{answer_a}` and `{answer_b}`.
         temperature / max_tokens: decoding of the verdict (0: greedy).
-        timeout, deadline, max_concurrency, max_retries, backoff, max_backoff: as EndpointReward.
     """
 
     def __init__(
         self,
         model: str,
-        base_url: str = "https://api.openai.com/v1",
-        api_key_env: Optional[str] = "OPENAI_API_KEY",
+        http: HttpSettings = HttpSettings(
+            base_url="https://api.openai.com/v1", api_key_env="OPENAI_API_KEY", deadline=600.0
+        ),
         system_prompt: str = SYSTEM_PROMPT,
         template: str = TEMPLATE,
         temperature: float = 0.0,
         max_tokens: int = 512,
-        timeout: float = 60.0,
-        deadline: Optional[float] = 600.0,
-        max_concurrency: int = 8,
-        max_retries: int = 6,
-        backoff: float = 1.0,
-        max_backoff: float = 60.0,
     ):
-        self.model, self.url, self.api_key_env = model, base_url.rstrip("/") + "/chat/completions", api_key_env
+        self.model, self.endpoint = model, Endpoint(http)
+        self.url = self.endpoint.url("chat/completions")
         self.system_prompt, self.template, self.temperature, self.max_tokens = (
             system_prompt,
             template,
             temperature,
             max_tokens,
         )
-        self.http = {
-            "api_key_env": api_key_env,
-            "timeout": timeout,
-            "deadline": deadline,
-            "max_retries": max_retries,
-            "backoff": backoff,
-            "max_backoff": max_backoff,
-        }
-        self.max_concurrency = max_concurrency
-        self.name = f"pairwise:{model}@{base_url}"
+        self.name = f"pairwise:{model}@{http.base_url}"
         #: Retried failures by kind ("timeout", "HTTP 429", ...), over this judge's life.
         self.retries: Counter = Counter()
 
     def __repr__(self) -> str:
-        return f"PairwiseLLMJudge(model={self.model!r}, url={self.url!r}, api_key_env={self.api_key_env!r})"
+        return f"PairwiseLLMJudge(model={self.model!r}, url={self.url!r}, api_key_env={self.endpoint.settings.api_key_env!r})"
 
     def _ask(self, job: tuple[str, str, str]) -> tuple[Optional[str], str]:
         """(verdict letter or None, the reply's content or what came instead) for (question, A, B)."""
@@ -119,7 +105,7 @@ class PairwiseLLMJudge(PairwiseJudge):
             "messages": [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": user}],
         }
         try:
-            reply = post_json(self.url, payload, retries=self.retries, **self.http)
+            reply = self.endpoint.post("chat/completions", payload, self.retries)
         except MalformedReply as e:
             return None, str(e)
         try:
@@ -131,12 +117,12 @@ class PairwiseLLMJudge(PairwiseJudge):
     def judge(self, prompts: Sequence[Sequence[dict]], policy: Sequence[str], baseline: Sequence[str]) -> list[dict]:
         check_lengths(prompts, policy)
         check_lengths(prompts, baseline)
-        auth_headers(self.api_key_env, self.url)  # a missing key fails before any request
+        self.endpoint.check_key()  # a missing key fails before any request
         questions = [prompt_text(p) for p in prompts]
         jobs = [(q, p, b) for q, p, b in zip(questions, policy, baseline)] + [
             (q, b, p) for q, p, b in zip(questions, policy, baseline)
         ]
-        replies = map_concurrent(self._ask, jobs, self.max_concurrency)
+        replies = self.endpoint.map(self._ask, jobs)
         n = len(questions)
         out = [both_orders(replies[i], replies[n + i]) for i in range(n)]
         bad = [i for i, r in enumerate(out) if r["outcome"] is None]
