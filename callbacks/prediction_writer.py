@@ -16,6 +16,22 @@ from synpref.core.pairs import pair_row
 log = logging.getLogger(__name__)
 
 
+def sample_rows(rec: dict) -> list[dict]:
+    """samples.jsonl's rows for one prompt's record: one row per scored sample, in sampling order."""
+    common = {"index": rec["index"], "prompt_id": rec["prompt_id"]}
+    return [
+        {
+            **common,
+            "sample": j,
+            "prompt": rec["prompt"],
+            "response": x["text"],
+            "score": x["score"],
+            "num_tokens": x["num_tokens"],
+        }
+        for j, x in enumerate(rec["samples"])
+    ]
+
+
 class SampleWriter(L.Callback):
     """Writes `SamplingModule` records batch by batch and builds `samples.jsonl` and `pairs.jsonl`.
 
@@ -99,16 +115,7 @@ class SampleWriter(L.Callback):
                         f"prompt {rec['prompt_id']} (index {index}) is in an exclude file but was sampled"
                     )
                 texts = [x["text"] for x in rec["samples"]]
-                for j, x in enumerate(rec["samples"]):
-                    row = {
-                        "index": index,
-                        "prompt_id": rec["prompt_id"],
-                        "sample": j,
-                        "prompt": rec["prompt"],
-                        "response": x["text"],
-                        "score": x["score"],
-                        "num_tokens": x["num_tokens"],
-                    }
+                for row in sample_rows(rec):
                     samples.write(json.dumps(row, ensure_ascii=False) + "\n")
                 pair = stats.add(texts, [x["score"] for x in rec["samples"]], [x["num_tokens"] for x in rec["samples"]])
                 if pair is not None:

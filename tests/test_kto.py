@@ -8,13 +8,43 @@ import lightning as L
 import pytest
 import torch
 
-from synpref.core.errors import ConfigError
+from synpref.callbacks.prediction_writer import sample_rows
+from synpref.core.errors import ConfigError, DataError
 from synpref.core.losses import kto_loss
 from synpref.core.models import load_causal_lm
 from synpref.core.specs import ModelSpec
 from synpref.data.unpaired import UnpairedDataModule, UnpairedSource, sample_labels
 from synpref.modules.kto import KTOModule
 from tests.test_dpo import exact_log_probs
+
+
+def write_samples(path, records: list[dict]):
+    """samples.jsonl as `synpref predict` writes it (SampleWriter's rows: one per sample) from per-prompt records."""
+    rows = [
+        row
+        for i, rec in enumerate(records)
+        for row in sample_rows(
+            {
+                "index": i,
+                "prompt_id": rec.get("prompt_id", str(i)),
+                "prompt": rec["prompt"],
+                "samples": [{"num_tokens": 1, **x} for x in rec["samples"]],
+            }
+        )
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_samples_in_the_old_grouped_shape_are_a_named_error(tmp_path, tiny_model):
+    path = tmp_path / "samples.jsonl"
+    path.write_text(
+        json.dumps({"prompt": [{"role": "user", "content": "Hi"}], "samples": [{"text": "a", "score": 1}]}) + "\n"
+    )
+    dm = UnpairedDataModule(tiny_model, [UnpairedSource(str(path))], batch_size=2)
+    with pytest.raises(DataError) as e:
+        dm.setup("fit")
+    assert (e.value.source, e.value.field) == (str(path), "index")
 
 
 def test_label_rules():
@@ -25,12 +55,11 @@ def test_label_rules():
 
 def test_samples_and_pairs_become_unpaired_examples(tmp_path, tiny_model, sample_dir):
     prompt = [{"role": "user", "content": "Name a colour."}]
-    rows = [
+    records = [
         {"prompt": prompt, "samples": [{"text": t, "score": s} for t, s in (("Blue.", 3.0), ("Cheese.", 1.0))]},
         {"prompt": prompt, "samples": [{"text": t, "score": 2.0} for t in ("Red.", "Green.")]},  # all at the median
     ]
-    samples = tmp_path / "samples.jsonl"
-    samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples = write_samples(tmp_path / "samples.jsonl", records)
     dm = UnpairedDataModule(tiny_model, [UnpairedSource(str(samples))], batch_size=2)
     dm.setup("fit")
     tok = dm.tokenizer
@@ -177,18 +206,17 @@ def test_tiny_kto_config_runs_and_exports(in_tmp, tiny_model, sample_dir):
     samples.parent.mkdir(parents=True)
     records = [
         {
-            "index": i,
             "prompt_id": r["prompt_id"],
             "prompt": r["chosen"][:-1],
             "samples": [
-                {"text": r["chosen"][-1]["content"], "score": r["score_chosen"], "num_tokens": 1},
-                {"text": r["rejected"][-1]["content"], "score": r["score_rejected"], "num_tokens": 1},
-                {"text": "I do not know.", "score": 0.0, "num_tokens": 1},
+                {"text": r["chosen"][-1]["content"], "score": r["score_chosen"]},
+                {"text": r["rejected"][-1]["content"], "score": r["score_rejected"]},
+                {"text": "I do not know.", "score": 0.0},
             ],
         }
-        for i, r in enumerate(rows)
+        for r in rows
     ]
-    samples.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_samples(samples, records)
     args = ["fit", "--config", "configs/tiny/dpo.yaml", "--config", "configs/tiny/kto.yaml", "--trainer.max_steps=3"]
     main([*args, "--trainer.enable_progress_bar=false", "--data.init_args.max_length=128"])
     assert (in_tmp / "artifacts" / "tiny" / "kto_synthetic" / "config.json").exists()

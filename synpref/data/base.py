@@ -149,6 +149,10 @@ class TokenizedDataModule(L.LightningDataModule):
         self.hparams["sources"] = [asdict(s) for s in self.sources]
         self.hparams["val_sources"] = [asdict(s) for s in self.val_sources]
 
+    def rows_of(self, src) -> datasets.Dataset:
+        """A source's raw rows, as `encode` takes them."""
+        return load_rows(src.path, src.split, src.config_name, src.max_rows)
+
     def mix(
         self,
         sources: list,
@@ -162,7 +166,7 @@ class TokenizedDataModule(L.LightningDataModule):
         under `split` (and `source<k>` when there are several), weighted, all concatenated."""
         parts = []
         for k, src in enumerate(sources):
-            rows = load_rows(src.path, src.split, src.config_name, src.max_rows)
+            rows = self.rows_of(src)
             name = source_name(src.path, src.split, src.config_name)
             ds, counts = map_rows(
                 rows, lambda r, s=src: encode(r, s), name, columns, self.on_bad_row, what, self.num_proc

@@ -11,7 +11,7 @@ import torch
 
 from synpref.core.batching import pad
 from synpref.core.chat import IGNORE_INDEX, encode_prompt_response
-from synpref.core.errors import ConfigError, FieldError
+from synpref.core.errors import ConfigError, DataError, FieldError
 from synpref.data.base import TokenizedDataModule
 from synpref.data.io import Dropped, require
 from synpref.data.preferences import _as_messages, to_pair
@@ -26,8 +26,8 @@ class UnpairedSource:
 
     Args:
         path: hub dataset id or local jsonl/parquet file or folder.
-        format: `samples`: `synpref predict`'s samples.jsonl, every scored sample an example labelled
-            by `label_rule`; `kto`: TRL's unpaired rows (`prompt`, `completion`, boolean `label`);
+        format: `samples`: `synpref predict`'s samples.jsonl (one row per sample: index, prompt,
+            response, score), every scored sample an example labelled by `label_rule`; `kto`: TRL's unpaired rows (`prompt`, `completion`, boolean `label`);
             a preference format (`ultrafeedback_binarized`, `openbmb`, `synpref`, `trl`, as
             PreferenceSource reads them): each pair gives its chosen reply as desirable and its
             rejected reply as undesirable (a tie is dropped and counted).
@@ -123,6 +123,26 @@ class UnpairedDataModule(TokenizedDataModule):
         return out
 
     # -- data sets -----------------------------------------------------------------------------
+    def rows_of(self, src: UnpairedSource) -> datasets.Dataset:
+        """A `samples` source (samples.jsonl: one row per sample) as one row per prompt, its samples in
+        a list: the median rule labels each sample against the others of its prompt. Row numbers in
+        errors and drop counts are then prompts, in the file's order."""
+        rows = super().rows_of(src)
+        if src.format != "samples":
+            return rows
+        need = ["index", "prompt", "response", "score"]
+        missing = [c for c in need if c not in rows.column_names]
+        if missing:
+            problem = (
+                f"missing: format `samples` reads {', '.join(need)} (samples.jsonl as `synpref predict` writes it)"
+            )
+            raise DataError(src.path, 0, missing[0], problem)
+        prompts: dict[int, dict] = {}
+        for row in rows.select_columns(need):
+            entry = prompts.setdefault(row["index"], {"prompt": row["prompt"], "samples": []})
+            entry["samples"].append({"text": row["response"], "score": row["score"]})
+        return datasets.Dataset.from_list(list(prompts.values()))
+
     def prepare(self, split: str) -> Optional[datasets.Dataset]:
         sources = self.sources if split == "train" else self.val_sources
         if not sources:
