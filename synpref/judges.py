@@ -194,16 +194,21 @@ def metric_name(prefix: str, key: str) -> str:
 # -- provenance: which scorer labelled a policy's training pairs ---------------------------------
 def labellers(sources: Sequence) -> list[str]:
     """Names of the scorers that labelled preference `sources` (objects with a .path): a sampling
-    run's pairs.jsonl sits next to its run.json, which records the reward's name."""
+    run's pairs.jsonl or samples.jsonl sits next to its run.json, which records the reward's name;
+    `synpref pairs` copies it into the stats.json beside the pairs it builds (`labelled_by`)."""
     from synpref.core.resources import resolve
 
     names = []
     for src in sources:
-        run = Path(resolve(str(src.path))).parent / "run.json"
+        folder = Path(resolve(str(src.path))).parent
+        run, stats = folder / "run.json", folder / "stats.json"
         if run.is_file():
-            name = json.loads(run.read_text()).get("module", {}).get("reward")
-            if name and name not in names:
-                names.append(name)
+            found = [json.loads(run.read_text()).get("module", {}).get("reward")]
+        elif stats.is_file():
+            found = json.loads(stats.read_text()).get("labelled_by", [])
+        else:
+            found = []
+        names += [name for name in found if name and name not in names]
     return names
 
 

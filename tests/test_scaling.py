@@ -323,3 +323,19 @@ def test_bad_loss_arm_is_named():
     study.sweeps = [{"loss": ["kto"], "rounds": [2]}]
     with pytest.raises(ConfigError, match="1 for loss kto"):
         arms(study)
+
+
+def test_pairs_stage_keeps_who_scored_the_samples(tmp_path):
+    """A DPO run on `synpref pairs` output is self-judged by the sampler's reward, as one on the sampler's
+    own pairs.jsonl is: stats.json carries the sampling run's reward name (`labelled_by`)."""
+    from synpref.judges import labellers
+
+    for folder in ("run", "bare"):
+        (tmp_path / folder).mkdir()
+    samples = _samples(tmp_path / "run" / "samples.jsonl", [[0.1, 0.9] for _ in range(3)])
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"module": {"reward": "synpref.rewards.RuleReward"}}))
+    build_pairs(samples, str(tmp_path / "pairs"))
+    pairs = type("Source", (), {"path": str(tmp_path / "pairs" / "pairs.jsonl")})
+    assert labellers([pairs]) == ["synpref.rewards.RuleReward"]
+    build_pairs(_samples(tmp_path / "bare" / "samples.jsonl", [[0.1, 0.9]]), str(tmp_path / "bare_pairs"))
+    assert labellers([type("Source", (), {"path": str(tmp_path / "bare_pairs" / "pairs.jsonl")})]) == []

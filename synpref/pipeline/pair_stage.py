@@ -8,6 +8,7 @@ import logging
 import random
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 from synpref.core.errors import ConfigError, DataError
@@ -25,6 +26,7 @@ from synpref.core.pairs import (
 from synpref.core.resources import resolve
 from synpref.core.tracking import RunTracking, tracking_uri
 from synpref.data.prompts import prompt_keys, text_key
+from synpref.judges import labellers
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +175,8 @@ def build_pairs(
         "k": k or most,
         "rule": rule,
         "threshold": threshold,
+        # Who scored the samples: a DPO run on these pairs marks that judge self-judged (synpref.judges).
+        "labelled_by": labellers([SimpleNamespace(path=samples)]),
     }
     with atomic_file(out / "stats.json") as f:
         f.write(json.dumps(stats, indent=1) + "\n")
