@@ -215,6 +215,7 @@ def served(a, model_dir: str, tok, dm, decoding: dict, in_process: float, tmp: P
     import socket
 
     from synpref.generators import OpenAIGenerator
+    from synpref.http import HttpSettings
     from synpref.pipeline.services import Service, running
 
     with socket.socket() as s:
@@ -230,7 +231,8 @@ def served(a, model_dir: str, tok, dm, decoding: dict, in_process: float, tmp: P
     )
     prompts = list(dm.prompts["prompt"])
     with running(svc, tmp / "serve.log"):
-        gen = OpenAIGenerator(f"http://127.0.0.1:{port}/v1", server="transformers", max_concurrency=a.concurrency)
+        http = HttpSettings(base_url=f"http://127.0.0.1:{port}/v1", max_concurrency=a.concurrency)
+        gen = OpenAIGenerator(http, server="transformers")
         # One request first: it loads the model (two at once crashed transformers 5.24's CB worker here).
         gen.generate(model_dir, tok, prompts[:1], [0], Decoding(**decoding), num_return_sequences=1)
         gen.stats.clear()  # the first request loads the model: not timed

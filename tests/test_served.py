@@ -86,7 +86,7 @@ def test_served_replies_stop_at_either_end_token(server, stop, tmp_path):
     tok = load_tokenizer(path)
     prompts = [[{"role": "user", "content": "Name a colour."}]] * 2
     for api, kind in itertools.product(("chat", "completions"), ("transformers", "openai")):
-        gen = OpenAIGenerator(base_url=server[0], server=kind, api=api, max_concurrency=1)
+        gen = OpenAIGenerator(HttpSettings(base_url=server[0], max_concurrency=1), server=kind, api=api)
         texts, counts = gen.generate(
             path, tok, prompts, [0, 1], Decoding(max_new_tokens=6, do_sample=False), num_return_sequences=1
         )
