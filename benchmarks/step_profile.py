@@ -63,20 +63,25 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=256)
     p.add_argument("--precompute", action="store_true", help="DPO without a live reference")
     p.add_argument("--top", type=int, default=20)
+    p.add_argument("--lora", type=int, default=0, help="LoRA rank on every linear layer of the blocks (0: full)")
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     a = p.parse_args()
 
     import torch
 
-    from synpref.core.specs import ModelSpec
+    from synpref.core.specs import LoRA, ModelSpec
     from synpref.modules import DPOModule, SFTModule
 
     peaks = PhasePeaks()
     base = rss()
     model = preset_model(a.preset)
-    module = (SFTModule if a.stage == "sft" else DPOModule)(ModelSpec(model), logits_chunk_size=a.chunk)
+    lora = LoRA(r=a.lora, alpha=2.0 * a.lora) if a.lora else None
+    module = (SFTModule if a.stage == "sft" else DPOModule)(
+        ModelSpec(model), logits_chunk_size=a.chunk, lora=lora, gradient_checkpointing=a.checkpointing
+    )
     module.configure_model()
     loaded = rss()
-    opt = torch.optim.AdamW(module.model.parameters(), lr=1e-5)
+    opt = torch.optim.AdamW([p for p in module.model.parameters() if p.requires_grad], lr=1e-5)
     batch = random_batch(a.stage, a.batch_size, a.max_length, module.model.config.vocab_size, prompt_fraction=0.25)
     live = a.stage == "dpo" and not a.precompute
     if a.stage == "dpo" and a.precompute:
@@ -111,7 +116,7 @@ def main() -> None:
     gb = 1e9
     print(
         f"{a.stage} {a.preset} {a.dtype} batch {a.batch_size} x {a.max_length} chunk {a.chunk} "
-        f"{'live' if live else ''} threads {torch.get_num_threads()}"
+        f"{'live' if live else ''} lora {a.lora} checkpointing {a.checkpointing} threads {torch.get_num_threads()}"
     )
     print(f"RSS: imports {base / gb:.2f} GB, after model load {loaded / gb:.2f} GB")
     print("peak RSS per phase (GB), profiled step: " + ", ".join(f"{k} {v / gb:.2f}" for k, v in peaks.peaks.items()))

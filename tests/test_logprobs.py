@@ -63,6 +63,52 @@ def test_chunked_matches_full_under_bf16_autocast():
         torch.testing.assert_close(chunked[key], value, rtol=2e-2, atol=2e-2, msg=key)
 
 
+def hidden_grads(fn, hidden, head, targets, weights):
+    """Values and the hidden states' gradient, with the head frozen (as under LoRA)."""
+    h = hidden.clone().requires_grad_(True)
+    values = fn(h, head, targets)
+    (values * weights).sum().backward()
+    return {"values": values.detach(), "hidden": h.grad}
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_frozen_head_gives_the_hidden_gradient_of_the_full_logits(bias, autocast):
+    hidden, head, targets, weights = inputs(bias)
+    head.requires_grad_(False)
+    # fp32: against the full logits in fp64, since fp32's own full logits are off by ~1e-5 at this
+    # vocabulary (the fused gradient is nearer the fp64 values than they are); bf16: against the
+    # unchunked head (the full logits through autograd) under the same autocast.
+    reference = head if autocast else torch.nn.Linear(D, QWEN_VOCAB, bias=bias, dtype=torch.float64)
+    if not autocast:
+        reference.load_state_dict({k: v.double() for k, v in head.state_dict().items()})
+        reference.requires_grad_(False)
+    dtype = torch.float32 if autocast else torch.float64
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        full = lambda h, m, t: head_token_logps(h, m, t, None)  # noqa: E731
+        ref = hidden_grads(full, hidden.to(dtype), reference, targets, weights.to(dtype))
+        chunked = hidden_grads(lambda h, m, t: head_token_logps(h, m, t, CHUNK), hidden, head, targets, weights)
+    assert chunked["hidden"].dtype == torch.float32
+    tol = 2e-2 if autocast else 1e-5  # bf16 matmuls: an 8-bit mantissa
+    for key, value in ref.items():
+        torch.testing.assert_close(chunked[key].to(dtype), value, rtol=tol, atol=tol, msg=key)
+
+
+def test_a_frozen_heads_backward_never_touches_the_vocabulary():
+    """Its forward already formed each row's gradient: the backward only scales it."""
+    hidden, head, targets, weights = inputs(False)
+    head.requires_grad_(False)
+    h = hidden.clone().requires_grad_(True)
+    values = head_token_logps(h, head, targets, CHUNK)
+    assert largest_logits(lambda: (values * weights).sum().backward()) == 0
+    assert h.grad is not None
+    # ... where a trained head's backward recomputes the logits, a chunk at a time.
+    head.requires_grad_(True)
+    h = hidden.clone().requires_grad_(True)
+    values = head_token_logps(h, head, targets, CHUNK)
+    assert largest_logits(lambda: (values * weights).sum().backward()) == CHUNK * QWEN_VOCAB
+
+
 class LargestVocabTensor(TorchDispatchMode):
     """Records the largest tensor with a vocabulary-sized last dimension that any op allocates."""
 

@@ -78,7 +78,8 @@ def test_lora_dpo_matches_trl_with_peft_over_three_steps(sample_dir, tiny_model,
     items = [dm.train_set[i] for i in range(len(dm.train_set))]
     L.seed_everything(0)
     policy = ModelSpec(tiny_model, dtype="float64")
-    module = DPOModule(policy, lora=ADAPTER, lr=1e-2, warmup_steps=0, scheduler="constant", logits_chunk_size=None)
+    # Chunks of 8 positions: the frozen head's fused gradient (synpref.core.logprobs), over many chunks.
+    module = DPOModule(policy, lora=ADAPTER, lr=1e-2, warmup_steps=0, scheduler="constant", logits_chunk_size=8)
     module.configure_model()
     with torch.no_grad():  # a non-zero start, so the first step's log-ratios are not all 0
         for name, p in module.model.named_parameters():

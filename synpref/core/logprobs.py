@@ -52,17 +52,31 @@ class ChunkedTokenLogps(torch.autograd.Function):
     Only (chunk, vocab) logits exist at any time, in forward and in backward. The gradient is exact:
     d logp / d logits = onehot(target) - softmax, times the incoming gradient of each row.
     `compute_dtype` is the matmul dtype (the autocast dtype under autocast, else the weight's).
+
+    `frozen_head` (only the hidden states need a gradient, as under LoRA): each row's log-prob is a
+    scalar, so its whole gradient is one vector, d logp / d h = (onehot(target) - softmax) W. The
+    forward computes it from the logits it already holds and keeps it instead of `hidden`; the
+    backward only scales it by the incoming gradient, with no second pass over the vocabulary (one
+    of the head's three vocabulary-sized matmuls, and its softmax, saved).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk: int, compute_dtype: torch.dtype):
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, compute_dtype: torch.dtype, frozen_head: bool):
         with torch.autocast(hidden.device.type, enabled=False):  # the casts below are explicit
+            if frozen_head:
+                return ChunkedTokenLogps._forward_with_gradient(
+                    ctx, hidden, weight, bias, targets, chunk, compute_dtype
+                )
             return ChunkedTokenLogps._forward(ctx, hidden, weight, bias, targets, chunk, compute_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.frozen_head:
+            (d_logp_d_hidden,) = ctx.saved_tensors
+            grad_h = _upcast(d_logp_d_hidden) * grad_out[:, None].to(_upcast(d_logp_d_hidden[:0]).dtype)
+            return grad_h.to(ctx.hidden_dtype), None, None, None, None, None, None
         with torch.autocast(grad_out.device.type, enabled=False):
-            return ChunkedTokenLogps._backward(ctx, grad_out)
+            return ChunkedTokenLogps._backward(ctx, grad_out) + (None,)
 
     @staticmethod
     def _forward(ctx, hidden, weight, bias, targets, chunk, compute_dtype):
@@ -73,7 +87,29 @@ class ChunkedTokenLogps(torch.autograd.Function):
             logits = _upcast(F.linear(hidden[s : s + chunk].to(compute_dtype), w, b))
             out[s : s + chunk] = torch.log_softmax(logits, -1).gather(1, targets[s : s + chunk, None]).squeeze(1)
         ctx.save_for_backward(hidden, weight, bias, targets)
-        ctx.chunk, ctx.compute_dtype = chunk, compute_dtype
+        ctx.chunk, ctx.compute_dtype, ctx.frozen_head = chunk, compute_dtype, False
+        return out
+
+    @staticmethod
+    def _forward_with_gradient(ctx, hidden, weight, bias, targets, chunk, compute_dtype):
+        w = weight.to(compute_dtype)
+        b = None if bias is None else bias.to(compute_dtype)
+        out = torch.empty(hidden.shape[0], dtype=_upcast(hidden[:0]).dtype, device=hidden.device)
+        # In the matmul's dtype, as the two-pass backward's product is: the same rounding, half the bytes
+        # of an fp32 `hidden` under bf16 autocast.
+        d_logp_d_hidden = torch.empty(hidden.shape, dtype=compute_dtype, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk):
+            logits = _upcast(F.linear(hidden[s : s + chunk].to(compute_dtype), w, b))
+            t = targets[s : s + chunk, None]
+            logp = torch.log_softmax(logits, -1)
+            del logits
+            out[s : s + chunk] = logp.gather(1, t).squeeze(1)
+            # softmax - onehot(target), in place in the log-softmax's buffer; negated after the matmul,
+            # on (chunk, hidden) values rather than (chunk, vocab).
+            g = logp.exp_().scatter_add_(1, t, torch.full_like(t, -1, dtype=logp.dtype))
+            d_logp_d_hidden[s : s + chunk] = (g.to(compute_dtype) @ w).neg_()
+        ctx.save_for_backward(d_logp_d_hidden)
+        ctx.frozen_head, ctx.hidden_dtype = True, hidden.dtype
         return out
 
     @staticmethod
@@ -127,7 +163,14 @@ def head_token_logps(
             )
         )
         return -F.cross_entropy(logits, targets, reduction="none")
-    return ChunkedTokenLogps.apply(hidden, head.weight, head.bias, targets, int(chunk_size), compute_dtype)
+    # Only the hidden states train (LoRA, a frozen head): the forward can form their gradient itself.
+    frozen_head = (
+        torch.is_grad_enabled()
+        and hidden.requires_grad
+        and not head.weight.requires_grad
+        and (head.bias is None or not head.bias.requires_grad)
+    )
+    return ChunkedTokenLogps.apply(hidden, head.weight, head.bias, targets, int(chunk_size), compute_dtype, frozen_head)
 
 
 def token_logps(model: torch.nn.Module, batch: dict, chunk_size: Optional[int] = 256):

@@ -199,3 +199,15 @@ def require(row: dict, fields: Iterable[str]) -> None:
     for field in fields:
         if row.get(field) in (None, "", []):
             raise FieldError(field, "missing or empty")
+
+
+def samples_by_prompt(rows: Iterable[dict]) -> dict[int, dict]:
+    """samples.jsonl's rows (one per sample, as `synpref predict` writes them) grouped by prompt index in
+    file order: {index: {"prompt_id", "prompt", "samples": {sample number: (response, score)}}}."""
+    prompts: dict[int, dict] = {}
+    for row in rows:
+        entry = prompts.setdefault(
+            int(row["index"]), {"prompt_id": row.get("prompt_id"), "prompt": row["prompt"], "samples": {}}
+        )
+        entry["samples"][int(row["sample"])] = (row["response"], row["score"])
+    return prompts

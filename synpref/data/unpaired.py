@@ -13,7 +13,7 @@ from synpref.core.batching import pad
 from synpref.core.chat import IGNORE_INDEX, encode_prompt_response
 from synpref.core.errors import ConfigError, DataError, FieldError
 from synpref.data.base import TokenizedDataModule
-from synpref.data.io import Dropped, require
+from synpref.data.io import Dropped, require, samples_by_prompt
 from synpref.data.preferences import _as_messages, to_pair
 
 UnpairedFormat = Literal["samples", "kto", "ultrafeedback_binarized", "openbmb", "synpref", "trl"]
@@ -130,18 +130,23 @@ class UnpairedDataModule(TokenizedDataModule):
         rows = super().rows_of(src)
         if src.format != "samples":
             return rows
-        need = ["index", "prompt", "response", "score"]
+        need = ["index", "sample", "prompt", "response", "score"]
         missing = [c for c in need if c not in rows.column_names]
         if missing:
             problem = (
                 f"missing: format `samples` reads {', '.join(need)} (samples.jsonl as `synpref predict` writes it)"
             )
             raise DataError(src.path, 0, missing[0], problem)
-        prompts: dict[int, dict] = {}
-        for row in rows.select_columns(need):
-            entry = prompts.setdefault(row["index"], {"prompt": row["prompt"], "samples": []})
-            entry["samples"].append({"text": row["response"], "score": row["score"]})
-        return datasets.Dataset.from_list(list(prompts.values()))
+        prompts = samples_by_prompt(rows.select_columns(need))
+        return datasets.Dataset.from_list(
+            [
+                {
+                    "prompt": p["prompt"],
+                    "samples": [{"text": t, "score": s} for _, (t, s) in sorted(p["samples"].items())],
+                }
+                for p in prompts.values()
+            ]
+        )
 
     def prepare(self, split: str) -> Optional[datasets.Dataset]:
         sources = self.sources if split == "train" else self.val_sources

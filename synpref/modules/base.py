@@ -12,6 +12,7 @@ from typing import Iterator, Literal, Optional
 import lightning as L
 import torch
 
+from synpref.core.checkpointing import enable_checkpointing
 from synpref.core.errors import ConfigError
 from synpref.core.models import end_of_turn_ids, load_causal_lm, load_tokenizer
 from synpref.core.optimizers import Optim, build_optimizer
@@ -150,11 +151,7 @@ class CausalLMModule(L.LightningModule):
             self.model = self._peft[0].get_base_model()  # the HF model, its layers carrying adapters
         self.model.train()  # from_pretrained returns eval mode; Lightning toggles from here
         if self.hparams.gradient_checkpointing:
-            # Reentrant checkpointing passes no gradient through blocks whose inputs need none, as
-            # they do behind LoRA's frozen embeddings; the non-reentrant kind has no such limit.
-            kwargs = {} if self.lora is None else {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-            self.model.gradient_checkpointing_enable(**kwargs)
-            self.model.config.use_cache = False
+            enable_checkpointing(self.model)  # attention outputs kept, the rest recomputed
 
     @contextlib.contextmanager
     def adapters_off(self) -> Iterator[torch.nn.Module]:

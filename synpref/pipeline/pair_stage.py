@@ -25,6 +25,7 @@ from synpref.core.pairs import (
 )
 from synpref.core.resources import resolve
 from synpref.core.tracking import RunTracking, tracking_uri
+from synpref.data.io import samples_by_prompt
 from synpref.data.prompts import prompt_keys, text_key
 from synpref.judges import labellers
 
@@ -34,9 +35,8 @@ SAMPLE_FIELDS = ("index", "prompt_id", "sample", "prompt", "response", "score")
 
 
 def read_samples(path: str) -> dict[int, dict]:
-    """samples.jsonl (one row per sample, as `synpref predict` writes it) grouped by prompt index,
-    each prompt's samples ordered by their `sample` position."""
-    prompts: dict[int, dict] = {}
+    """samples.jsonl (one row per sample, as `synpref predict` writes it) grouped by prompt index
+    (`samples_by_prompt`), each row checked first: a bad one is a DataError naming file, row and field."""
     file = resolve(path)
     if not Path(file).is_file():
         raise DataError(
@@ -45,6 +45,14 @@ def read_samples(path: str) -> dict[int, dict]:
             "*",
             "no such file (a sampling run's samples.jsonl: `synpref predict --config configs/sample.yaml`)",
         )
+    prompts = samples_by_prompt(checked_sample_rows(file))
+    if not prompts:
+        raise DataError(file, None, "*", "no samples (an empty file)")
+    return prompts
+
+
+def checked_sample_rows(file: str):
+    """samples.jsonl's rows, each with every field of SAMPLE_FIELDS and a finite score (as a float)."""
     with open(file, encoding="utf-8") as f:
         for row_no, line in enumerate(f):
             if not line.strip():
@@ -58,13 +66,7 @@ def read_samples(path: str) -> dict[int, dict]:
                     raise DataError(file, row_no, field, "missing")
             if not isinstance(row["score"], (int, float)) or row["score"] != row["score"]:
                 raise DataError(file, row_no, "score", f"expected a finite number, got {row['score']!r}")
-            entry = prompts.setdefault(
-                int(row["index"]), {"prompt_id": row["prompt_id"], "prompt": row["prompt"], "samples": {}}
-            )
-            entry["samples"][int(row["sample"])] = (row["response"], float(row["score"]))
-    if not prompts:
-        raise DataError(file, None, "*", "no samples (an empty file)")
-    return prompts
+            yield {**row, "score": float(row["score"])}
 
 
 def build_pairs(

@@ -85,7 +85,8 @@ def peak_bytes(
     activations: per token and layer, the tensors autograd saves in a Qwen2/Llama block (eager SDPA,
     repeated k/v), about 12·hidden + 2·kv + 4·intermediate values, 4 bytes each (2 under bf16 autocast);
     tokens = batch × max_length, doubled for DPO (chosen and rejected): the padded worst case. With
-    gradient checkpointing: each layer's fp32 input, plus one layer's saved tensors while it recomputes.
+    gradient checkpointing: each layer's fp32 input and attention output, plus one layer's saved tensors
+    while it recomputes.
     logits: LOGIT_COPIES × (chunk or every labelled position) × vocab × 4 bytes.
 
     `optim` sets the state bytes per trained parameter (OPTIM_STATE_BYTES). With `lora_r`, only the
@@ -117,7 +118,9 @@ def peak_bytes(
     saved_layers = 1 if gradient_checkpointing else shape.layers
     activations = ACTIVATION_SCALE * tokens * saved_layers * per_token_layer * (2 if bf16 else 4)
     if gradient_checkpointing:
-        activations += tokens * shape.layers * shape.hidden * 4
+        # Each layer's fp32 input, and its attention output, kept rather than recomputed
+        # (synpref.core.checkpointing; its log-sum-exp, 4 bytes per head, is left out).
+        activations += tokens * shape.layers * shape.hidden * (4 + (2 if bf16 else 4))
     labelled = max(1, int(tokens * response_fraction))
     rows = min(chunk, labelled) if chunk else labelled
     if optimizer_in_backward and not lora_r:
