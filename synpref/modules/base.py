@@ -99,6 +99,10 @@ class CausalLMModule(L.LightningModule):
     gradient completes and frees it (as torchtune's `optimizer_in_bwd`): a step never holds all
     gradients (−4 bytes per parameter at the peak); one device, no accumulation, no gradient clipping.
 
+    `gradient_checkpointing` recomputes each block in the backward from its input, except its attention
+    kernel, whose output is kept (synpref.core.checkpointing); `recompute_attention: true` recomputes
+    that too, for the least memory (2 bytes per hidden unit, token and layer less under bf16).
+
     `lora` (a LoRA group; null = full fine-tuning): peft adapters are added to the loaded model and
     only they train. `self.model` stays the HF model (its layers now carry adapters), so every code
     path reads it as before; checkpoints hold only the adapters (and the optimizer state of them),
@@ -117,6 +121,7 @@ class CausalLMModule(L.LightningModule):
         warmup_steps: Optional[int] = None,
         min_lr_ratio: float = 0.0,
         gradient_checkpointing: bool = False,
+        recompute_attention: bool = False,
         logits_chunk_size: Optional[int] = 256,
         optimizer_in_backward: bool = False,
         lora: Optional[LoRA] = None,
@@ -151,7 +156,7 @@ class CausalLMModule(L.LightningModule):
             self.model = self._peft[0].get_base_model()  # the HF model, its layers carrying adapters
         self.model.train()  # from_pretrained returns eval mode; Lightning toggles from here
         if self.hparams.gradient_checkpointing:
-            enable_checkpointing(self.model)  # attention outputs kept, the rest recomputed
+            enable_checkpointing(self.model, self.hparams.recompute_attention)
 
     @contextlib.contextmanager
     def adapters_off(self) -> Iterator[torch.nn.Module]:

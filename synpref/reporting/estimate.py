@@ -71,6 +71,7 @@ def peak_bytes(
     gradient_checkpointing: bool = False,
     optimizer_in_backward: bool = False,
     ref_bf16: bool = False,
+    recompute_attention: bool = False,
     lora_r: Optional[int] = None,
     optim: str = "adamw",
     gpus: int = 1,
@@ -85,8 +86,8 @@ def peak_bytes(
     activations: per token and layer, the tensors autograd saves in a Qwen2/Llama block (eager SDPA,
     repeated k/v), about 12·hidden + 2·kv + 4·intermediate values, 4 bytes each (2 under bf16 autocast);
     tokens = batch × max_length, doubled for DPO (chosen and rejected): the padded worst case. With
-    gradient checkpointing: each layer's fp32 input and attention output, plus one layer's saved tensors
-    while it recomputes.
+    gradient checkpointing: each layer's fp32 input and attention output (not with `recompute_attention`),
+    plus one layer's saved tensors while it recomputes.
     logits: LOGIT_COPIES × (chunk or every labelled position) × vocab × 4 bytes.
 
     `optim` sets the state bytes per trained parameter (OPTIM_STATE_BYTES). With `lora_r`, only the
@@ -118,9 +119,10 @@ def peak_bytes(
     saved_layers = 1 if gradient_checkpointing else shape.layers
     activations = ACTIVATION_SCALE * tokens * saved_layers * per_token_layer * (2 if bf16 else 4)
     if gradient_checkpointing:
-        # Each layer's fp32 input, and its attention output, kept rather than recomputed
-        # (synpref.core.checkpointing; its log-sum-exp, 4 bytes per head, is left out).
-        activations += tokens * shape.layers * shape.hidden * (4 + (2 if bf16 else 4))
+        # Each layer's fp32 input, and its attention output unless that is recomputed too
+        # (synpref.core.checkpointing; the log-sum-exp, 4 bytes per head, is left out).
+        kept = 4 + (0 if recompute_attention else (2 if bf16 else 4))
+        activations += tokens * shape.layers * shape.hidden * kept
     labelled = max(1, int(tokens * response_fraction))
     rows = min(chunk, labelled) if chunk else labelled
     if optimizer_in_backward and not lora_r:
@@ -155,6 +157,7 @@ def estimate(
     gradient_checkpointing: bool = False,
     optimizer_in_backward: bool = False,
     ref_bf16: bool = False,
+    recompute_attention: bool = False,
     lora: Optional[int] = None,
     optim: str = "adamw",
     gpus: int = 1,
@@ -177,6 +180,7 @@ def estimate(
         gradient_checkpointing: recompute each layer's activations in the backward.
         optimizer_in_backward: step each parameter as its gradient completes (CausalLMModule's setting).
         ref_bf16: the frozen DPO reference held in bf16 (`ref_model.dtype: bfloat16`).
+        recompute_attention: with checkpointing, recompute attention too instead of keeping its output.
         lora: train rank-`lora` adapters on every linear layer (`lora: {r: ...}`) instead of every
             weight; with --bf16 the frozen base is loaded in bf16 (`policy.dtype: bfloat16`).
         optim: adamw (fp32 moments), adamw_bf16 or adamw_8bit.
@@ -214,6 +218,7 @@ def estimate(
         "gradient_checkpointing": gradient_checkpointing,
         "optimizer_in_backward": optimizer_in_backward,
         "ref_bf16": ref_bf16 and stage == "dpo" and not precompute_ref_logps,
+        "recompute_attention": recompute_attention and gradient_checkpointing,
     }
     plan = {"lora_r": lora, "optim": optim, "gpus": gpus, "strategy": strategy}
     terms = peak_bytes(
