@@ -132,6 +132,7 @@ def run_synpref(a) -> dict:
         ref_cache_dir=tempfile.mkdtemp(),
         logits_chunk_size=a.chunk,
         gradient_checkpointing=a.gradient_checkpointing,
+        recompute_attention=a.recompute_attention,
         optimizer_in_backward=a.optimizer_in_backward,
         loss_type=a.loss,
         **loss_args(a.loss),

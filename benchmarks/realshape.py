@@ -161,6 +161,11 @@ def add_memory_args(p) -> None:
         help="synpref steps each parameter as its gradient completes (TRL has no such setting)",
     )
 
+    p.add_argument(
+        "--recompute-attention",
+        action="store_true",
+        help="synpref's checkpointing recomputes attention too, as TRL's does (default: it keeps its output)",
+    )
     p.add_argument("--lora", type=int, help="LoRA rank on every linear layer, both sides (TRL: the same peft config)")
     p.add_argument(
         "--optim",
@@ -179,6 +184,7 @@ def memory_argv(a) -> list[str]:
     return [
         "--gradient-checkpointing" if a.gradient_checkpointing else "--no-gradient-checkpointing",
         "--optimizer-in-backward" if a.optimizer_in_backward else "--no-optimizer-in-backward",
+        *(["--recompute-attention"] if a.recompute_attention else []),
         *(["--lora", str(a.lora)] if a.lora else []),
         "--optim",
         a.optim,
@@ -213,4 +219,5 @@ def floor_bytes(model: str, a, reference: bool) -> float:
 def lean_fields(a, floor_ratio: Optional[float]) -> str:
     """The RESULT line's `lora=`, `optim=` and (full fine-tunes) `floor_ratio=` fields."""
     floor = "" if floor_ratio is None else f" floor_ratio={floor_ratio:.2f}"
-    return f" lora={a.lora or 0} optim={a.optim}{floor}"
+    recompute = " recompute_attention=1" if a.recompute_attention else ""
+    return f" lora={a.lora or 0} optim={a.optim}{floor}{recompute}"

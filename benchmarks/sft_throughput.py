@@ -128,6 +128,7 @@ def run_synpref(args) -> dict:
         warmup_ratio=0.1,
         logits_chunk_size=args.chunk,
         gradient_checkpointing=args.gradient_checkpointing,
+        recompute_attention=args.recompute_attention,
         optimizer_in_backward=args.optimizer_in_backward,
         lora=lora_group(args),
         optim=args.optim,
