@@ -19,6 +19,26 @@ from synpref.core.resources import sample
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = Path(sample("README.md")).parent
 
+# pytest-xdist (`-n 2` in pyproject's addopts) runs two workers on a 2-core machine: each worker, and
+# the synpref processes its tests start, gets one torch thread. Two workers of two threads each
+# oversubscribe the cores, and torch's thread pool then waits on descheduled threads (a tiny model's
+# matmul measured 50-200x slower); with one thread each, the tiny models lose nothing (measured idle).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+# The longest files first, so that under xdist they do not start last and leave one worker running
+# alone at the end (files are handed to workers in collection order).
+SLOW_FIRST = ("test_scaling.py", "test_pipeline.py", "test_rehearsal.py", "test_served.py", "test_faults.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the serial order stays the plain one
+        rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))
+
 
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:

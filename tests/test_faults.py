@@ -172,10 +172,9 @@ def test_failed_first_run_leaves_nothing_that_blocks_the_fixed_rerun(in_tmp, pro
 def test_second_sampler_on_a_folder_fails_and_a_dead_holders_lock_is_taken_over(in_tmp, prompts, capsys):
     from synpref.cli import main
 
-    # Long replies: the first sampler is still sampling when the second one starts.
-    slow = [*sample_args("run", n=24), "--model.init_args.decoding.max_new_tokens=256"]
+    run = [*sample_args("run", n=24), "--model.init_args.decoding.max_new_tokens=16"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "synpref", *slow],
+        [sys.executable, "-m", "synpref", *run],
         env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -183,15 +182,18 @@ def test_second_sampler_on_a_folder_fails_and_a_dead_holders_lock_is_taken_over(
     part, lock = in_tmp / "run" / "parts" / "part-001-000.jsonl", in_tmp / "run" / ".lock"
     wait_for_lines(proc, part, 1)
     try:
+        # Paused mid-run (SIGSTOP): the first sampler is alive and holds the lock while the second one
+        # starts, however fast its replies are (long replies to keep it busy made this test slow).
+        os.kill(proc.pid, signal.SIGSTOP)
         assert proc.poll() is None, "the first sampler ended before the second started"
-        assert re.search(rf"in use by process {proc.pid}\b", user_error(capsys, slow))
+        assert re.search(rf"in use by process {proc.pid}\b", user_error(capsys, run))
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     assert lock.read_text().split()[0] == str(proc.pid)  # the dead holder's lock is still there
     done = len(lines(part))
     assert 1 <= done < 24
-    main(slow)  # takes the stale lock over and resumes
+    main(run)  # takes the stale lock over and resumes
     assert not lock.exists()
     assert_each_once([r for r in read_jsonl(in_tmp / "run" / "samples.jsonl") if r["sample"] == 0], 24)
     assert len(read_jsonl(part)) == 24  # the resumed run appended only what was missing

@@ -21,13 +21,25 @@ from synpref.pipeline.reproduce import Stage, is_done
 from tests.conftest import ROOT, read_jsonl
 from tests.test_faults import user_error
 
-# Fewer steps and prompts than the quick start so the suite stays short; the stages, configs and
-# the command are the real ones.
+# Fewer steps, prompts, pairs per step and tokens than the quick start so the suite stays short; the
+# stages, configs and the command are the real ones. (A tiny DPO step at the config's 16 pairs of 512
+# tokens takes seconds on a CPU; nothing below depends on the batch's size or length.)
+SMALL_BATCHES = ["--data.init_args.batch_size=4", "--data.init_args.max_length=128"]
 REDUCED = {
-    "sft": ["--trainer.max_steps=4", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1"],
+    "sft": ["--trainer.max_steps=4", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1", *SMALL_BATCHES],
     "sample": ["--data.init_args.max_prompts=12", "--model.init_args.decoding.max_new_tokens=12"],
-    "dpo_ultrafeedback": ["--trainer.max_steps=3", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1"],
-    "dpo_synthetic": ["--trainer.max_steps=3", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1"],
+    "dpo_ultrafeedback": [
+        "--trainer.max_steps=3",
+        "--trainer.limit_val_batches=1",
+        "--trainer.log_every_n_steps=1",
+        *SMALL_BATCHES,
+    ],
+    "dpo_synthetic": [
+        "--trainer.max_steps=3",
+        "--trainer.limit_val_batches=1",
+        "--trainer.log_every_n_steps=1",
+        *SMALL_BATCHES,
+    ],
     "eval_dpo_ultrafeedback": ["--data.init_args.max_prompts=6", "--model.init_args.decoding.max_new_tokens=12"],
     "eval_dpo_synthetic": ["--data.init_args.max_prompts=6", "--model.init_args.decoding.max_new_tokens=12"],
 }

@@ -200,7 +200,15 @@ def test_bad_grid_values_are_named():
 
 
 # -- end to end ------------------------------------------------------------------------------
-STEPS = ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1"]
+# Two steps of a few short rows: a tiny training step at the configs' 16 rows of up to 512 tokens takes
+# seconds on a CPU, and nothing below depends on the batch's size or length.
+STEPS = [
+    "--trainer.max_steps=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.log_every_n_steps=1",
+    "--data.init_args.batch_size=4",
+    "--data.init_args.max_length=128",
+]
 
 
 def test_reduced_tiny_grid_end_to_end(in_tmp, capsys):

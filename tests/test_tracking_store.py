@@ -23,7 +23,21 @@ def test_fit_with_a_store_that_cannot_be_created_fails_before_training(in_tmp, c
     assert not (in_tmp / "artifacts" / "tiny" / "sft").exists()  # nothing trained, nothing exported
 
 
-def test_a_locked_store_is_named(tmp_path):
+def test_a_locked_store_is_named(tmp_path, monkeypatch):
+    # MLflow waits out a locked sqlite store for 20 s (`PRAGMA busy_timeout = 20000` on each session);
+    # what is checked here is the error after the wait, so the wait is cut to 0.2 s.
+    import mlflow.store.db.utils as db_utils
+    from sqlalchemy import sql
+
+    class ShortBusyTimeout:
+        def __getattr__(self, name):
+            return getattr(sql, name)
+
+        @staticmethod
+        def text(statement):
+            return sql.text(statement.replace("busy_timeout = 20000", "busy_timeout = 200"))
+
+    monkeypatch.setattr(db_utils, "sql", ShortBusyTimeout())
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.MlflowClient(uri).create_experiment("pairs")
     holder = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
