@@ -340,7 +340,10 @@ def main() -> None:
             ]
             cmd += ["--precompute"] if setting == "precomputed" else []
             cmd += ["--equal-work" if a.equal_work else "--no-equal-work", *memory_argv(a)]
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            # synpref's side starts as the `synpref` command does (synpref.core.host_memory.prefer_huge_pages,
+            # read by torch before its first allocation); TRL's as shipped.
+            run_env = {"THP_MEM_ALLOC_ENABLE": "1", **env} if fw == "synpref" else env
+            out = subprocess.run(cmd, env=run_env, capture_output=True, text=True)
             line = [x for x in out.stdout.splitlines() if x.startswith("BENCH ")]
             if out.returncode or not line:
                 raise SystemExit(f"{fw} {setting} failed:\n{out.stderr[-3000:]}")

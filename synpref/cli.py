@@ -8,17 +8,20 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
-from synpref.core.console import VERBOSE_ENV, quiet
-from synpref.core.errors import find_user_error, user_error_message
-from synpref.core.host_memory import release_freed_memory
-from synpref.core.resources import resolve_config_args
-from synpref.core.secrets import install as redact_secrets
-from synpref.core.secrets import redact
-from synpref.pipeline.invocation import INVOCATION
+from synpref.core.host_memory import prefer_huge_pages, release_freed_memory
+
+prefer_huge_pages()  # before anything imports torch, which reads it once
+
+from synpref.core.console import VERBOSE_ENV, quiet  # noqa: E402
+from synpref.core.errors import find_user_error, user_error_message  # noqa: E402
+from synpref.core.resources import resolve_config_args  # noqa: E402
+from synpref.core.secrets import install as redact_secrets  # noqa: E402
+from synpref.core.secrets import redact  # noqa: E402
+from synpref.pipeline.invocation import INVOCATION  # noqa: E402
 
 # Imported before main() configures logging, as Lightning expects: it then gives its own loggers a
 # handler of their own, so its messages do not go through the root handler main() sets up.
-from synpref.pipeline.lightning_cli import SynprefCLI
+from synpref.pipeline.lightning_cli import SynprefCLI  # noqa: E402
 
 # name -> ("module:function", one-line help). The function is imported only when its command runs
 # (nothing here imports a module that imports back), with jsonargparse's CLI, so `--help` and

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +47,28 @@ def test_the_users_own_threshold_wins(monkeypatch):
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert release_freed_memory() is False
+
+
+def test_the_command_asks_torch_for_huge_pages_before_torch_is_imported():
+    """torch reads THP_MEM_ALLOC_ENABLE once: importing the command line module must set it first."""
+    probe = (
+        "import os, sys; os.environ.pop('THP_MEM_ALLOC_ENABLE', None)\n"
+        "import synpref.cli, torch\n"
+        "x = torch.empty(64 << 20, dtype=torch.uint8); x.fill_(1)\n"
+        "print(os.environ['THP_MEM_ALLOC_ENABLE'], [l.split()[1] for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')][0])"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    flag, huge_kb = done.stdout.split()[-2:]
+    assert flag == "1"
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.exists() and "[never]" not in thp.read_text():
+        assert int(huge_kb) > 0  # the 64 MiB block sits on huge pages
+
+
+def test_the_users_own_huge_page_setting_wins(monkeypatch):
+    from synpref.core.host_memory import prefer_huge_pages
+
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    prefer_huge_pages()
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
