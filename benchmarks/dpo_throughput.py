@@ -47,6 +47,7 @@ from realshape import (
     preset_model,
     shape,
     trl_lean_args,
+    worker_env,
 )  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -340,10 +341,7 @@ def main() -> None:
             ]
             cmd += ["--precompute"] if setting == "precomputed" else []
             cmd += ["--equal-work" if a.equal_work else "--no-equal-work", *memory_argv(a)]
-            # synpref's side starts as the `synpref` command does (synpref.core.host_memory.prefer_huge_pages,
-            # read by torch before its first allocation); TRL's as shipped.
-            run_env = {"THP_MEM_ALLOC_ENABLE": "1", **env} if fw == "synpref" else env
-            out = subprocess.run(cmd, env=run_env, capture_output=True, text=True)
+            out = subprocess.run(cmd, env=worker_env(fw, env), capture_output=True, text=True)
             line = [x for x in out.stdout.splitlines() if x.startswith("BENCH ")]
             if out.returncode or not line:
                 raise SystemExit(f"{fw} {setting} failed:\n{out.stderr[-3000:]}")

@@ -191,6 +191,13 @@ def memory_argv(a) -> list[str]:
     ]
 
 
+def worker_env(framework: str, env: dict) -> dict:
+    """A benchmark worker's environment: synpref's side starts as the `synpref` command does (torch's
+    allocator on 2 MiB pages, synpref.core.host_memory.prefer_huge_pages, read by torch before its first
+    allocation, so it must be set before the worker starts); TRL's runs as shipped."""
+    return {"THP_MEM_ALLOC_ENABLE": "1", **env} if framework == "synpref" else env
+
+
 def lora_group(a):
     """synpref's LoRA group for --lora R (alpha 2R, every linear layer), or None."""
     from synpref.core.specs import LoRA

@@ -43,6 +43,7 @@ from realshape import (
     preset_model,
     shape,
     trl_lean_args,
+    worker_env,
 )  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,14 +222,7 @@ def spawn(name: str, argv: list[str]) -> dict:
         [sys.executable, __file__, "--worker", name, *argv],
         capture_output=True,
         text=True,
-        # synpref's side starts as the `synpref` command does (synpref.core.host_memory.prefer_huge_pages,
-        # read by torch before its first allocation); TRL's as shipped.
-        env={
-            **({"THP_MEM_ALLOC_ENABLE": "1"} if name == "synpref" else {}),
-            **os.environ,
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-        },
+        env=worker_env(name, {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}),
     )
     lines = [l for l in out.stdout.splitlines() if l.startswith("WORKER ")]
     if out.returncode or not lines:

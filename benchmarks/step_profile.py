@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from realshape import preset_model, random_batch  # noqa: E402
+from realshape import lora_group, preset_model, random_batch  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -69,15 +69,14 @@ def main() -> None:
 
     import torch
 
-    from synpref.core.specs import LoRA, ModelSpec
+    from synpref.core.specs import ModelSpec
     from synpref.modules import DPOModule, SFTModule
 
     peaks = PhasePeaks()
     base = rss()
     model = preset_model(a.preset)
-    lora = LoRA(r=a.lora, alpha=2.0 * a.lora) if a.lora else None
     module = (SFTModule if a.stage == "sft" else DPOModule)(
-        ModelSpec(model), logits_chunk_size=a.chunk, lora=lora, gradient_checkpointing=a.checkpointing
+        ModelSpec(model), logits_chunk_size=a.chunk, lora=lora_group(a), gradient_checkpointing=a.checkpointing
     )
     module.configure_model()
     loaded = rss()

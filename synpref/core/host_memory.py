@@ -20,9 +20,7 @@ def release_freed_memory() -> bool:
     the user set wins (33554432 gives the heap's speed back at the heap's peak); on another C library or
     system, nothing changes.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
